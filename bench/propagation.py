@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Propagation benchmark: the real operator (--from-dir) and N real agent processes in observe
+mode (so the kernel is not the bottleneck), through the real broker on 127.0.0.1:5672.
+
+Measures, per agent, the time from a resource change (the file write) to the operator
+receiving that agent's response, for two kinds of change:
+  - rules: a profile every host runs changes -> one encrypted Apply per host
+  - set:   a zone every host uses changes    -> one shared-set publish for all hosts
+and prints p50 / p99 / max over all agents and rounds, plus the operator's peak RSS.
+
+Usage (as root, after `cargo build --release --bins`):
+  python3 bench/propagation.py [--agents 200] [--rounds 5] [--profile release]
+"""
+import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ts(s):
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def fleet(d, n, prefix, port, zone_extra):
+    hosts = []
+    for i in range(n):
+        hosts.append(
+            f"apiVersion: dogfw.io/v1alpha1\nkind: Host\nmetadata: {{name: {prefix}-{i:04d}, labels: {{role: app}}}}\n"
+            f"spec: {{addresses: ['198.18.{i // 250}.{i % 250 + 1}']}}\n")
+    write(os.path.join(d, "hosts.yaml"), "---\n".join(hosts))
+    write(os.path.join(d, "groups.yaml"),
+          "apiVersion: dogfw.io/v1alpha1\nkind: Group\nmetadata: {name: app}\n"
+          "spec: {profile: app, selector: {matchLabels: {role: app}}}\n")
+    write(os.path.join(d, "profiles.yaml"),
+          "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: app}\nspec:\n  inbound:\n"
+          f"    - {{name: app, action: ACCEPT, peer: {{kind: Group, name: app}}, protocol: tcp, ports: ['{port}']}}\n"
+          "    - {name: office, action: ACCEPT, peer: {kind: Zone, name: office}, protocol: tcp, ports: ['22']}\n")
+    addrs = ", ".join(f"'203.0.113.{i}'" for i in range(1, 2 + zone_extra))
+    write(os.path.join(d, "zones.yaml"),
+          f"apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec: {{addresses: [{addrs}]}}\n")
+
+
+def responses_after(log, t0):
+    """host -> first 'agent applied' timestamp after t0 (operator log, JSON lines)."""
+    out = {}
+    with open(log) as f:
+        for line in f:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("message") != "agent applied":
+                continue
+            t = ts(e["timestamp"])
+            if t >= t0 and e["host"] not in out:
+                out[e["host"]] = t
+    return out
+
+
+def rss_kb(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--agents", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--profile", default="release")
+    a = ap.parse_args()
+    bindir = os.path.join(ROOT, "target", a.profile)
+    prefix = f"dogprop{os.getpid() % 10000}"
+    ns = f"{prefix}-obs"
+    work = tempfile.mkdtemp(prefix="dog-prop-")
+    d = os.path.join(work, "fleet")
+    os.makedirs(d)
+    procs = []
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run([os.path.join(bindir, "dog-operator"), "keygen", "--out", f"{work}/op.key",
+                        "--public-out", f"{work}/op.pub"], check=True, stdout=subprocess.DEVNULL)
+        fleet(d, a.agents, prefix, 8000, 0)
+        oplog = open(f"{work}/operator.log", "w")
+        op = subprocess.Popen([os.path.join(bindir, "dog-operator"), "run", "--from-dir", d,
+                               "--signing-key", f"{work}/op.key", "--topology-prefix", prefix,
+                               "--keepalive-interval", "30", "--debounce", "0.05",
+                               "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
+                              stdout=oplog, stderr=oplog)
+        procs.append(op)
+        for i in range(a.agents):
+            p = subprocess.Popen([os.path.join(bindir, "dog-agent"), "--hostname", f"{prefix}-{i:04d}",
+                                  "--netns", ns, "--mode", "observe", "--state-dir", f"{work}/state/{i}",
+                                  "--operator-public-keys", f"{work}/op.pub", "--topology-prefix", prefix,
+                                  "--keepalive-interval", "30", "--drift-interval", "3600",
+                                  "--address-interval", "3600", "--metrics-addr", "127.0.0.1:0",
+                                  "--log-format", "json"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(p)
+        # every agent registered and answered its first Apply
+        deadline = time.time() + 300
+        while len(responses_after(f"{work}/operator.log", 0)) < a.agents:
+            if time.time() > deadline:
+                sys.exit(f"only {len(responses_after(f'{work}/operator.log', 0))} of {a.agents} agents answered")
+            time.sleep(0.5)
+        time.sleep(2)
+        results = {"rules": [], "set": []}
+        for r in range(a.rounds):
+            for kind in ("rules", "set"):
+                t0 = time.time()
+                if kind == "rules":
+                    fleet(d, a.agents, prefix, 8001 + r, r)  # port changes: rules re-rendered
+                else:
+                    write(os.path.join(d, "zones.yaml"),
+                          "apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {name: office}\n"
+                          f"spec: {{addresses: ['203.0.113.0/28', '198.51.100.{r + 1}']}}\n")
+                deadline = time.time() + 60
+                while True:
+                    got = responses_after(f"{work}/operator.log", t0)
+                    if len(got) >= a.agents or time.time() > deadline:
+                        break
+                    time.sleep(0.05)
+                lat = [t - t0 for t in got.values()]
+                missing = a.agents - len(lat)
+                results[kind].extend(lat + [float("inf")] * missing)
+                print(f"round {r} {kind:5}: {len(lat)}/{a.agents} acked, last after {max(lat) if lat else float('nan'):.3f} s",
+                      flush=True)
+                time.sleep(1)
+        peak = rss_kb(op.pid, "VmHWM")
+        print()
+        print(f"agents: {a.agents} (observe mode), rounds: {a.rounds}, profile: {a.profile}")
+        for kind, xs in results.items():
+            print(f"{kind:5} change -> agent ack: p50 {pct(xs, 50) * 1000:.0f} ms, p99 {pct(xs, 99) * 1000:.0f} ms, "
+                  f"max {max(xs) * 1000:.0f} ms  (goal: p99 < 1000 ms)")
+        print(f"operator peak RSS: {peak / 1024:.1f} MiB")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait()
+        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+        q = subprocess.run(["rabbitmqctl", "list_queues", "-q", "name"], capture_output=True, text=True)
+        for name in q.stdout.split():
+            if name.startswith(prefix + "."):
+                subprocess.run(["rabbitmqctl", "delete_queue", name], stdout=subprocess.DEVNULL)
+        if os.environ.get("DOG_BENCH_KEEP"):
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+//! The agent's configuration: every flag is also settable by an environment variable.
+
+use clap::{Parser, ValueEnum};
+use dog_protocol::broker::BrokerArgs;
+use dog_protocol::telemetry::LogFormat;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Apply what the operator sends.
+    Enforce,
+    /// Compute and report what would change; never touch the kernel.
+    Observe,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// Detect the backend the node uses, the way kube-proxy does.
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// dog-agent: applies the firewall the dog operator sends to this node, keeps it in place,
+/// repairs drift and reports.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "dog-agent", version)]
+pub struct Config {
+    /// This host's name (the Host object and queue name). In a DaemonSet, NODE_NAME from the
+    /// downward API; defaults to the kernel hostname.
+    #[arg(long, env = "NODE_NAME")]
+    pub hostname: Option<String>,
+
+    /// Broker connection (the agent's own credentials and vhost in the URL).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    /// File with the operator's Ed25519 public key(s), one `key-id base64` per line (two lines
+    /// during a key rotation).
+    #[arg(
+        long,
+        env = "DOG_OPERATOR_PUBLIC_KEYS",
+        default_value = "/etc/dog/operator.pub"
+    )]
+    pub operator_public_keys: PathBuf,
+    /// The operator's sender name in message headers.
+    #[arg(long, env = "DOG_OPERATOR_NAME", default_value = "dog-operator")]
+    pub operator_name: String,
+
+    /// Directory for the agent's keys and last applied state.
+    #[arg(long, env = "DOG_STATE_DIR", default_value = "/var/lib/dog-agent")]
+    pub state_dir: PathBuf,
+
+    #[arg(long, env = "DOG_MODE", value_enum, default_value = "enforce")]
+    pub mode: Mode,
+    #[arg(long, env = "DOG_IPTABLES_BACKEND", value_enum, default_value = "auto")]
+    pub iptables_backend: BackendChoice,
+
+    /// Seconds between keepalives.
+    #[arg(long, env = "DOG_KEEPALIVE_INTERVAL", default_value = "30", value_parser = parse_secs)]
+    pub keepalive_interval: Duration,
+    /// Seconds between drift checks (read back dog's chains and sets, repair differences).
+    #[arg(long, env = "DOG_DRIFT_INTERVAL", default_value = "60", value_parser = parse_secs)]
+    pub drift_interval: Duration,
+    /// Seconds between interface/address scans (a change is reported at once).
+    #[arg(long, env = "DOG_ADDRESS_INTERVAL", default_value = "10", value_parser = parse_secs)]
+    pub address_interval: Duration,
+
+    /// Address of the /metrics, /healthz and /readyz endpoint.
+    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+
+    /// Run the kernel tools inside this network namespace (tests and the demo: one agent
+    /// process per fake node). The broker connection stays in the agent's own namespace.
+    #[arg(long, env = "DOG_NETNS", hide = true)]
+    pub netns: Option<String>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number of seconds: {e}"))?;
+    if !(0.01..=86400.0 * 7.0).contains(&v) {
+        return Err(format!("`{s}` seconds is out of range (0.01 .. 604800)"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Config {
+    /// The configured hostname or the kernel's.
+    pub fn resolved_hostname(&self) -> std::io::Result<String> {
+        if let Some(h) = &self.hostname {
+            return Ok(h.clone());
+        }
+        let h = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+        Ok(h.trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Config {
+        let mut v = vec!["dog-agent"];
+        v.extend_from_slice(args);
+        Config::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn broker_port_comes_from_the_url() {
+        assert_eq!(cfg(&[]).broker.port(), 5672);
+        assert_eq!(
+            cfg(&["--broker-url", "amqps://u:p@mq.example:5999/v"])
+                .broker
+                .port(),
+            5999
+        );
+        assert_eq!(
+            cfg(&["--broker-url", "amqps://mq.example/v"]).broker.port(),
+            5671
+        );
+        assert_eq!(
+            cfg(&["--broker-url", "amqp://[::1]:5673/"]).broker.port(),
+            5673
+        );
+    }
+
+    #[test]
+    fn intervals_parse_and_bad_values_are_refused() {
+        assert_eq!(
+            cfg(&["--drift-interval", "2.5"]).drift_interval,
+            Duration::from_millis(2500)
+        );
+        let err = Config::try_parse_from(["dog-agent", "--keepalive-interval", "x"]).unwrap_err();
+        assert!(err.to_string().contains("not a number"));
+    }
+}

@@ -1,0 +1,363 @@
+//! The thin IO shell around the kernel's firewall tools: `iptables-*-save/-restore`,
+//! `ip6tables-*`, `ipset`, `ip`. Every call can run inside a network namespace through an exec
+//! prefix (`ip netns exec NAME …`), which is how the tests and benches use a throwaway netns.
+//!
+//! Calls are blocking (`std::process`); an async caller wraps them in `spawn_blocking`.
+
+use dog_protocol::ruleset::Family;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+use tracing::debug;
+
+/// Which iptables implementation the host uses.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    fn word(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+    /// `iptables-nft-save`, `ip6tables-legacy-restore`, … for `tool` in `save`/`restore`/``.
+    pub fn tool(self, family: Family, tool: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        if tool.is_empty() {
+            format!("{base}-{}", self.word())
+        } else {
+            format!("{base}-{}-{tool}", self.word())
+        }
+    }
+}
+
+/// Backend selection from configuration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Detect like kube-proxy's iptables wrapper does.
+    #[default]
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Chains kubelet / kube-proxy create in the mangle table to mark which backend they use.
+const CANARY_CHAINS: [&str; 2] = ["KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"];
+
+/// What backend detection saw, for the decision and for logging.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendEvidence {
+    pub nft_mangle: String,
+    pub legacy_mangle: String,
+    /// Rule lines (`-…`) in all tables of both families.
+    pub nft_rules: usize,
+    pub legacy_rules: usize,
+}
+
+/// kube-proxy's rule: a kubelet canary chain decides first (nft, then legacy); otherwise the
+/// backend holding more rules wins; nft when both are equal (e.g. both empty).
+pub fn choose_backend(ev: &BackendEvidence) -> Backend {
+    let has_canary = |text: &str| {
+        text.lines().any(|l| {
+            l.strip_prefix(':')
+                .and_then(|d| d.split_whitespace().next())
+                .is_some_and(|c| CANARY_CHAINS.contains(&c))
+        })
+    };
+    if has_canary(&ev.nft_mangle) {
+        Backend::Nft
+    } else if has_canary(&ev.legacy_mangle) || ev.legacy_rules > ev.nft_rules {
+        Backend::Legacy
+    } else {
+        Backend::Nft
+    }
+}
+
+fn count_rules(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with('-')).count()
+}
+
+/// A failed kernel tool call: the command line and what the tool said.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+impl KernelError {
+    /// The tool's error text (empty for a spawn failure).
+    pub fn stderr(&self) -> &str {
+        match self {
+            KernelError::Failed { stderr, .. } => stderr,
+            KernelError::Spawn { .. } => "",
+        }
+    }
+}
+
+/// Agent settings the kernel layer needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Run every tool inside this network namespace (`ip netns exec NAME`); `None` = the
+    /// agent's own namespace.
+    pub netns: Option<String>,
+    pub backend: BackendChoice,
+    /// The agent's broker port; a document whose failsafe list does not keep it open is refused.
+    pub broker_port: Option<u16>,
+    /// Seconds to wait for the xtables lock (`-w`).
+    pub lock_wait_secs: u32,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            netns: None,
+            backend: BackendChoice::Auto,
+            broker_port: Some(5672),
+            lock_wait_secs: 5,
+        }
+    }
+}
+
+/// Runs the firewall tools of one host (or one network namespace).
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    prefix: Vec<String>,
+    backend: Backend,
+    pub(crate) config: KernelConfig,
+    pub(crate) cache: crate::apply::StateCache,
+}
+
+impl Kernel {
+    /// Builds a kernel handle, detecting the backend unless the configuration fixes it.
+    pub fn new(config: KernelConfig) -> Result<Self, KernelError> {
+        let prefix = match &config.netns {
+            Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()],
+            None => Vec::new(),
+        };
+        let mut k = Kernel {
+            prefix,
+            backend: Backend::Nft,
+            config,
+            cache: Default::default(),
+        };
+        k.backend = match k.config.backend {
+            BackendChoice::Nft => Backend::Nft,
+            BackendChoice::Legacy => Backend::Legacy,
+            BackendChoice::Auto => {
+                let ev = k.backend_evidence()?;
+                let b = choose_backend(&ev);
+                tracing::info!(
+                    backend = b.word(),
+                    nft_rules = ev.nft_rules,
+                    legacy_rules = ev.legacy_rules,
+                    "detected iptables backend"
+                );
+                b
+            }
+        };
+        Ok(k)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn config(&self) -> &KernelConfig {
+        &self.config
+    }
+
+    /// Reads what [`choose_backend`] needs. A missing tool counts as an empty backend.
+    pub fn backend_evidence(&self) -> Result<BackendEvidence, KernelError> {
+        let save = |b: Backend, f: Family, table: Option<&str>| -> String {
+            let tool = b.tool(f, "save");
+            let args: Vec<&str> = match table {
+                Some(t) => vec!["-t", t],
+                None => vec![],
+            };
+            self.run(&tool, &args, None).unwrap_or_default()
+        };
+        let mut ev = BackendEvidence {
+            nft_mangle: save(Backend::Nft, Family::V4, Some("mangle")),
+            legacy_mangle: save(Backend::Legacy, Family::V4, Some("mangle")),
+            ..Default::default()
+        };
+        for f in Family::BOTH {
+            ev.nft_rules += count_rules(&save(Backend::Nft, f, None));
+            ev.legacy_rules += count_rules(&save(Backend::Legacy, f, None));
+        }
+        Ok(ev)
+    }
+
+    /// Runs `program args…` (through the exec prefix), feeding `stdin`, returning stdout.
+    pub fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<String, KernelError> {
+        let mut argv: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
+        argv.push(program);
+        argv.extend_from_slice(args);
+        let command = argv.join(" ");
+        let started = Instant::now();
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| KernelError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        let output = std::thread::scope(|s| {
+            if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                // A tool that exits early closes the pipe; its exit status reports why.
+                s.spawn(move || {
+                    let _ = pipe.write_all(data);
+                });
+            }
+            child.wait_with_output()
+        })
+        .map_err(|source| KernelError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+        debug!(
+            command = %command,
+            input_bytes = stdin.map_or(0, <[u8]>::len),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "ran"
+        );
+        if !output.status.success() {
+            return Err(KernelError::Failed {
+                command,
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// `iptables-save -t filter` (or ip6tables) of the detected backend.
+    pub fn save_filter(&self, family: Family) -> Result<String, KernelError> {
+        self.run(&self.backend.tool(family, "save"), &["-t", "filter"], None)
+    }
+
+    /// Saves a whole table (used by tests and coexistence checks).
+    pub fn save_table(&self, family: Family, table: &str) -> Result<String, KernelError> {
+        self.run(&self.backend.tool(family, "save"), &["-t", table], None)
+    }
+
+    /// `iptables-restore --noflush -w N` of `text`: one atomic transaction.
+    pub fn restore_noflush(&self, family: Family, text: &str) -> Result<(), KernelError> {
+        let wait = self.config.lock_wait_secs.to_string();
+        self.run(
+            &self.backend.tool(family, "restore"),
+            &["--noflush", "-w", &wait],
+            Some(text.as_bytes()),
+        )
+        .map(drop)
+    }
+
+    /// Runs `iptables args…` (with `-w`) of the detected backend.
+    pub fn iptables(&self, family: Family, args: &[&str]) -> Result<String, KernelError> {
+        let wait = self.config.lock_wait_secs.to_string();
+        let mut v = vec!["-w", &wait];
+        v.extend_from_slice(args);
+        self.run(&self.backend.tool(family, ""), &v, None)
+    }
+
+    /// `ipset restore` (with `-exist` when asked) of a script.
+    pub fn ipset_restore(&self, script: &str, exist: bool) -> Result<(), KernelError> {
+        let args: &[&str] = if exist {
+            &["restore", "-exist"]
+        } else {
+            &["restore"]
+        };
+        self.run("ipset", args, Some(script.as_bytes())).map(drop)
+    }
+
+    /// Names of all sets in the namespace.
+    pub fn ipset_names(&self) -> Result<Vec<String>, KernelError> {
+        Ok(self
+            .run("ipset", &["list", "-n"], None)?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// `ipset save` of the named sets only, in one call (ipset's batch mode).
+    pub fn ipset_save(&self, names: &[String]) -> Result<String, KernelError> {
+        match names {
+            [] => Ok(String::new()),
+            [one] => self.run("ipset", &["save", one], None),
+            many => {
+                let script: String = many.iter().map(|n| format!("save {n}\n")).collect();
+                let out = self.run("ipset", &["-"], Some(script.as_bytes()))?;
+                // batch mode prints a prompt before each command's output
+                Ok(out
+                    .split('\n')
+                    .map(|l| l.trim_start_matches("ipset> "))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+            }
+        }
+    }
+
+    /// `ip -j addr` output.
+    pub fn ip_addr_json(&self) -> Result<String, KernelError> {
+        self.run("ip", &["-j", "addr"], None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_choice_follows_kube_proxy() {
+        let mut ev = BackendEvidence::default();
+        assert_eq!(choose_backend(&ev), Backend::Nft);
+        ev.legacy_rules = 3;
+        assert_eq!(choose_backend(&ev), Backend::Legacy);
+        ev.nft_mangle = "*mangle\n:KUBE-KUBELET-CANARY - [0:0]\nCOMMIT\n".into();
+        assert_eq!(choose_backend(&ev), Backend::Nft);
+        ev.nft_mangle.clear();
+        ev.nft_rules = 10;
+        ev.legacy_mangle = ":KUBE-IPTABLES-HINT - [0:0]\n".into();
+        assert_eq!(choose_backend(&ev), Backend::Legacy);
+        ev.legacy_mangle.clear();
+        assert_eq!(choose_backend(&ev), Backend::Nft);
+        assert_eq!(
+            Backend::Legacy.tool(Family::V6, "save"),
+            "ip6tables-legacy-save"
+        );
+        assert_eq!(Backend::Nft.tool(Family::V4, ""), "iptables-nft");
+    }
+}

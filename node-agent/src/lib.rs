@@ -1,0 +1,19 @@
+//! dog-agent: applies the firewall the operator sends to this node, verifies and repairs it,
+//! and reports.
+//!
+//! The kernel layer: [`kernel::Kernel`] runs the tools, [`apply`] applies / plans / verifies /
+//! removes, [`ipset`] and [`iptables`] are the pure planners and renderers, [`drift`] compares,
+//! [`addresses`] discovers interfaces, [`state`] persists the last applied firewall,
+//! [`backoff`] paces retries, [`netns`] gives tests and benches throwaway namespaces.
+pub mod addresses;
+pub mod apply;
+pub mod backoff;
+pub mod config;
+pub mod drift;
+pub mod ipset;
+pub mod iptables;
+pub mod kernel;
+pub mod metrics;
+pub mod netns;
+pub mod runtime;
+pub mod state;

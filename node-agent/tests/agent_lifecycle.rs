@@ -1,0 +1,311 @@
+//! The real `dog-agent` binary against the real broker and a throwaway netns, with the test
+//! playing the operator: apply, rejections, unknown requests, drift repair, restart from the
+//! saved state, graceful shutdown.
+
+mod agent_support;
+
+use agent_support::{test_firewall, Harness, HAND_EDIT};
+use dog_protocol::envelope::Sealer;
+use dog_protocol::keys::SigningKey;
+use dog_protocol::messages::{AgentMessage, ErrorKind, Outcome, RequestKind};
+
+fn ok_hashes(
+    r: &dog_protocol::messages::Response,
+) -> (Option<u64>, dog_protocol::ruleset::FirewallHashes) {
+    match &r.result {
+        Outcome::Ok {
+            applied_revision,
+            hashes,
+            ..
+        } => (
+            *applied_revision,
+            hashes.clone().expect("hashes in the response"),
+        ),
+        Outcome::Error { kind, message } => panic!("expected Ok, got {kind:?}: {message}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_applies_rejects_forgeries_and_replays_and_answers_unknown_requests() {
+    let Some(mut h) = Harness::new("agent_applies").await else {
+        return;
+    };
+    h.spawn_agent();
+    let hb = h.heartbeat(30).await;
+    assert_eq!(hb.hostname, h.host);
+    assert_eq!(hb.applied_revision, None);
+    assert!(hb.live_hashes.is_some());
+    assert!(hb.interfaces.iter().any(|i| i.name == "lo"));
+
+    // (1) apply → Ok with the firewall's hashes, and the kernel holds exactly that
+    let fw = test_firewall(&h.host);
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 10,
+            firewall: fw.clone(),
+        })
+        .await;
+    let (rev, hashes) = ok_hashes(&r);
+    assert_eq!(rev, Some(10));
+    assert_eq!(hashes, fw.hashes());
+    let (v4, v6) = h.live_rules_hashes();
+    assert_eq!((v4, v6), (fw.hashes().ipv4_rules, fw.hashes().ipv6_rules));
+    assert!(h
+        .ns
+        .exec(&["ipset", "list", "-n"])
+        .unwrap()
+        .contains("dogz4-web"));
+    if let Outcome::Ok { timings_ms, .. } = &r.result {
+        assert!(timings_ms.contains_key("total"), "{timings_ms:?}");
+    }
+    assert_eq!(h.metric("dog_agent_last_applied_revision"), Some(10.0));
+    assert_eq!(
+        h.metric("dog_agent_applies_total{result=\"applied\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric("dog_agent_rules_installed{family=\"ipv4\"}"),
+        Some(fw.ipv4.rule_count() as f64)
+    );
+    assert!(std::fs::read_to_string(h.state_dir().join("applied.json"))
+        .unwrap()
+        .contains("\"revision\":10"));
+
+    // (2) a request signed by a key the agent does not trust: no response, counted
+    let (forged_key, _) = SigningKey::generate().unwrap();
+    let forger = Sealer::new("dog-operator", forged_key);
+    let forged = dog_protocol::messages::Request {
+        id: uuid::Uuid::new_v4(),
+        request: RequestKind::Status,
+    };
+    let bytes = forger
+        .request(
+            &h.host,
+            &h.agent_key.unwrap(),
+            &forged,
+            agent_support::now(),
+            300,
+        )
+        .unwrap();
+    h.publish(forged.id, &bytes).await;
+
+    // a replay: the same bytes of an answered request published again
+    let (id, bytes) = h.seal(RequestKind::Status);
+    h.publish(id, &bytes).await;
+    let status = h.response(id, 20).await;
+    assert_eq!(ok_hashes(&status), (Some(10), fw.hashes()));
+    h.publish(id, &bytes).await;
+
+    // a re-sealed request with an id already used
+    let req = dog_protocol::messages::Request {
+        id,
+        request: RequestKind::Status,
+    };
+    let resealed = h
+        .sealer
+        .request(
+            &h.host,
+            &h.agent_key.unwrap(),
+            &req,
+            agent_support::now(),
+            300,
+        )
+        .unwrap();
+    h.publish(id, &resealed).await;
+
+    // unknown kind → Error UnknownRequest; it also proves the ones before it were handled
+    let unknown = h.request(RequestKind::Unknown).await;
+    match &unknown.result {
+        Outcome::Error { kind, .. } => assert_eq!(*kind, ErrorKind::UnknownRequest),
+        o => panic!("expected UnknownRequest, got {o:?}"),
+    }
+    // nothing answered the forged message, and the status request was answered only once
+    let forged_id = forged.id;
+    assert!(
+        !h.arrives(2, |m| matches!(m, AgentMessage::Response(r) if r.request_id == id || r.request_id == forged_id))
+            .await,
+        "a forged or replayed request got a response"
+    );
+    assert_eq!(
+        h.metric("dog_agent_rejected_messages_total{reason=\"unknown_sender\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        h.metric("dog_agent_rejected_messages_total{reason=\"replayed\"}"),
+        Some(2.0)
+    );
+    let (code, _) = h.http("/readyz");
+    assert_eq!(code, 200);
+    assert_eq!(h.http("/healthz").0, 200);
+
+    // DumpRules returns the live text
+    let dump = h.request(RequestKind::DumpRules).await;
+    match &dump.result {
+        Outcome::Ok {
+            detail:
+                Some(dog_protocol::messages::Detail::Dump {
+                    ipv4_save,
+                    ipset_save,
+                    ..
+                }),
+            ..
+        } => {
+            assert!(ipv4_save.contains("-A DOG-INPUT"), "{ipv4_save}");
+            assert!(ipset_save.contains("create dogz4-web"), "{ipset_save}");
+        }
+        o => panic!("expected a dump, got {o:?}"),
+    }
+    h.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_repairs_a_hand_edit_and_reports_it_in_the_next_keepalive() {
+    let Some(mut h) = Harness::new("agent_drift").await else {
+        return;
+    };
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    let fw = test_firewall(&h.host);
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 7,
+            firewall: fw.clone(),
+        })
+        .await;
+    ok_hashes(&r);
+
+    h.ns.exec(HAND_EDIT).unwrap();
+    assert_ne!(h.live_rules_hashes().0, fw.hashes().ipv4_rules);
+    h.wait_rules(&fw, 10).await;
+
+    let ka = h
+        .next(
+            10,
+            |m| matches!(m, AgentMessage::Keepalive(k) if !k.drift.is_empty()),
+        )
+        .await;
+    let AgentMessage::Keepalive(ka) = ka else {
+        unreachable!()
+    };
+    let ev = ka
+        .drift
+        .iter()
+        .find(|e| e.part == "ipv4_rules")
+        .expect("ipv4 drift event");
+    assert!(ev.repaired);
+    assert_eq!(ev.expected_hash, fw.hashes().ipv4_rules);
+    assert_ne!(ev.found_hash, ev.expected_hash);
+    assert_eq!(ka.applied_revision, Some(7));
+    assert!(h.metric("dog_agent_drift_repairs_total").unwrap() >= 1.0);
+    h.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_after_kill9_reenforces_its_saved_state_and_sigterm_keeps_rules() {
+    let Some(mut h) = Harness::new("agent_restart").await else {
+        return;
+    };
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    let fw = test_firewall(&h.host);
+    ok_hashes(
+        &h.request(RequestKind::Apply {
+            revision: 42,
+            firewall: fw.clone(),
+        })
+        .await,
+    );
+
+    // (4) kill -9, hand-edit while it is down, restart: restored without any request
+    h.kill9();
+    h.ns.exec(HAND_EDIT).unwrap();
+    h.ns.exec(&["ipset", "del", "dogz4-web", "198.18.2.5"])
+        .unwrap();
+    assert_ne!(h.live_rules_hashes().0, fw.hashes().ipv4_rules);
+    h.spawn_agent();
+    h.wait_rules(&fw, 15).await;
+    let hb = h.heartbeat(30).await;
+    assert_eq!(hb.applied_revision, Some(42));
+    assert_eq!(hb.live_hashes, Some(fw.hashes()));
+    assert!(h
+        .ns
+        .exec(&["ipset", "list", "dogz4-web"])
+        .unwrap()
+        .contains("198.18.2.5"));
+    // a stale revision is refused before parsing (counted), a newer one applies
+    let (id, bytes) = h.seal(RequestKind::Apply {
+        revision: 41,
+        firewall: fw.clone(),
+    });
+    h.publish(id, &bytes).await;
+    let r = h.request(RequestKind::Status).await;
+    assert_eq!(ok_hashes(&r).0, Some(42));
+    assert_eq!(
+        h.metric("dog_agent_rejected_messages_total{reason=\"stale_revision\"}"),
+        Some(1.0)
+    );
+
+    // (5) SIGTERM: clean exit, rules and sets stay
+    assert!(
+        h.sigterm(),
+        "agent did not exit cleanly on SIGTERM:\n{}",
+        h.log()
+    );
+    let (v4, v6) = h.live_rules_hashes();
+    assert_eq!((v4, v6), (fw.hashes().ipv4_rules, fw.hashes().ipv6_rules));
+    assert!(h
+        .ns
+        .exec(&["ipset", "list", "-n"])
+        .unwrap()
+        .contains("dogz4-web"));
+    assert!(h.log().contains("dog's rules stay in place"));
+    h.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_in_observe_mode_reports_what_would_change_and_never_touches_the_kernel() {
+    let Some(mut h) = Harness::new("agent_observe").await else {
+        return;
+    };
+    h.extra_args = vec!["--mode".into(), "observe".into()];
+    h.spawn_agent();
+    let hb = h.heartbeat(30).await;
+    assert_eq!(hb.mode, dog_protocol::messages::Mode::Observe);
+    let rules = |h: &Harness| -> String {
+        let text = h.ns.exec(&["iptables-save", "-t", "filter"]).unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = rules(&h);
+    let fw = test_firewall(&h.host);
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 5,
+            firewall: fw.clone(),
+        })
+        .await;
+    match &r.result {
+        Outcome::Ok {
+            applied_revision,
+            detail: Some(dog_protocol::messages::Detail::Text { text }),
+            ..
+        } => {
+            assert_eq!(*applied_revision, Some(5));
+            assert!(
+                text.contains("would change") && text.contains("create sets dogz4-web"),
+                "{text}"
+            );
+        }
+        o => panic!("expected Ok with a summary, got {o:?}"),
+    }
+    assert_eq!(rules(&h), before);
+    assert!(!h.ns.exec(&["ipset", "list", "-n"]).unwrap().contains("dog"));
+    assert!(!h.state_dir().join("applied.json").exists());
+    assert_eq!(
+        h.metric("dog_agent_applies_total{result=\"applied\"}"),
+        Some(0.0)
+    );
+    h.cleanup().await;
+}

@@ -1,0 +1,149 @@
+//! Kubernetes mode: the reconcile loop fed by watches, writing status with server-side apply,
+//! recording Events, creating Hosts for Nodes and for registering agents, and running only
+//! while this replica holds the Lease.
+
+use crate::config::RunArgs;
+use crate::crd::{AgentKeys, Interface};
+use crate::events::{EventSink, KubeEventSink};
+use crate::leader::{LeaderConfig, LeaderElector};
+use crate::metrics::OperatorMetrics;
+use crate::nodes::NodeSync;
+use crate::runtime::{Parts, Registrar, Runtime, Source};
+use crate::status::{KubeStatusSink, StatusSink};
+use crate::store::SnapshotStore;
+use dog_protocol::broker::{BrokerConfig, OperatorLink};
+use dog_protocol::envelope::Sealer;
+use dog_protocol::telemetry::Health;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+struct NodeRegistrar(NodeSync);
+
+impl Registrar for NodeRegistrar {
+    fn register<'a>(
+        &'a self,
+        name: &'a str,
+        keys: &'a AgentKeys,
+        interfaces: &'a [Interface],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.0
+                .ensure_host_for_agent(name, keys, interfaces)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Runs until `shutdown` resolves or leadership is lost (then returns an error so the process
+/// restarts as a standby with a fresh view).
+pub async fn run(
+    args: RunArgs,
+    sealer: Sealer,
+    broker: BrokerConfig,
+    metrics: OperatorMetrics,
+    health: Health,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let store = SnapshotStore::new(args.debounce);
+    tokio::spawn(store.clone().run(client.clone()));
+
+    let identity = match &args.pod_name {
+        Some(p) => p.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "dog-operator".into()),
+    };
+    let elector = LeaderElector::new(
+        client.clone(),
+        LeaderConfig::new(args.namespace.clone(), identity.clone()),
+    );
+    let mut is_leader = elector.subscribe();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut elector_stop = stop_rx.clone();
+    let elector_task = tokio::spawn(elector.run(async move {
+        let _ = elector_stop.wait_for(|s| *s).await;
+    }));
+
+    // A standby is healthy and ready (it is doing its job: waiting).
+    health.set_ready();
+    info!(identity = %identity, "waiting for leadership");
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            let _ = elector_task.await;
+            return Ok(());
+        }
+        r = is_leader.wait_for(|l| *l) => { r?; }
+    }
+    metrics.leader.set(1);
+    info!(identity = %identity, "leading; waiting for the watches to sync");
+    while !store.is_synced() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let status = Arc::new(KubeStatusSink::new(client.clone()));
+    let events: Arc<dyn EventSink> =
+        Arc::new(KubeEventSink::new(client.clone(), Some(identity.clone())));
+    let status_dyn: Arc<dyn StatusSink> = status.clone();
+    tokio::spawn(
+        NodeSync::new(client.clone(), status_dyn.clone(), events.clone())
+            .run(store.clone(), is_leader.clone()),
+    );
+    let registrar = Arc::new(NodeRegistrar(NodeSync::new(
+        client.clone(),
+        status_dyn.clone(),
+        events.clone(),
+    )));
+
+    let seed = store
+        .hosts()
+        .into_iter()
+        .filter_map(|(n, h)| h.status.map(|s| (n, s)))
+        .collect();
+    let (link, deliveries) = OperatorLink::start(broker)?;
+    let store_for_snapshot = store.clone();
+    let runtime = Runtime::new(Parts {
+        args,
+        sealer,
+        link: link.clone(),
+        deliveries,
+        source: Source {
+            changes: store.changes(),
+            snapshot: Box::new(move || store_for_snapshot.snapshot()),
+        },
+        status: status_dyn,
+        events,
+        registrar,
+        metrics: metrics.clone(),
+        health,
+        seed,
+    });
+    let mut lost = is_leader.clone();
+    let lost_leadership = async move {
+        let _ = lost.wait_for(|l| !*l).await;
+    };
+    let mut lost_flag = false;
+    runtime
+        .run(async {
+            tokio::select! {
+                _ = &mut shutdown => {}
+                _ = lost_leadership => { lost_flag = true; }
+            }
+        })
+        .await;
+    metrics.leader.set(0);
+    link.close();
+    let _ = stop_tx.send(true);
+    let _ = elector_task.await;
+    if lost_flag {
+        warn!("lost leadership; exiting so this replica restarts as a standby");
+        anyhow::bail!("leadership lost");
+    }
+    Ok(())
+}

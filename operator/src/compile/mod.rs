@@ -1,0 +1,200 @@
+//! The compiler: a pure function from a snapshot of dog's resources to, per host, the IPv4 and
+//! IPv6 rule documents for dog's own chains plus the ipsets they reference (SPEC §4).
+//!
+//! No Kubernetes, broker or kernel access happens here. Bad input never panics and never
+//! widens access: it becomes a [`Diagnostic`] naming the object and field, and only the
+//! affected output is withheld.
+
+pub mod addresses;
+pub mod incremental;
+pub mod ports;
+pub mod render;
+pub mod resolve;
+pub mod setname;
+
+pub use incremental::{Changes, Compiler};
+
+use crate::crd::{Group, Host, Profile, Zone};
+use dog_protocol::ruleset::{Failsafe, Family, FirewallHashes, HostFirewall, IpSet, RulesDocument};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Everything the compiler reads. Objects are keyed by name (all kinds are cluster-scoped).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub zones: BTreeMap<String, Zone>,
+    pub hosts: BTreeMap<String, Host>,
+    pub groups: BTreeMap<String, Group>,
+    pub profiles: BTreeMap<String, Profile>,
+    /// Address lines of ConfigMaps referenced by Zones, keyed by `namespace/name/key`.
+    pub config_map_addresses: BTreeMap<String, Arc<Vec<String>>>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    pub failsafe: Failsafe,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum ObjectKind {
+    Zone,
+    Host,
+    Group,
+    Profile,
+}
+
+/// One thing the compiler refused or warns about, per object and field.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Diagnostic {
+    pub kind: ObjectKind,
+    pub name: String,
+    /// JSON-path-like field, e.g. `spec.inbound[2].peer.name`.
+    pub field: String,
+    /// CamelCase reason for conditions, e.g. `DanglingReference`, `InvalidAddress`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// The firewall every member host of one group runs: rendered once per (group, profile) and
+/// shared between the hosts (and between compiles, when nothing it depends on changed). Sets
+/// are shared with [`Compiled::sets`]; use [`CompiledFirewall::to_host_firewall`] for the
+/// self-contained wire form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompiledFirewall {
+    pub group: String,
+    pub profile: String,
+    pub ipv4: Arc<RulesDocument>,
+    pub ipv6: Arc<RulesDocument>,
+    /// Sets referenced by either document, by name.
+    pub sets: BTreeMap<String, Arc<IpSet>>,
+    pub failsafe: Failsafe,
+    /// Content hashes (computed once; set hashes are cached between compiles).
+    pub hashes: FirewallHashes,
+}
+
+impl CompiledFirewall {
+    pub fn hashes(&self) -> FirewallHashes {
+        self.hashes.clone()
+    }
+
+    pub fn document(&self, family: Family) -> &RulesDocument {
+        match family {
+            Family::V4 => &self.ipv4,
+            Family::V6 => &self.ipv6,
+        }
+    }
+
+    /// The self-contained firewall of `host` (copies the sets).
+    pub fn to_host_firewall(&self, host: &str) -> HostFirewall {
+        HostFirewall {
+            host: host.to_string(),
+            ipv4: (*self.ipv4).clone(),
+            ipv6: (*self.ipv6).clone(),
+            sets: self
+                .sets
+                .iter()
+                .map(|(n, s)| (n.clone(), (**s).clone()))
+                .collect(),
+            failsafe: self.failsafe.clone(),
+        }
+    }
+}
+
+/// What the compiler decided for one host.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostOutcome {
+    /// The host runs this firewall.
+    Firewall {
+        group: String,
+        profile: String,
+        firewall: Arc<CompiledFirewall>,
+    },
+    /// Labels match several groups with different profiles: keep the last applied rules.
+    Conflict { groups: Vec<String> },
+    /// The host is in no group (or its group has no profile): nothing to send.
+    Unmanaged,
+    /// The host's profile could not be compiled: keep the last applied rules (see diagnostics).
+    Withheld { group: String, profile: String },
+}
+
+/// The compiler's whole output for a snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub hosts: BTreeMap<String, HostOutcome>,
+    /// Every set referenced by any host, by set name (shared between hosts).
+    pub sets: BTreeMap<String, Arc<IpSet>>,
+    /// Sorted, deduplicated.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Content hash of every set in `sets`.
+    pub set_hashes: BTreeMap<String, String>,
+    /// Per-object figures for status.
+    pub zones: BTreeMap<String, ZoneSummary>,
+    pub groups: BTreeMap<String, GroupSummary>,
+    pub profiles: BTreeMap<String, ProfileSummary>,
+}
+
+impl Compiled {
+    /// Diagnostics about one object.
+    pub fn diagnostics_for(&self, kind: ObjectKind, name: &str) -> Vec<&Diagnostic> {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.kind == kind && d.name == name)
+            .collect()
+    }
+
+    /// The self-contained firewall of `host`, when it runs one.
+    pub fn host_firewall(&self, host: &str) -> Option<HostFirewall> {
+        match self.hosts.get(host) {
+            Some(HostOutcome::Firewall { firewall, .. }) => Some(firewall.to_host_firewall(host)),
+            _ => None,
+        }
+    }
+}
+
+/// Zone figures for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ZoneSummary {
+    /// Distinct canonical entries per family.
+    pub ipv4_count: u64,
+    pub ipv6_count: u64,
+    pub invalid_count: u64,
+    /// The first invalid entries (at most 20), each with where it came from and why.
+    pub invalid_entries: Vec<String>,
+}
+
+/// Group figures for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GroupSummary {
+    /// Member hosts (by names list, selector or pin), sorted.
+    pub members: Vec<String>,
+    /// Hosts that run this group's profile as their group (desired hosts).
+    pub hosts_running: Vec<String>,
+    pub ipv4_addresses: u64,
+    pub ipv6_addresses: u64,
+    pub profile: Option<String>,
+}
+
+/// Profile figures for status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProfileSummary {
+    /// Enabled rules.
+    pub inbound_rules: u64,
+    pub outbound_rules: u64,
+    /// Groups naming this profile.
+    pub groups: Vec<String>,
+    /// Hosts that should run it.
+    pub hosts: Vec<String>,
+    /// False when the profile has errors (its hosts are withheld).
+    pub valid: bool,
+}
+
+/// The pure entry point: compiles a whole snapshot.
+pub fn compile(snapshot: &Snapshot, opts: &CompileOptions) -> Compiled {
+    let mut c = Compiler::new(opts.clone());
+    c.load(snapshot.clone());
+    c.into_compiled()
+}

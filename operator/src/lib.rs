@@ -1,0 +1,20 @@
+//! dog-operator: compiles dog's custom resources into per-host firewalls and publishes them.
+pub mod access;
+pub mod cluster;
+pub mod compile;
+pub mod config;
+pub mod crd;
+pub mod crdgen;
+pub mod events;
+pub mod fromdir;
+pub mod leader;
+pub mod lifecycle;
+pub mod local;
+pub mod metrics;
+pub mod nodes;
+pub mod preview;
+pub mod publish;
+pub mod report;
+pub mod runtime;
+pub mod status;
+pub mod store;

@@ -1,0 +1,264 @@
+//! `--from-dir` mode: the same pipeline on a directory of YAML files, for VM fleets without
+//! Kubernetes and for the demo. The directory is polled for changes; status goes to one YAML
+//! file (a dot file inside the directory by default, which the loader never reads back).
+
+use crate::compile::Snapshot;
+use crate::crd::{AgentKeys, GroupStatus, HostStatus, Interface, ProfileStatus, ZoneStatus};
+use crate::fromdir;
+use crate::runtime::{Registrar, Source};
+use crate::status::{StatusError, StatusSink};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Default status file name inside the resource directory.
+pub const STATUS_FILE: &str = ".dog-status.yaml";
+
+/// Everything the operator reports in local mode.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusFile {
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostStatus>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupStatus>,
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileStatus>,
+    #[serde(default)]
+    pub zones: BTreeMap<String, ZoneStatus>,
+    /// Documents of the directory that could not be read (file, document, object, error).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_errors: Vec<String>,
+}
+
+impl StatusFile {
+    pub fn read(path: &Path) -> Option<StatusFile> {
+        let text = std::fs::read_to_string(path).ok()?;
+        match serde_yaml::from_str(&text) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "ignoring unreadable status file");
+                None
+            }
+        }
+    }
+}
+
+/// Writes status into a [`StatusFile`], flushed to disk (atomically) by [`FileStatusSink::flusher`].
+pub struct FileStatusSink {
+    path: PathBuf,
+    state: Mutex<(StatusFile, bool)>,
+}
+
+impl FileStatusSink {
+    pub fn new(path: PathBuf, initial: StatusFile) -> Arc<Self> {
+        Arc::new(FileStatusSink {
+            path,
+            state: Mutex::new((initial, true)),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StatusFile) -> bool) {
+        if let Ok(mut st) = self.state.lock() {
+            let changed = f(&mut st.0);
+            st.1 |= changed;
+        }
+    }
+
+    pub fn set_load_errors(&self, errors: Vec<String>) {
+        self.update(|s| {
+            let changed = s.load_errors != errors;
+            s.load_errors = errors;
+            changed
+        });
+    }
+
+    /// Writes the file now if anything changed since the last write.
+    pub fn flush(&self) -> std::io::Result<()> {
+        let text = {
+            let Ok(mut st) = self.state.lock() else {
+                return Ok(());
+            };
+            if !st.1 {
+                return Ok(());
+            }
+            st.1 = false;
+            serde_yaml::to_string(&st.0).map_err(std::io::Error::other)?
+        };
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Flushes every `every` until the process ends.
+    pub async fn flusher(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.flush() {
+                warn!(file = %self.path.display(), error = %e, "could not write the status file");
+            }
+        }
+    }
+}
+
+fn put<T: PartialEq>(map: &mut BTreeMap<String, T>, name: &str, value: T) -> bool {
+    if map.get(name) == Some(&value) {
+        return false;
+    }
+    map.insert(name.to_string(), value);
+    true
+}
+
+impl StatusSink for FileStatusSink {
+    fn write_host<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: HostStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        self.update(|s| put(&mut s.hosts, name, status));
+        Box::pin(async { Ok(()) })
+    }
+    fn write_group<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: GroupStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        self.update(|s| put(&mut s.groups, name, status));
+        Box::pin(async { Ok(()) })
+    }
+    fn write_profile<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: ProfileStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        self.update(|s| put(&mut s.profiles, name, status));
+        Box::pin(async { Ok(()) })
+    }
+    fn write_zone<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: ZoneStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        self.update(|s| put(&mut s.zones, name, status));
+        Box::pin(async { Ok(()) })
+    }
+    fn forget(&self, kind: &'static str, name: &str) {
+        self.update(|s| match kind {
+            "Host" => s.hosts.remove(name).is_some(),
+            "Group" => s.groups.remove(name).is_some(),
+            "Profile" => s.profiles.remove(name).is_some(),
+            "Zone" => s.zones.remove(name).is_some(),
+            _ => false,
+        });
+    }
+}
+
+/// In local mode an agent-registered host exists in the operator's memory and in the status
+/// file (with its pinned keys), so nothing needs creating.
+pub struct LocalRegistrar;
+
+impl Registrar for LocalRegistrar {
+    fn register<'a>(
+        &'a self,
+        name: &'a str,
+        _keys: &'a AgentKeys,
+        _interfaces: &'a [Interface],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        info!(
+            host = name,
+            "agent registered (local mode: kept in the status file)"
+        );
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A fingerprint of the directory's YAML files (names, sizes, modification times).
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+            if !yaml || name.starts_with('.') {
+                continue;
+            }
+            if let Ok(md) = e.metadata() {
+                out.push((p, md.len(), md.modified().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Polls `dir` every `every` and republishes the snapshot when a YAML file changed.
+pub fn dir_source(
+    dir: PathBuf,
+    every: Duration,
+    sink: Arc<FileStatusSink>,
+) -> Result<Source, fromdir::DirError> {
+    let (snap, errors) = fromdir::load_dir(&dir)?;
+    report_load_errors(&errors, &sink);
+    let current = Arc::new(Mutex::new(snap));
+    let (tx, rx) = watch::channel(0u64);
+    let shared = current.clone();
+    tokio::spawn(async move {
+        let mut last = fingerprint(&dir);
+        let mut version = 0u64;
+        loop {
+            tokio::time::sleep(every).await;
+            let now = fingerprint(&dir);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match fromdir::load_dir(&dir) {
+                Ok((snap, errors)) => {
+                    report_load_errors(&errors, &sink);
+                    info!(dir = %dir.display(), zones = snap.zones.len(), hosts = snap.hosts.len(), groups = snap.groups.len(), profiles = snap.profiles.len(), "resources changed");
+                    if let Ok(mut c) = shared.lock() {
+                        *c = snap;
+                    }
+                    version += 1;
+                    if tx.send(version).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "could not read the resource directory; keeping the last snapshot")
+                }
+            }
+        }
+    });
+    Ok(Source {
+        changes: rx,
+        snapshot: Box::new(move || {
+            current
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_else(|_| Snapshot::default())
+        }),
+    })
+}
+
+fn report_load_errors(errors: &[fromdir::LoadError], sink: &FileStatusSink) {
+    for e in errors {
+        warn!(error = %e, "skipping a document that could not be read; everything else is used");
+    }
+    sink.set_load_errors(errors.iter().map(|e| e.to_string()).collect());
+}

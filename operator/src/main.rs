@@ -1,0 +1,227 @@
+use clap::{Parser, Subcommand};
+
+/// dog-operator: compiles Group/Profile/Zone/Host resources into host firewalls and
+/// publishes them to dog agents through RabbitMQ.
+#[derive(Parser, Debug)]
+#[command(name = "dog-operator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML (committed under crds/).
+    Crdgen(dog_operator::crdgen::CrdgenArgs),
+    /// Compile a directory of YAML resources offline and show what one host would run.
+    Compile(CompileArgs),
+    /// Run the operator: against the Kubernetes API, or on a directory with --from-dir.
+    Run(Box<dog_operator::config::RunArgs>),
+    /// Write a new Ed25519 signing key (base64 PKCS#8, mode 0600) and print its public key
+    /// line (`key-id base64`) for the agents' operator-public-keys file.
+    Keygen(KeygenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the private key (refuses to overwrite an existing file).
+    #[arg(long, env = "DOG_SIGNING_KEY")]
+    out: std::path::PathBuf,
+    /// Also write the public key line to this file.
+    #[arg(long, env = "DOG_PUBLIC_KEY_OUT")]
+    public_out: Option<std::path::PathBuf>,
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    if args.out.exists() {
+        anyhow::bail!(
+            "{} exists; refusing to overwrite a signing key",
+            args.out.display()
+        );
+    }
+    let public = dog_protocol::keys::write_new_operator_key(&args.out)?;
+    let line = format!("{} {}\n", public.fingerprint(), public.to_base64());
+    if let Some(p) = &args.public_out {
+        std::fs::write(p, &line)?;
+    }
+    print!("{line}");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down (agents keep their rules)");
+}
+
+async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
+    use dog_operator::local::{self, FileStatusSink, StatusFile};
+    use dog_operator::runtime::{Parts, Runtime};
+    use std::sync::Arc;
+    dog_protocol::telemetry::init_logging(args.log_format);
+    dog_protocol::broker::install_rustls_ring_provider();
+    let metrics = dog_operator::metrics::OperatorMetrics::new()?;
+    let health = dog_protocol::telemetry::Health::default();
+    health.set_not_ready("starting");
+    let addr =
+        dog_protocol::telemetry::serve(args.metrics_addr, metrics.registry.clone(), health.clone())
+            .await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    let key = dog_protocol::keys::load_operator_key(&args.signing_key).map_err(|e| {
+        anyhow::anyhow!(
+            "loading the signing key {}: {e}",
+            args.signing_key.display()
+        )
+    })?;
+    tracing::info!(key_id = %key.key_id(), "loaded the operator signing key");
+    let sealer = dog_protocol::envelope::Sealer::new(args.operator_name.clone(), key);
+    let broker = args
+        .broker
+        .config(format!("dog-operator/{}", args.operator_name));
+    match args.from_dir.clone() {
+        None => {
+            dog_operator::cluster::run(args, sealer, broker, metrics, health, shutdown_signal())
+                .await
+        }
+        Some(dir) => {
+            let status_path = args
+                .status_file
+                .clone()
+                .unwrap_or_else(|| dir.join(local::STATUS_FILE));
+            let initial = StatusFile::read(&status_path).unwrap_or_default();
+            let seed = initial.hosts.clone();
+            let sink = FileStatusSink::new(status_path, initial);
+            tokio::spawn(sink.clone().flusher(std::time::Duration::from_millis(200)));
+            let source = local::dir_source(
+                dir.clone(),
+                args.debounce.max(std::time::Duration::from_millis(100)),
+                sink.clone(),
+            )?;
+            let (link, deliveries) = dog_protocol::broker::OperatorLink::start(broker)?;
+            tracing::info!(dir = %dir.display(), "running on a resource directory (local mode)");
+            let runtime = Runtime::new(Parts {
+                args,
+                sealer,
+                link: link.clone(),
+                deliveries,
+                source,
+                status: sink.clone(),
+                events: Arc::new(dog_operator::events::LogEventSink),
+                registrar: Arc::new(local::LocalRegistrar),
+                metrics,
+                health,
+                seed,
+            });
+            runtime.run(shutdown_signal()).await;
+            link.close();
+            sink.flush()?;
+            Ok(())
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct CompileArgs {
+    /// Directory of YAML files (Zone, Host, Group, Profile, ConfigMap).
+    #[arg(long, env = "DOG_FROM_DIR")]
+    from_dir: std::path::PathBuf,
+    /// The Host to show.
+    #[arg(long, env = "DOG_HOST")]
+    host: String,
+    /// Show what changes for the host when going from --from-dir to this directory.
+    #[arg(long, env = "DOG_DIFF")]
+    diff: Option<std::path::PathBuf>,
+    #[arg(long, env = "DOG_FORMAT", value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn load(dir: &std::path::Path) -> anyhow::Result<dog_operator::compile::Compiled> {
+    let (snap, errors) = dog_operator::fromdir::load_dir(dir)?;
+    for e in &errors {
+        eprintln!("warning: {e}");
+    }
+    Ok(dog_operator::compile::compile(
+        &snap,
+        &dog_operator::compile::CompileOptions::default(),
+    ))
+}
+
+fn run_compile(args: CompileArgs) -> anyhow::Result<()> {
+    use dog_operator::preview;
+    let old = load(&args.from_dir)?;
+    let known = |c: &dog_operator::compile::Compiled, dir: &std::path::Path| {
+        if c.hosts.contains_key(&args.host) {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "host `{}` is not defined in {}",
+                args.host,
+                dir.display()
+            ))
+        }
+    };
+    match &args.diff {
+        None => {
+            known(&old, &args.from_dir)?;
+            match args.format {
+                Format::Text => {
+                    print!(
+                        "{}",
+                        preview::host_text(&old, &args.host).unwrap_or_default()
+                    )
+                }
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&preview::host_json(&old, &args.host))?
+                ),
+            }
+        }
+        Some(dir) => {
+            let new = load(dir)?;
+            if known(&old, &args.from_dir).is_err() {
+                known(&new, dir)?;
+            }
+            match args.format {
+                Format::Text => print!("{}", preview::host_diff(&old, &new, &args.host)),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "old": preview::host_json(&old, &args.host),
+                        "new": preview::host_json(&new, &args.host),
+                        "diff": preview::host_diff(&old, &new, &args.host),
+                    }))?
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crdgen(args) => Ok(dog_operator::crdgen::run(&args)?),
+        Command::Compile(args) => run_compile(args),
+        Command::Keygen(args) => keygen(args),
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(*args)),
+    }
+}

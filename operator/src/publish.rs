@@ -1,0 +1,292 @@
+//! Decides what to publish after a compile: a pure function of what each host was last sent and
+//! what the compiler now wants.
+//!
+//! - A host whose rule documents (or the *names* of its sets) changed, or that was never sent
+//!   anything, gets one full `Apply` with a new revision.
+//! - A set whose content changed while the rules did not is sent ONCE as a shared-set update
+//!   to every host using it (the broker fans it out), instead of once per host.
+//! - Hosts in conflict, withheld or unmanaged get nothing: they keep their last applied rules.
+//!
+//! Revisions are `max(previous + 1, now in ms)`: monotonic per host, and a restarted or newly
+//! elected operator that seeded its state from the hosts' reports continues above them without
+//! sending anything when nothing changed.
+
+use crate::compile::{Compiled, CompiledFirewall, HostOutcome};
+use dog_protocol::ruleset::{FirewallHashes, IpSet};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// What one host was last sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delivered {
+    pub revision: u64,
+    pub hashes: FirewallHashes,
+    /// Hash of each set the host uses, by set name.
+    pub set_hashes: BTreeMap<String, String>,
+}
+
+/// What was last sent to every host and every shared set.
+#[derive(Clone, Debug, Default)]
+pub struct PublishState {
+    pub hosts: BTreeMap<String, Delivered>,
+    /// Last version published per shared set.
+    pub set_versions: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Publish {
+    /// The host's full desired state.
+    Apply {
+        host: String,
+        revision: u64,
+        firewall: Arc<CompiledFirewall>,
+    },
+    /// New content of a set shared by `recipients`, sent once.
+    SharedSet {
+        set: Arc<IpSet>,
+        version: u64,
+        recipients: Vec<String>,
+    },
+}
+
+impl PublishState {
+    /// Records that `host` already runs `firewall` at `revision` (its report matched), so a new
+    /// leader or a restarted operator sends nothing for it.
+    pub fn seed(
+        &mut self,
+        host: &str,
+        revision: u64,
+        firewall: &CompiledFirewall,
+        compiled: &Compiled,
+    ) {
+        self.hosts.insert(
+            host.to_string(),
+            delivered(revision, firewall, &compiled.set_hashes),
+        );
+    }
+
+    /// Forgets what `host` was sent, so the next plan sends its full state (on reconnect with
+    /// different hashes, on a failed apply, on persistent drift).
+    pub fn forget(&mut self, host: &str) {
+        self.hosts.remove(host);
+    }
+
+    pub fn revision(&self, host: &str) -> Option<u64> {
+        self.hosts.get(host).map(|d| d.revision)
+    }
+}
+
+fn set_hashes_of(
+    fw: &CompiledFirewall,
+    all: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    fw.sets
+        .keys()
+        .map(|n| (n.clone(), all.get(n).cloned().unwrap_or_default()))
+        .collect()
+}
+
+fn delivered(revision: u64, fw: &CompiledFirewall, all: &BTreeMap<String, String>) -> Delivered {
+    Delivered {
+        revision,
+        hashes: fw.hashes(),
+        set_hashes: set_hashes_of(fw, all),
+    }
+}
+
+/// Plans the publishes that bring every reachable host to `compiled`, updating `state` as if
+/// they were all delivered. `reachable` says whether a host can be sent to (its keys are known).
+pub fn plan(
+    state: &mut PublishState,
+    compiled: &Compiled,
+    reachable: &dyn Fn(&str) -> bool,
+    now_ms: u64,
+) -> Vec<Publish> {
+    let mut out = Vec::new();
+    // set name -> hosts that need only a set update
+    let mut set_recipients: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (host, outcome) in &compiled.hosts {
+        let HostOutcome::Firewall { firewall, .. } = outcome else {
+            continue;
+        };
+        if !reachable(host) {
+            continue;
+        }
+        let prev = state.hosts.get(host);
+        let rules_changed = match prev {
+            None => true,
+            Some(p) => {
+                p.hashes.ipv4_rules != firewall.hashes.ipv4_rules
+                    || p.hashes.ipv6_rules != firewall.hashes.ipv6_rules
+                    || !p.set_hashes.keys().eq(firewall.sets.keys())
+            }
+        };
+        if rules_changed {
+            let revision = next_revision(prev.map(|p| p.revision), now_ms);
+            state.hosts.insert(
+                host.clone(),
+                delivered(revision, firewall, &compiled.set_hashes),
+            );
+            out.push(Publish::Apply {
+                host: host.clone(),
+                revision,
+                firewall: firewall.clone(),
+            });
+            continue;
+        }
+        let Some(prev) = state.hosts.get_mut(host) else {
+            continue;
+        };
+        let mut changed = false;
+        for (name, set) in &firewall.sets {
+            let h = set.hash();
+            if prev.set_hashes.get(name) != Some(&h) {
+                set_recipients
+                    .entry(name.clone())
+                    .or_default()
+                    .push(host.clone());
+                prev.set_hashes.insert(name.clone(), h);
+                changed = true;
+            }
+        }
+        if changed {
+            prev.hashes = firewall.hashes();
+        }
+    }
+    for (name, recipients) in set_recipients {
+        let Some(set) = compiled.sets.get(&name) else {
+            continue;
+        };
+        let version = next_revision(state.set_versions.get(&name).copied(), now_ms);
+        state.set_versions.insert(name, version);
+        out.push(Publish::SharedSet {
+            set: set.clone(),
+            version,
+            recipients,
+        });
+    }
+    // Hosts that vanished from the compile keep their entry only while they still exist.
+    let known: BTreeSet<&String> = compiled.hosts.keys().collect();
+    state.hosts.retain(|h, _| known.contains(h));
+    out
+}
+
+/// `max(previous + 1, now_ms)`: monotonic, and above anything a previous operator sent.
+pub fn next_revision(previous: Option<u64>, now_ms: u64) -> u64 {
+    previous.map_or(now_ms, |p| (p + 1).max(now_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dog_protocol::ruleset::{Failsafe, Family, HostFirewall, RulesDocument, CHAIN_INPUT};
+
+    fn fw(host: &str, rule: &str, members: &[&str]) -> Arc<CompiledFirewall> {
+        let mut chains = BTreeMap::new();
+        chains.insert(
+            CHAIN_INPUT.to_string(),
+            vec![format!("-A DOG-INPUT {rule}")],
+        );
+        let set = IpSet::new(
+            "dogz4-a",
+            Family::V4,
+            members
+                .iter()
+                .map(|m| dog_protocol::ruleset::parse_member(m).unwrap()),
+        );
+        let hf = HostFirewall {
+            host: host.into(),
+            ipv4: RulesDocument::from_chains(Family::V4, &chains),
+            ipv6: RulesDocument::from_chains(Family::V6, &BTreeMap::new()),
+            sets: [(set.name.clone(), set.clone())].into_iter().collect(),
+            failsafe: Failsafe::default(),
+        };
+        Arc::new(CompiledFirewall {
+            group: "g".into(),
+            profile: "p".into(),
+            hashes: hf.hashes(),
+            ipv4: Arc::new(hf.ipv4),
+            ipv6: Arc::new(hf.ipv6),
+            sets: [(set.name.clone(), Arc::new(set))].into_iter().collect(),
+            failsafe: hf.failsafe,
+        })
+    }
+
+    fn compiled(hosts: &[(&str, Arc<CompiledFirewall>)]) -> Compiled {
+        let mut c = Compiled::default();
+        for (h, f) in hosts {
+            for s in f.sets.values() {
+                c.sets.insert(s.name.clone(), s.clone());
+                c.set_hashes.insert(s.name.clone(), s.hash());
+            }
+            c.hosts.insert(
+                h.to_string(),
+                HostOutcome::Firewall {
+                    group: "g".into(),
+                    profile: "p".into(),
+                    firewall: f.clone(),
+                },
+            );
+        }
+        c
+    }
+
+    #[test]
+    fn first_plan_applies_every_reachable_host_and_nothing_when_unchanged() {
+        let mut st = PublishState::default();
+        let c = compiled(&[
+            ("a", fw("a", "-j DROP", &["1.1.1.1"])),
+            ("b", fw("b", "-j DROP", &["1.1.1.1"])),
+        ]);
+        let out = plan(&mut st, &c, &|h| h != "b", 1000);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(&out[0], Publish::Apply { host, revision: 1000, .. } if host == "a"));
+        assert!(plan(&mut st, &c, &|h| h != "b", 2000).is_empty());
+    }
+
+    #[test]
+    fn a_set_change_is_one_shared_publish_and_a_rule_change_is_a_new_revision() {
+        let mut st = PublishState::default();
+        let c1 = compiled(&[
+            ("a", fw("a", "-j DROP", &["1.1.1.1"])),
+            ("b", fw("b", "-j DROP", &["1.1.1.1"])),
+        ]);
+        plan(&mut st, &c1, &|_| true, 1000);
+        let c2 = compiled(&[
+            ("a", fw("a", "-j DROP", &["2.2.2.2"])),
+            ("b", fw("b", "-j DROP", &["2.2.2.2"])),
+        ]);
+        let out = plan(&mut st, &c2, &|_| true, 1000);
+        assert_eq!(out.len(), 1);
+        match &out[0] {
+            Publish::SharedSet {
+                set,
+                version,
+                recipients,
+            } => {
+                assert_eq!(set.name, "dogz4-a");
+                assert_eq!(*version, 1000);
+                assert_eq!(recipients, &vec!["a".to_string(), "b".to_string()]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let c3 = compiled(&[
+            ("a", fw("a", "-j ACCEPT", &["2.2.2.2"])),
+            ("b", fw("b", "-j DROP", &["2.2.2.2"])),
+        ]);
+        let out = plan(&mut st, &c3, &|_| true, 500);
+        assert!(matches!(&out[..], [Publish::Apply { host, revision: 1001, .. }] if host == "a"));
+    }
+
+    #[test]
+    fn seeded_state_publishes_nothing_and_forget_resends() {
+        let f = fw("a", "-j DROP", &["1.1.1.1"]);
+        let c = compiled(&[("a", f.clone())]);
+        let mut st = PublishState::default();
+        st.seed("a", 77, &f, &c);
+        assert!(plan(&mut st, &c, &|_| true, 10).is_empty());
+        st.forget("a");
+        let out = plan(&mut st, &c, &|_| true, 10);
+        assert!(matches!(&out[..], [Publish::Apply { revision: 10, .. }]));
+    }
+}

@@ -1,0 +1,199 @@
+//! Writing the status of Hosts, Groups, Profiles and Zones.
+//!
+//! [`StatusSink`] is the seam: the reconcile loop hands it the *whole* status struct of an
+//! object and the object's `metadata.generation`; the sink sets `observedGeneration` and
+//! writes. [`KubeStatusSink`] writes through the status subresource with server-side apply
+//! (field manager `dog-operator`, `force`), so the operator owns every status field it sends
+//! and nothing in `spec`/`metadata`. It remembers the last status written per object and skips
+//! identical writes, so a reconcile loop may call it on every pass without API churn.
+//!
+//! The trait is object-safe (`Arc<dyn StatusSink>`): its methods return boxed futures instead
+//! of using `async fn` in the trait, because `async fn` in traits is not dyn-compatible on
+//! Rust 1.95 and we avoid the `async-trait` macro.
+
+use crate::crd::{Group, GroupStatus, Host, HostStatus, Profile, ProfileStatus, Zone, ZoneStatus};
+use futures::future::BoxFuture;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "dog-operator";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("writing status of {kind} {name}: {source}")]
+    Kube {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("serializing status of {kind} {name}: {source}")]
+    Serialize {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("writing status of {kind} {name}: {message}")]
+    Other {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+}
+
+/// Where statuses go: the API server ([`KubeStatusSink`]) or files in `--from-dir` mode.
+///
+/// `generation` is the object's `metadata.generation` (None when unknown); implementations
+/// store it as the status' `observedGeneration`.
+pub trait StatusSink: Send + Sync {
+    fn write_host<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        status: HostStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    fn write_group<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        status: GroupStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    fn write_profile<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        status: ProfileStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    fn write_zone<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        status: ZoneStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    /// The object is gone: drop whatever the sink remembers about it.
+    fn forget(&self, kind: &'static str, name: &str);
+}
+
+/// Server-side-apply status writer with a last-written cache.
+pub struct KubeStatusSink {
+    client: Client,
+    /// (kind, name) → the exact apply body last written successfully.
+    last: Mutex<HashMap<(&'static str, String), serde_json::Value>>,
+}
+
+impl KubeStatusSink {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Drops the whole cache, e.g. after winning the leader election (another replica may
+    /// have written since).
+    pub fn clear_cache(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(&'static str, String), serde_json::Value>> {
+        // A panic while holding the lock cannot leave the map inconsistent (single inserts).
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn apply<K, S>(&self, name: &str, status: &S) -> Result<(), StatusError>
+    where
+        K: Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        S: Serialize,
+    {
+        let kind: &'static str = match K::kind(&()).as_ref() {
+            "Host" => "Host",
+            "Group" => "Group",
+            "Profile" => "Profile",
+            "Zone" => "Zone",
+            _ => "Unknown",
+        };
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": serde_json::to_value(status).map_err(|source| StatusError::Serialize {
+                kind,
+                name: name.to_string(),
+                source,
+            })?,
+        });
+        let key = (kind, name.to_string());
+        if self.lock().get(&key) == Some(&body) {
+            tracing::trace!(kind, name, "status unchanged, not written");
+            return Ok(());
+        }
+        let api: Api<K> = Api::all(self.client.clone());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch_status(name, &pp, &Patch::Apply(&body)).await {
+            Ok(_) => {
+                tracing::debug!(kind, name, "status written");
+                self.lock().insert(key, body);
+                Ok(())
+            }
+            Err(source) => {
+                self.lock().remove(&key);
+                Err(StatusError::Kube {
+                    kind,
+                    name: name.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+impl StatusSink for KubeStatusSink {
+    fn write_host<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: HostStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        Box::pin(async move { self.apply::<Host, _>(name, &status).await })
+    }
+    fn write_group<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: GroupStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        Box::pin(async move { self.apply::<Group, _>(name, &status).await })
+    }
+    fn write_profile<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: ProfileStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        Box::pin(async move { self.apply::<Profile, _>(name, &status).await })
+    }
+    fn write_zone<'a>(
+        &'a self,
+        name: &'a str,
+        generation: Option<i64>,
+        mut status: ZoneStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        status.observed_generation = generation;
+        Box::pin(async move { self.apply::<Zone, _>(name, &status).await })
+    }
+    fn forget(&self, kind: &'static str, name: &str) {
+        self.lock().remove(&(kind, name.to_string()));
+    }
+}

@@ -1,0 +1,116 @@
+//! Envelope costs: seal+sign and verify+open (operator → agent) for 1 KB and 1 MB payloads,
+//! sign/verify only (agent → operator), and a shared-set seal for 1000 recipients.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dog_protocol::envelope::{HeaderFields, MessageKind, Opener, Sealer, TimePolicy};
+use dog_protocol::keys::pinning::{Pin, Pins};
+use dog_protocol::keys::{EncryptionKey, EncryptionPublicKey, SigningKey, TrustedKeys};
+use std::hint::black_box;
+use uuid::Uuid;
+
+const NOW: u64 = 1_750_000_000;
+
+fn fields(kind: MessageKind, recipients: Vec<String>) -> HeaderFields {
+    HeaderFields {
+        kind,
+        recipients,
+        id: Uuid::new_v4(),
+        revision: None,
+        issued_at: NOW,
+        expires_at: NOW + 300,
+    }
+}
+
+fn operator_to_agent(c: &mut Criterion) {
+    let op = SigningKey::generate().unwrap().0;
+    let trusted = TrustedKeys::new([op.public()]);
+    let sealer = Sealer::new("dog-operator", op);
+    let agent = EncryptionKey::generate();
+    let mut g = c.benchmark_group("envelope/operator_to_agent");
+    for size in [1024usize, 1024 * 1024] {
+        let payload = vec![b'x'; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("seal_sign", size), &payload, |b, p| {
+            let f = fields(MessageKind::Request, vec!["node-1".into()]);
+            b.iter(|| {
+                sealer
+                    .seal_for_agent(&f, black_box(p), &agent.public())
+                    .unwrap()
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("verify_open", size), &payload, |b, p| {
+            b.iter_batched(
+                || {
+                    let f = fields(MessageKind::Request, vec!["node-1".into()]);
+                    let env = sealer.seal_for_agent(&f, p, &agent.public()).unwrap();
+                    let o =
+                        Opener::for_agent("node-1", agent.clone(), "dog-operator", trusted.clone());
+                    (env, o)
+                },
+                |(env, mut o)| o.open(black_box(&env), NOW).unwrap(),
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn agent_to_operator(c: &mut Criterion) {
+    let (key, _) = SigningKey::generate().unwrap();
+    let mut pins = Pins::new(false);
+    pins.set(
+        "node-1",
+        Pin {
+            signing: key.public().fingerprint(),
+            encryption: None,
+        },
+    );
+    let sealer = Sealer::new("node-1", key);
+    let mut g = c.benchmark_group("envelope/agent_to_operator");
+    let payload = vec![b'x'; 1024];
+    g.throughput(Throughput::Bytes(1024));
+    g.bench_function("sign_1024", |b| {
+        let f = fields(MessageKind::Keepalive, vec!["dog-operator".into()]);
+        b.iter(|| sealer.sign_only(&f, black_box(&payload)).unwrap())
+    });
+    g.bench_function("verify_1024", |b| {
+        let mut o = Opener::for_operator("dog-operator", pins.clone())
+            .with_time_policy(TimePolicy::default());
+        b.iter_batched(
+            || {
+                sealer
+                    .sign_only(
+                        &fields(MessageKind::Keepalive, vec!["dog-operator".into()]),
+                        &payload,
+                    )
+                    .unwrap()
+            },
+            |env| o.open(black_box(&env), NOW).unwrap(),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+fn shared_set(c: &mut Criterion) {
+    let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
+    let n = 1000;
+    let names: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+    let keys: Vec<EncryptionPublicKey> =
+        (0..n).map(|_| EncryptionKey::generate().public()).collect();
+    let payload = vec![b'x'; 64 * 1024];
+    let mut g = c.benchmark_group("envelope/shared_set");
+    g.sample_size(10);
+    g.bench_function("seal_64KiB_for_1000", |b| {
+        let f = fields(MessageKind::Request, names.clone());
+        b.iter(|| {
+            sealer
+                .seal_for_many(&f, black_box(&payload), &keys)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, operator_to_agent, agent_to_operator, shared_set);
+criterion_main!(benches);

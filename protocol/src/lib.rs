@@ -1,0 +1,6 @@
+pub mod broker;
+pub mod envelope;
+pub mod keys;
+pub mod messages;
+pub mod ruleset;
+pub mod telemetry;

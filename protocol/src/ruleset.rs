@@ -1,0 +1,711 @@
+//! The compiled firewall of one host, as the operator sends it and the agent applies it.
+//!
+//! A host's firewall is two `iptables-restore` documents (IPv4, IPv6) that name only dog's own
+//! chains, plus the ipsets those documents reference. Every piece carries a content hash computed
+//! over its *canonical* text — exactly what `iptables-save` / `ipset save` print back — so the
+//! agent can hash the live kernel state with the same functions and compare.
+//!
+//! Everything here is pure: no kernel, broker or Kubernetes access.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// dog's inbound chain, hooked from `INPUT` by one jump.
+pub const CHAIN_INPUT: &str = "DOG-INPUT";
+/// dog's outbound chain, hooked from `OUTPUT` by one jump.
+pub const CHAIN_OUTPUT: &str = "DOG-OUTPUT";
+/// Every chain dog owns starts with this prefix; nothing else is ever touched.
+pub const CHAIN_PREFIX: &str = "DOG-";
+/// Every ipset dog owns starts with this prefix.
+pub const SET_PREFIX: &str = "dog";
+/// The kernel's limit for an ipset name (IPSET_MAXNAMELEN - 1).
+pub const SET_NAME_MAX: usize = 31;
+/// Comment prefix of the never-lock-out rules rendered first in dog's chains.
+pub const FAILSAFE_COMMENT: &str = "dog:failsafe";
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    /// The `family` word of `ipset create`.
+    pub fn ipset_family(self) -> &'static str {
+        match self {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+    pub fn digit(self) -> char {
+        match self {
+            Family::V4 => '4',
+            Family::V6 => '6',
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+// ------------------------------------------------------------------------------------------
+// ipsets
+// ------------------------------------------------------------------------------------------
+
+/// One `hash:net` ipset with its members, canonical (host bits cleared, sorted, deduplicated).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct IpSet {
+    pub name: String,
+    pub family: Family,
+    pub members: Vec<IpNet>,
+}
+
+impl IpSet {
+    /// Builds a set from arbitrary members of its family: clears host bits, sorts, dedups.
+    /// Members of the other family are ignored by the caller's contract; they are filtered here
+    /// too so a set can never hold a member the kernel would refuse.
+    pub fn new(
+        name: impl Into<String>,
+        family: Family,
+        members: impl IntoIterator<Item = IpNet>,
+    ) -> Self {
+        let mut members: Vec<IpNet> = members
+            .into_iter()
+            .filter(|m| Family::of(m) == family)
+            .flat_map(split_zero_prefix)
+            .map(|m| m.trunc())
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        IpSet {
+            name: name.into(),
+            family,
+            members,
+        }
+    }
+
+    /// Content hash over name, family and the members as `ipset save` prints them.
+    pub fn hash(&self) -> String {
+        set_hash(&self.name, self.family, self.members.iter())
+    }
+
+    /// `maxelem` sized to the content with headroom for small deltas.
+    pub fn maxelem(&self) -> usize {
+        maxelem_for(self.members.len())
+    }
+}
+
+/// `hash:net` cannot store a /0; it is stored as the two halves of the address space.
+fn split_zero_prefix(net: IpNet) -> Vec<IpNet> {
+    if net.prefix_len() == 0 {
+        net.subnets(1).map(|s| s.collect()).unwrap_or_default()
+    } else {
+        vec![net]
+    }
+}
+
+/// `maxelem` for a set of `len` members: at least 65536 (ipset's default), else the next power
+/// of two above 1.5 × len so deltas fit without a swap.
+pub fn maxelem_for(len: usize) -> usize {
+    let want = len + len / 2;
+    want.next_power_of_two().max(65536)
+}
+
+/// How `ipset save` prints a member: host routes without their prefix length.
+pub fn member_text(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+/// Hash of a set's content. Members must already be canonical and sorted (as in [`IpSet`] or as
+/// parsed back from the kernel by [`parse_ipset_save`]).
+pub fn set_hash<'a>(
+    name: &str,
+    family: Family,
+    members: impl Iterator<Item = &'a IpNet>,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update(b" ");
+    h.update(family.ipset_family().as_bytes());
+    h.update(b"\n");
+    for m in members {
+        h.update(member_text(m).as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// Combined hash of a host's sets: over `name hash` lines sorted by name.
+pub fn sets_hash<'a>(sets: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let sorted: BTreeMap<&str, &str> = sets.collect();
+    let mut h = Sha256::new();
+    for (name, hash) in sorted {
+        h.update(name.as_bytes());
+        h.update(b" ");
+        h.update(hash.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+/// dog's sets as read back from `ipset save` (all sets; only those named `dog…` are returned),
+/// canonicalised so [`set_hash`] of the result equals the compiler's hash.
+pub fn parse_ipset_save(text: &str) -> BTreeMap<String, IpSet> {
+    let mut out: BTreeMap<String, (Family, Vec<IpNet>)> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("create") => {
+                let Some(name) = words.next() else { continue };
+                if !name.starts_with(SET_PREFIX) {
+                    continue;
+                }
+                let rest: Vec<&str> = words.collect();
+                let family = match rest.windows(2).find(|w| w[0] == "family").map(|w| w[1]) {
+                    Some("inet6") => Family::V6,
+                    _ => Family::V4,
+                };
+                out.insert(name.to_string(), (family, Vec::new()));
+            }
+            Some("add") => {
+                let (Some(name), Some(member)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                if let Some((_, members)) = out.get_mut(name) {
+                    if let Some(net) = parse_member(member) {
+                        members.push(net);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out.into_iter()
+        .map(|(name, (family, members))| {
+            let set = IpSet::new(name.clone(), family, members);
+            (name, set)
+        })
+        .collect()
+}
+
+/// Parses a member as `ipset` prints it: an address or a CIDR.
+pub fn parse_member(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+// ------------------------------------------------------------------------------------------
+// rule documents
+// ------------------------------------------------------------------------------------------
+
+/// An `iptables-restore --noflush` document for the filter table that declares (and so
+/// flushes) only dog's chains and appends their rules.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct RulesDocument {
+    pub family: Family,
+    /// The full restore text: `*filter`, chain declarations, `-A` lines, `COMMIT`.
+    pub text: String,
+}
+
+impl RulesDocument {
+    /// Builds the restore text from per-chain rule lines (each an `-A CHAIN …` line).
+    pub fn from_chains(family: Family, chains: &BTreeMap<String, Vec<String>>) -> Self {
+        let mut text = String::from("*filter\n");
+        for name in chains.keys() {
+            text.push(':');
+            text.push_str(name);
+            text.push_str(" - [0:0]\n");
+        }
+        for rules in chains.values() {
+            for r in rules {
+                text.push_str(r);
+                text.push('\n');
+            }
+        }
+        text.push_str("COMMIT\n");
+        RulesDocument { family, text }
+    }
+
+    pub fn hash(&self) -> String {
+        rules_hash(&self.text)
+    }
+
+    /// Names of the chains this document declares.
+    pub fn chains(&self) -> Vec<String> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| c.starts_with(CHAIN_PREFIX))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Set names referenced by `--match-set NAME`.
+    pub fn referenced_sets(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .text
+            .split("--match-set ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Number of `-A` rule lines.
+    pub fn rule_count(&self) -> usize {
+        self.text.lines().filter(|l| l.starts_with("-A ")).count()
+    }
+}
+
+/// One meaningful line of the filter table in an `iptables-save` or restore text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterLine<'a> {
+    /// `:NAME POLICY [counters]` — a chain declaration.
+    Chain(&'a str),
+    /// `-A CHAIN …` — a rule (the whole line, trailing space trimmed).
+    Rule { chain: &'a str, line: &'a str },
+}
+
+/// The chain declarations and rules of the filter table, in text order; other tables,
+/// comments, counters-only lines and table markers are skipped. Both the agent's reading of
+/// the kernel and the hashing below go through this one parser.
+pub fn filter_lines(save_text: &str) -> impl Iterator<Item = FilterLine<'_>> {
+    let mut in_filter = true;
+    save_text.lines().filter_map(move |line| {
+        let line = line.trim_end();
+        if let Some(table) = line.strip_prefix('*') {
+            in_filter = table.trim() == "filter";
+            return None;
+        }
+        if !in_filter {
+            return None;
+        }
+        if let Some(decl) = line.strip_prefix(':') {
+            decl.split_whitespace().next().map(FilterLine::Chain)
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            rest.split_whitespace()
+                .next()
+                .map(|chain| FilterLine::Rule { chain, line })
+        } else {
+            None
+        }
+    })
+}
+
+/// The canonical lines of dog's chains in an `iptables-save` (or restore) text of the filter
+/// table: the declarations of `DOG-…` chains, sorted, then each chain's `-A` lines in order,
+/// chains sorted by name. Foreign chains, jump rules in built-in chains, comments, counters
+/// and table markers are ignored.
+pub fn owned_lines(save_text: &str) -> Vec<String> {
+    let mut decls: Vec<String> = Vec::new();
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in filter_lines(save_text) {
+        match l {
+            FilterLine::Chain(name) if name.starts_with(CHAIN_PREFIX) => {
+                decls.push(format!(":{name} - [0:0]"));
+            }
+            FilterLine::Rule { chain, line } if chain.starts_with(CHAIN_PREFIX) => {
+                rules
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(line.to_string());
+            }
+            _ => {}
+        }
+    }
+    decls.sort();
+    decls.dedup();
+    decls
+        .into_iter()
+        .chain(rules.into_values().flatten())
+        .collect()
+}
+
+/// Hash of dog's chains in a save or restore text (see [`owned_lines`]).
+pub fn rules_hash(save_text: &str) -> String {
+    let mut h = Sha256::new();
+    for l in owned_lines(save_text) {
+        h.update(l.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+// ------------------------------------------------------------------------------------------
+// the host firewall
+// ------------------------------------------------------------------------------------------
+
+/// Content hashes of a host firewall, as compared between desired and live state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FirewallHashes {
+    pub ipv4_rules: String,
+    pub ipv6_rules: String,
+    pub sets: String,
+}
+
+/// Everything one host runs: both rule documents and the sets they reference.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HostFirewall {
+    pub host: String,
+    pub ipv4: RulesDocument,
+    pub ipv6: RulesDocument,
+    /// Sets referenced by either document, by name.
+    pub sets: BTreeMap<String, IpSet>,
+    /// The never-lock-out configuration the prologue was rendered from; the agent re-renders
+    /// it and refuses a document whose chains do not start with it.
+    pub failsafe: Failsafe,
+}
+
+impl HostFirewall {
+    pub fn hashes(&self) -> FirewallHashes {
+        let set_hashes: Vec<(String, String)> = self
+            .sets
+            .values()
+            .map(|s| (s.name.clone(), s.hash()))
+            .collect();
+        FirewallHashes {
+            ipv4_rules: self.ipv4.hash(),
+            ipv6_rules: self.ipv6.hash(),
+            sets: sets_hash(set_hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
+        }
+    }
+
+    pub fn document(&self, family: Family) -> &RulesDocument {
+        match family {
+            Family::V4 => &self.ipv4,
+            Family::V6 => &self.ipv6,
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// failsafe prologue
+// ------------------------------------------------------------------------------------------
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum FailsafeProtocol {
+    Tcp,
+    Udp,
+}
+
+impl FailsafeProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailsafeProtocol::Tcp => "tcp",
+            FailsafeProtocol::Udp => "udp",
+        }
+    }
+}
+
+/// A port or inclusive range that is always accepted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FailsafePort {
+    pub protocol: FailsafeProtocol,
+    pub from: u16,
+    pub to: u16,
+}
+
+impl FailsafePort {
+    pub const fn one(protocol: FailsafeProtocol, port: u16) -> Self {
+        FailsafePort {
+            protocol,
+            from: port,
+            to: port,
+        }
+    }
+    pub const fn range(protocol: FailsafeProtocol, from: u16, to: u16) -> Self {
+        FailsafePort { protocol, from, to }
+    }
+}
+
+/// The never-lock-out list, rendered before any profile rule (SPEC §4).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Failsafe {
+    /// Inbound destination ports always accepted.
+    pub inbound: Vec<FailsafePort>,
+    /// Outbound destination ports always accepted (DNS, DHCP, API server, etcd, the broker).
+    pub outbound: Vec<FailsafePort>,
+}
+
+impl Default for Failsafe {
+    fn default() -> Self {
+        use FailsafeProtocol::{Tcp, Udp};
+        Failsafe {
+            inbound: vec![
+                FailsafePort::one(Tcp, 22),
+                FailsafePort::one(Tcp, 6443),
+                FailsafePort::one(Tcp, 10250),
+                FailsafePort::range(Tcp, 2379, 2380),
+                FailsafePort::one(Udp, 68),
+            ],
+            outbound: vec![
+                FailsafePort::one(Udp, 53),
+                FailsafePort::one(Tcp, 53),
+                FailsafePort::one(Udp, 67),
+                FailsafePort::one(Tcp, 6443),
+                FailsafePort::range(Tcp, 2379, 2380),
+                FailsafePort::one(Tcp, 5671),
+                FailsafePort::one(Tcp, 5672),
+            ],
+        }
+    }
+}
+
+impl Failsafe {
+    /// The prologue rule lines of `chain` (`DOG-INPUT` or `DOG-OUTPUT`) for `family`, exactly as
+    /// `iptables-save` prints them.
+    pub fn prologue(&self, family: Family, chain: &str) -> Vec<String> {
+        let inbound = chain == CHAIN_INPUT;
+        let c =
+            |what: &str| format!("-m comment --comment \"{FAILSAFE_COMMENT}:{what}\" -j ACCEPT");
+        let mut out = vec![
+            format!(
+                "-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED {}",
+                c("established")
+            ),
+            format!(
+                "-A {chain} -{} lo {}",
+                if inbound { "i" } else { "o" },
+                c("loopback")
+            ),
+        ];
+        let (proto, module, flag, types): (&str, &str, &str, &[u8]) = match family {
+            // destination unreachable (incl. fragmentation needed), time exceeded, parameter problem
+            Family::V4 => ("icmp", "icmp", "--icmp-type", &[3, 11, 12]),
+            // unreachable, packet too big, time exceeded, parameter problem, RS, RA, NS, NA
+            Family::V6 => (
+                "ipv6-icmp",
+                "icmp6",
+                "--icmpv6-type",
+                &[1, 2, 3, 4, 133, 134, 135, 136],
+            ),
+        };
+        for t in types {
+            out.push(format!(
+                "-A {chain} -p {proto} -m {module} {flag} {t} {}",
+                c("icmp")
+            ));
+        }
+        let ports = if inbound {
+            &self.inbound
+        } else {
+            &self.outbound
+        };
+        for proto in [FailsafeProtocol::Tcp, FailsafeProtocol::Udp] {
+            let mut list: Vec<&FailsafePort> =
+                ports.iter().filter(|p| p.protocol == proto).collect();
+            list.sort();
+            list.dedup();
+            // multiport takes at most 15 ports, a range counting as two
+            let mut chunk: Vec<String> = Vec::new();
+            let mut weight = 0;
+            let mut chunks: Vec<Vec<String>> = Vec::new();
+            for p in list {
+                let (text, w) = if p.from == p.to {
+                    (p.from.to_string(), 1)
+                } else {
+                    (format!("{}:{}", p.from, p.to), 2)
+                };
+                if weight + w > 15 {
+                    chunks.push(std::mem::take(&mut chunk));
+                    weight = 0;
+                }
+                chunk.push(text);
+                weight += w;
+            }
+            if !chunk.is_empty() {
+                chunks.push(chunk);
+            }
+            let p = proto.as_str();
+            for chunk in chunks {
+                let what = if inbound { "inbound" } else { "outbound" };
+                if chunk.len() == 1 && !chunk[0].contains(':') {
+                    out.push(format!(
+                        "-A {chain} -p {p} -m {p} --dport {} {}",
+                        chunk[0],
+                        c(what)
+                    ));
+                } else {
+                    out.push(format!(
+                        "-A {chain} -p {p} -m multiport --dports {} {}",
+                        chunk.join(","),
+                        c(what)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks that `doc` starts each of dog's hooked chains with this failsafe prologue and that
+    /// the prologue keeps the given outbound TCP port (the agent's broker connection) open.
+    pub fn check(
+        &self,
+        doc: &RulesDocument,
+        broker_port: Option<u16>,
+    ) -> Result<(), FailsafeError> {
+        if let Some(port) = broker_port {
+            let open = self
+                .outbound
+                .iter()
+                .any(|p| p.protocol == FailsafeProtocol::Tcp && p.from <= port && port <= p.to);
+            if !open {
+                return Err(FailsafeError::BrokerBlocked { port });
+            }
+        }
+        let lines = owned_lines(&doc.text);
+        for chain in [CHAIN_INPUT, CHAIN_OUTPUT] {
+            let want = self.prologue(doc.family, chain);
+            let prefix = format!("-A {chain} ");
+            let have: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.starts_with(&prefix))
+                .take(want.len())
+                .collect();
+            for (i, w) in want.iter().enumerate() {
+                match have.get(i) {
+                    Some(h) if *h == w => {}
+                    other => {
+                        return Err(FailsafeError::Missing {
+                            family: doc.family,
+                            chain: chain.to_string(),
+                            expected: w.clone(),
+                            found: other.map(|s| s.to_string()),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FailsafeError {
+    #[error("{family} chain {chain} lacks failsafe rule `{expected}` (found {found:?})")]
+    Missing {
+        family: Family,
+        chain: String,
+        expected: String,
+        found: Option<String>,
+    },
+    #[error("the failsafe list does not keep outbound tcp port {port} (the agent's broker connection) open")]
+    BrokerBlocked { port: u16 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_are_canonical_and_split_slash_zero() {
+        let s = IpSet::new(
+            "dogz4-x",
+            Family::V4,
+            [
+                "10.0.0.5/8",
+                "1.2.3.4/32",
+                "1.2.3.4",
+                "0.0.0.0/0",
+                "::1/128",
+            ]
+            .iter()
+            .filter_map(|m| parse_member(m)),
+        );
+        let text: Vec<String> = s.members.iter().map(member_text).collect();
+        assert_eq!(
+            text,
+            vec!["0.0.0.0/1", "1.2.3.4", "10.0.0.0/8", "128.0.0.0/1"]
+        );
+    }
+
+    #[test]
+    fn owned_lines_ignore_foreign_chains_and_order_by_chain() {
+        let save = "# Generated by iptables-save\n*nat\n:DOG-X - [0:0]\n-A DOG-X -j ACCEPT\nCOMMIT\n*filter\n:INPUT ACCEPT [1:2]\n:DOG-OUTPUT - [0:0]\n:KUBE-SERVICES - [0:0]\n:DOG-INPUT - [0:0]\n-A INPUT -j DOG-INPUT\n-A DOG-OUTPUT -j ACCEPT\n-A KUBE-SERVICES -j RETURN\n-A DOG-INPUT -i lo -j ACCEPT\n-A DOG-INPUT -j DROP\nCOMMIT\n";
+        assert_eq!(
+            owned_lines(save),
+            vec![
+                ":DOG-INPUT - [0:0]",
+                ":DOG-OUTPUT - [0:0]",
+                "-A DOG-INPUT -i lo -j ACCEPT",
+                "-A DOG-INPUT -j DROP",
+                "-A DOG-OUTPUT -j ACCEPT"
+            ]
+        );
+    }
+
+    #[test]
+    fn document_hash_equals_hash_of_equivalent_save_output() {
+        let mut chains = BTreeMap::new();
+        chains.insert(
+            CHAIN_INPUT.to_string(),
+            vec!["-A DOG-INPUT -j DROP".to_string()],
+        );
+        chains.insert(
+            CHAIN_OUTPUT.to_string(),
+            vec!["-A DOG-OUTPUT -j ACCEPT".to_string()],
+        );
+        let doc = RulesDocument::from_chains(Family::V4, &chains);
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:DOG-INPUT - [0:0]\n:DOG-OUTPUT - [0:0]\n-A INPUT -j DOG-INPUT\n-A DOG-INPUT -j DROP\n-A DOG-OUTPUT -j ACCEPT\nCOMMIT\n";
+        assert_eq!(doc.hash(), rules_hash(save));
+    }
+
+    #[test]
+    fn failsafe_check_accepts_own_prologue_and_refuses_a_missing_rule() {
+        let fs = Failsafe::default();
+        let mut chains = BTreeMap::new();
+        let mut input = fs.prologue(Family::V4, CHAIN_INPUT);
+        input.push("-A DOG-INPUT -j DROP".into());
+        chains.insert(CHAIN_INPUT.to_string(), input.clone());
+        chains.insert(
+            CHAIN_OUTPUT.to_string(),
+            fs.prologue(Family::V4, CHAIN_OUTPUT),
+        );
+        let doc = RulesDocument::from_chains(Family::V4, &chains);
+        assert_eq!(fs.check(&doc, Some(5672)), Ok(()));
+        assert!(matches!(
+            fs.check(&doc, Some(5999)),
+            Err(FailsafeError::BrokerBlocked { port: 5999 })
+        ));
+        input.remove(1);
+        chains.insert(CHAIN_INPUT.to_string(), input);
+        let doc = RulesDocument::from_chains(Family::V4, &chains);
+        assert!(matches!(
+            fs.check(&doc, None),
+            Err(FailsafeError::Missing { .. })
+        ));
+    }
+}

@@ -1,0 +1,192 @@
+//! Logging and the metrics/health HTTP endpoint shared by both binaries.
+//!
+//! Logs are JSON lines by default (what a container log collector wants) and human-readable
+//! text when stdout is a terminal or `--log-format text` is given. The HTTP endpoint serves
+//! `/metrics` (Prometheus text format from the given registry), `/healthz` (the process is
+//! alive and its loops are turning) and `/readyz` (the component can do its job: connected
+//! to the broker, state applied, leader or standby…).
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use prometheus::{Encoder, Registry, TextEncoder};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// JSON lines when stdout is not a terminal, text otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Readiness and liveness as reported by the component; cheap to clone and update.
+#[derive(Clone, Default)]
+pub struct Health {
+    inner: Arc<Mutex<HealthState>>,
+}
+
+#[derive(Default, Clone)]
+struct HealthState {
+    ready: bool,
+    not_ready_reason: String,
+    unhealthy: Option<String>,
+}
+
+impl Health {
+    pub fn set_ready(&self) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.ready = true;
+            s.not_ready_reason.clear();
+        }
+    }
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.ready = false;
+            s.not_ready_reason = reason.into();
+        }
+    }
+    pub fn set_unhealthy(&self, reason: Option<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.unhealthy = reason;
+        }
+    }
+    pub fn is_ready(&self) -> bool {
+        self.inner.lock().map(|s| s.ready).unwrap_or(false)
+    }
+    fn snapshot(&self) -> HealthState {
+        self.inner.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    registry: Registry,
+    health: Health,
+}
+
+async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
+    let mut buf = Vec::new();
+    let families = st.registry.gather();
+    match TextEncoder::new().encode(&families, &mut buf) {
+        Ok(()) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            buf,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn healthz(State(st): State<AppState>) -> impl IntoResponse {
+    match st.health.snapshot().unhealthy {
+        None => (StatusCode::OK, "ok".to_string()),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
+    }
+}
+
+async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
+    let s = st.health.snapshot();
+    if s.ready {
+        (StatusCode::OK, "ready".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}", s.not_ready_reason),
+        )
+    }
+}
+
+/// The router serving `/metrics`, `/healthz` and `/readyz`.
+pub fn router(registry: Registry, health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { registry, health })
+}
+
+/// Binds `addr` and serves the router until the process ends. Returns the bound address
+/// (useful with port 0) once listening.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Health,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(registry, health);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (code, out)
+    }
+
+    #[tokio::test]
+    async fn endpoints_report_metrics_health_and_readiness() {
+        let registry = Registry::new();
+        let c = prometheus::IntCounter::new("dog_test_total", "test").unwrap();
+        registry.register(Box::new(c.clone())).unwrap();
+        c.inc();
+        let health = Health::default();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), registry, health.clone())
+            .await
+            .unwrap();
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("dog_test_total 1"));
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        let (code, body) = get(addr, "/readyz").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("not ready"));
+        health.set_ready();
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        health.set_unhealthy(Some("stuck".into()));
+        assert_eq!(get(addr, "/healthz").await.0, 503);
+    }
+}

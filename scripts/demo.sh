@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The 5-minute tour, for real: RabbitMQ, dog-operator in --from-dir mode, and one dog-agent per
+# fake node (web, db, bastion: network namespaces on a private bridge). Tells a short story with
+# real connections, then cleans up after itself. Run as root from the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+source scripts/lib/fleet.sh
+
+PREFIX=dogdemo
+work="$root/.demo"
+pids=()
+
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+cleanup() {
+  set +e
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  fleet_down "$PREFIX"
+  if command -v rabbitmqctl >/dev/null 2>&1; then
+    for q in $(rabbitmqctl list_queues -q name 2>/dev/null | grep "^$PREFIX\." ); do
+      rabbitmqctl delete_queue "$q" >/dev/null 2>&1
+    done
+  fi
+}
+trap cleanup EXIT
+
+bash scripts/setup.sh
+say "building dog-operator and dog-agent"
+cargo build --quiet --bins
+bin="$root/target/debug"
+
+cleanup
+rm -rf "$work"
+mkdir -p "$work/state"
+cp -r examples/demo "$work/fleet"
+
+say "creating three nodes: web (198.18.0.1), db (198.18.0.2), bastion (198.18.0.3)"
+fleet_up "$PREFIX" web db bastion
+
+"$bin/dog-operator" keygen --out "$work/operator.key" --public-out "$work/operator.pub" >/dev/null
+say "starting dog-operator --from-dir $work/fleet"
+"$bin/dog-operator" run --from-dir "$work/fleet" --signing-key "$work/operator.key" \
+  --topology-prefix "$PREFIX" --keepalive-interval 2 --resync-after 4 \
+  --metrics-addr 127.0.0.1:19190 --log-format json >"$work/operator.log" 2>&1 &
+pids+=($!)
+
+port=19190
+for node in web db bastion; do
+  port=$((port + 1))
+  "$bin/dog-agent" --hostname "$node" --netns "$PREFIX-$node" --state-dir "$work/state/$node" \
+    --operator-public-keys "$work/operator.pub" --topology-prefix "$PREFIX" \
+    --keepalive-interval 2 --drift-interval 2 --address-interval 2 \
+    --metrics-addr "127.0.0.1:$port" --log-format json >"$work/agent-$node.log" 2>&1 &
+  pids+=($!)
+done
+
+status="$work/fleet/.dog-status.yaml"
+# host_field HOST FIELD: a scalar field of a host's status in the status file
+host_field() {
+  awk -v h="  $1:" -v f="$2:" '
+    /^hosts:/ {inh=1; next} /^[a-z]/ {inh=0}
+    inh && $0==h {inhost=1; next}
+    inh && /^  [^ ]/ {inhost=0}
+    inhost && $1==f {print $2; exit}' "$status"
+}
+in_sync() { [ -f "$status" ] && [ "$(grep -c 'reason: HashesMatch' "$status")" -ge 3 ]; }
+wait_for() { # seconds, description, command...
+  local secs=$1 what=$2; shift 2
+  for _ in $(seq 1 $((secs * 5))); do "$@" && return 0; sleep 0.2; done
+  echo "timed out waiting for $what; logs are in $work" >&2
+  exit 1
+}
+try_tcp() { # from-node to-address port
+  ip netns exec "$PREFIX-$1" socat -T1 /dev/null "TCP:$2:$3,connect-timeout=1" >/dev/null 2>&1
+}
+serve_tcp() { # node port
+  ip netns exec "$PREFIX-$1" socat "TCP-LISTEN:$2,fork,reuseaddr" EXEC:/bin/true >/dev/null 2>&1 &
+  pids+=($!)
+}
+
+say "waiting until every agent has applied its rules and reported matching hashes"
+wait_for 60 "hosts in sync" in_sync
+for h in web db bastion; do
+  printf '   %-8s %-7s revision %s  InSync\n' "$h" "$(host_field $h state)" "$(host_field $h appliedRevision)"
+done
+
+serve_tcp db 5432
+sleep 0.3
+say "1. web -> db:5432 (the db profile accepts 5432 from group web)"
+if try_tcp web 198.18.0.2 5432; then echo "   connected"; else echo "   UNEXPECTED: refused" >&2; exit 1; fi
+
+say "2. editing the db profile: 5432 now only from group bastion"
+sed -i '/name: pg-web/d' "$work/fleet/profiles.yaml"
+before=$(host_field db appliedRevision)
+changed() { [ "$(host_field db appliedRevision)" != "$before" ] && in_sync; }
+wait_for 30 "the change to reach db" changed
+echo "   the operator recompiled and published; db applied revision $(host_field db appliedRevision) (was $before)"
+
+say "3. web -> db:5432 again"
+if try_tcp web 198.18.0.2 5432; then echo "   UNEXPECTED: still connects" >&2; exit 1; else echo "   refused (dropped by dog on db)"; fi
+if try_tcp bastion 198.18.0.2 5432; then echo "   bastion -> db:5432 still connects"; fi
+
+say "4. someone flushes dog's chain on db by hand"
+ip netns exec "$PREFIX-db" iptables -F DOG-INPUT
+if try_tcp web 198.18.0.2 5432; then echo "   web -> db:5432 connects now: a hole"; fi
+repaired() { ! try_tcp web 198.18.0.2 5432; }
+wait_for 20 "the drift repair" repaired
+echo "   within the drift interval the agent noticed and repaired it:"
+grep -h '"drift repaired"' "$work/agent-db.log" | tail -1 | sed -E 's/.*"timestamp":"([^"]+)".*"parts":"([^"]+)".*/   \1 drift repaired: \2/' 
+if try_tcp web 198.18.0.2 5432; then echo "   UNEXPECTED: hole still open" >&2; exit 1; else echo "   web -> db:5432 refused again"; fi
+
+say "done: logs and status were in $work; cleaning up"

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian/Ubuntu machine lacks to build, test and demo dog, and makes sure
+# RabbitMQ is running on 127.0.0.1:5672. Idempotent; safe to run on every test run.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh must run as root (it installs packages and the tests create network namespaces)" >&2
+  exit 1
+fi
+
+need=()
+for pair in iptables:iptables ipset:ipset ip:iproute2 rabbitmq-server:rabbitmq-server \
+            rabbitmqctl:rabbitmq-server socat:socat nc:netcat-openbsd conntrack:conntrack \
+            python3:python3 curl:curl ping:iputils-ping; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# both iptables backends are used by the tests
+command -v iptables-legacy >/dev/null 2>&1 || need+=(iptables)
+if [ ${#need[@]} -gt 0 ]; then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+  log "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install a Rust toolchain >= 1.89 (rustup) and re-run" >&2
+  exit 1
+fi
+
+# RabbitMQ: start it if nothing answers on 5672.
+broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! broker_up; then
+  log "starting rabbitmq-server"
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-system-running >/dev/null 2>&1; then
+    systemctl start rabbitmq-server || rabbitmq-server -detached
+  else
+    rabbitmq-server -detached || true
+  fi
+  for _ in $(seq 1 90); do
+    broker_up && break
+    sleep 1
+  done
+  broker_up || { echo "RabbitMQ did not come up on 127.0.0.1:5672" >&2; exit 1; }
+fi
+# wait until the node is fully booted (the port opens a little before queues can be declared)
+rabbitmqctl await_startup >/dev/null 2>&1 || true
+log "ready: $(iptables --version), ipset $(ipset --version | awk '{print $2}'), RabbitMQ on 127.0.0.1:5672"

@@ -1,0 +1,507 @@
+//! Harness for the end-to-end tests: a fleet of network namespaces on a private bridge, the real
+//! `dog-operator` (in `--from-dir` mode) and one real `dog-agent` per namespace, all against the
+//! real RabbitMQ on 127.0.0.1:5672, and real TCP/UDP/ICMP between the namespaces.
+//!
+//! Everything a test creates is named with a unique prefix and removed on drop (processes,
+//! namespaces, broker queues), also when the test fails.
+
+use dog_operator::local::StatusFile;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Where cargo put the binaries (`scripts/test.sh` builds them before the tests run).
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
+}
+
+fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Skips (returns false) when not root and DOG_SKIP_NETNS=1; fails clearly when not root otherwise.
+pub fn require_root() -> bool {
+    let root = sh(&["id", "-u"]).stdout == b"0\n";
+    if !root {
+        if std::env::var("DOG_SKIP_NETNS").as_deref() == Ok("1") {
+            eprintln!("skipping: needs root for network namespaces (DOG_SKIP_NETNS=1)");
+            return false;
+        }
+        panic!("end-to-end tests need root (network namespaces); set DOG_SKIP_NETNS=1 to skip");
+    }
+    true
+}
+
+/// A running fleet. Node `i` (1-based, in the order given) has 198.18.<net>.<i>/24 and
+/// fd00:d06:<net>::<i>/64 on eth0, where <net> is unique per fleet.
+pub struct Fleet {
+    pub prefix: String,
+    pub net: u32,
+    pub nodes: Vec<String>,
+    pub dir: tempfile::TempDir,
+    pub operator: Option<Child>,
+    pub agents: Vec<Option<Child>>,
+    pub extra: Vec<Child>,
+}
+
+impl Fleet {
+    /// Creates namespaces for `nodes` (short names; host names become `<prefix>-<node>`).
+    pub fn new(nodes: &[&str]) -> Fleet {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let prefix = format!("de{}x{}", pid % 10000, n);
+        let net = 100 + (pid % 50) * 3 + n;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet = Fleet {
+            prefix: prefix.clone(),
+            net,
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+            dir,
+            operator: None,
+            agents: Vec::new(),
+            extra: Vec::new(),
+        };
+        let lan = format!("{prefix}-lan");
+        must(&["ip", "netns", "add", &lan]);
+        must(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"]);
+        must(&["ip", "-n", &lan, "link", "set", "br0", "up"]);
+        for (i, node) in nodes.iter().enumerate() {
+            let ns = fleet.ns(node);
+            let i = i + 1;
+            let veth = format!("v{prefix}{i}");
+            must(&["ip", "netns", "add", &ns]);
+            must(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
+            must(&["ip", "link", "set", &veth, "netns", &lan]);
+            must(&[
+                "ip", "-n", &lan, "link", "set", &veth, "master", "br0", "up",
+            ]);
+            must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            must(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", fleet.v4(node)),
+                "dev",
+                "eth0",
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/64", fleet.v6(node)),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        std::fs::create_dir_all(fleet.resources()).expect("mkdir");
+        fleet
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n == node)
+            .unwrap_or_else(|| panic!("no node {node}"))
+            + 1
+    }
+    pub fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+    /// The Host name of a node.
+    pub fn host(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+    pub fn v4(&self, node: &str) -> String {
+        format!("198.18.{}.{}", self.net, self.index(node))
+    }
+    pub fn v6(&self, node: &str) -> String {
+        format!("fd00:d06:{}::{}", self.net, self.index(node))
+    }
+    pub fn resources(&self) -> PathBuf {
+        self.dir.path().join("fleet")
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.resources().join(dog_operator::local::STATUS_FILE)
+    }
+
+    /// Writes (replaces) one resource file; `{p}` in the text is replaced by the prefix.
+    pub fn write(&self, file: &str, yaml: &str) {
+        let text = yaml.replace("{p}", &self.prefix);
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write resource");
+        std::fs::rename(&tmp, self.resources().join(file)).expect("rename resource");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    }
+
+    pub fn start_operator(&mut self) {
+        let key = self.dir.path().join("operator.key");
+        let public = self.dir.path().join("operator.pub");
+        if !key.exists() {
+            must(&[
+                bin("dog-operator").to_str().unwrap_or_default(),
+                "keygen",
+                "--out",
+                key.to_str().unwrap_or_default(),
+                "--public-out",
+                public.to_str().unwrap_or_default(),
+            ]);
+        }
+        let log = std::fs::File::create(self.dir.path().join("operator.log")).expect("log");
+        let child = Command::new(bin("dog-operator"))
+            .args(["run", "--from-dir"])
+            .arg(self.resources())
+            .arg("--signing-key")
+            .arg(&key)
+            .args([
+                "--topology-prefix",
+                &self.prefix,
+                "--keepalive-interval",
+                "1",
+                "--resync-after",
+                "3",
+            ])
+            .args(["--debounce", "0.1", "--log-format", "json"])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", Self::free_port()),
+            ])
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn dog-operator");
+        self.operator = Some(child);
+    }
+
+    pub fn agent_metrics_port(&self, node: &str) -> u16 {
+        20000 + (self.net as u16 % 300) * 10 + self.index(node) as u16
+    }
+
+    pub fn start_agent(&mut self, node: &str) {
+        let i = self.index(node) - 1;
+        while self.agents.len() <= i {
+            self.agents.push(None);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{node}.log")))
+            .expect("log");
+        let child = Command::new(bin("dog-agent"))
+            .args(["--hostname", &self.host(node), "--netns", &self.ns(node)])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state").join(node))
+            .arg("--operator-public-keys")
+            .arg(self.dir.path().join("operator.pub"))
+            .args(["--topology-prefix", &self.prefix])
+            .args([
+                "--keepalive-interval",
+                "1",
+                "--drift-interval",
+                "1",
+                "--address-interval",
+                "1",
+            ])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", self.agent_metrics_port(node)),
+            ])
+            .args(["--log-format", "json"])
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn dog-agent");
+        self.agents[i] = Some(child);
+    }
+
+    pub fn kill_agent(&mut self, node: &str, signal: &str) {
+        let i = self.index(node) - 1;
+        if let Some(mut c) = self.agents.get_mut(i).and_then(|a| a.take()) {
+            must(&["kill", signal, &c.id().to_string()]);
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents
+            .get(self.index(node) - 1)
+            .and_then(|a| a.as_ref())
+            .map(|c| c.id())
+    }
+
+    pub fn status(&self) -> StatusFile {
+        StatusFile::read(&self.status_path()).unwrap_or_default()
+    }
+
+    /// Waits until `cond` holds for the status file, or panics with the logs.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        secs: u64,
+        cond: impl Fn(&StatusFile) -> bool,
+    ) -> StatusFile {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.status();
+            if cond(&st) {
+                return st;
+            }
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("timed out after {secs}s waiting for {what}; status: {st:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait(&self, what: &str, secs: u64, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond() {
+            if Instant::now() > deadline {
+                self.dump_logs();
+                panic!("timed out after {secs}s waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn dump_logs(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                    eprintln!("---- {} (last lines) ----", p.display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hosts (by node) whose InSync condition is True.
+    pub fn in_sync(st: &StatusFile, host: &str) -> bool {
+        st.hosts.get(host).is_some_and(|h| {
+            h.conditions
+                .iter()
+                .any(|c| c.type_ == "InSync" && c.status == "True")
+        })
+    }
+
+    pub fn all_in_sync(&self, st: &StatusFile) -> bool {
+        self.nodes.iter().all(|n| Self::in_sync(st, &self.host(n)))
+    }
+
+    /// Runs `socat LISTEN ACTION` in `node` until the fleet is dropped.
+    fn serve(&mut self, node: &str, listen: String, action: &str) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(node), "socat", &listen, action])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat");
+        self.extra.push(child);
+    }
+
+    /// Starts a TCP listener in `node` on `port` (both families) that accepts and closes.
+    pub fn serve_tcp(&mut self, node: &str, port: u16) {
+        self.serve(
+            node,
+            format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
+            "EXEC:/bin/true",
+        );
+    }
+
+    /// Starts a UDP responder in `node` on `port` (both families) answering `pong`.
+    pub fn serve_udp(&mut self, node: &str, port: u16) {
+        self.serve(
+            node,
+            format!("UDP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
+            "SYSTEM:echo pong",
+        );
+    }
+
+    fn target(addr: &str) -> String {
+        if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr.to_string()
+        }
+    }
+
+    /// Whether a TCP connection from `from` to `addr:port` is established within a second.
+    pub fn tcp(&self, from: &str, addr: &str, port: u16) -> bool {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(from),
+            "socat",
+            "-T1",
+            "/dev/null",
+            &format!("TCP:{}:{port},connect-timeout=1", Self::target(addr)),
+        ])
+        .status
+        .success()
+    }
+
+    /// Whether a UDP datagram from `from` to `addr:port` gets the responder's answer.
+    pub fn udp(&self, from: &str, addr: &str, port: u16) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns(from),
+                "socat",
+                "-T1",
+                "-",
+                &format!("UDP:{}:{port}", Self::target(addr)),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                if let Some(mut i) = c.stdin.take() {
+                    let _ = i.write_all(b"ping\n");
+                }
+                c.wait_with_output()
+            });
+        out.map(|o| String::from_utf8_lossy(&o.stdout).contains("pong"))
+            .unwrap_or(false)
+    }
+
+    /// Whether an ICMP/ICMPv6 echo from `from` to `addr` is answered.
+    pub fn ping(&self, from: &str, addr: &str) -> bool {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(from),
+            "ping",
+            "-c1",
+            "-W1",
+            addr,
+        ])
+        .status
+        .success()
+    }
+
+    /// `iptables-save -t filter` (or ip6tables) inside a node.
+    pub fn save(&self, node: &str, v6: bool) -> String {
+        let tool = if v6 {
+            "ip6tables-save"
+        } else {
+            "iptables-save"
+        };
+        String::from_utf8_lossy(
+            &sh(&["ip", "netns", "exec", &self.ns(node), tool, "-t", "filter"]).stdout,
+        )
+        .to_string()
+    }
+
+    /// Runs a command inside a node.
+    pub fn exec(&self, node: &str, args: &[&str]) -> std::process::Output {
+        let ns = self.ns(node);
+        let mut v = vec!["ip", "netns", "exec", ns.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// Closes (server side) the broker connections whose name contains `needle`.
+    pub fn kill_broker_connections(&self, needle: &str) -> usize {
+        let expr = format!(
+            "Ps = [P || P <- rabbit_networking:connections(), \
+               [{{client_properties, Props}}] <- [rabbit_networking:connection_info(P, [client_properties])], \
+               {{<<\"connection_name\">>, longstr, N}} <- Props, \
+               binary:match(N, <<\"{needle}\">>) =/= nomatch], \
+             [rabbit_networking:close_connection(P, \"dog e2e\") || P <- Ps], length(Ps)."
+        );
+        let out = sh(&["rabbitmqctl", "eval", &expr]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in self
+            .extra
+            .iter_mut()
+            .chain(self.agents.iter_mut().flatten())
+            .chain(self.operator.iter_mut())
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let list = sh(&["ip", "netns", "list"]);
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let pids = sh(&["ip", "netns", "pids", name]);
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    let _ = sh(&["kill", "-9", pid]);
+                }
+                let _ = sh(&["ip", "netns", "del", name]);
+            }
+        }
+        let queues = sh(&["rabbitmqctl", "list_queues", "-q", "name"]);
+        for q in String::from_utf8_lossy(&queues.stdout).lines() {
+            let q = q.trim();
+            if q.starts_with(&format!("{}.", self.prefix)) {
+                let _ = sh(&["rabbitmqctl", "delete_queue", q]);
+            }
+        }
+        for x in ["hosts", "sets", "operator"] {
+            let _ = sh(&["rabbitmqctl", "eval", &format!(
+                "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{}.{x}\">>), false, <<\"dog-e2e\">>).",
+                self.prefix
+            )]);
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! A real fleet: operator (--from-dir) + one agent per namespace + the real broker, proven with
+//! real TCP/UDP/ICMP traffic over IPv4 and IPv6.
+
+use dog_e2e::{require_root, Fleet};
+use dog_operator::crd::HostState;
+
+const HOSTS: &str = r#"
+apiVersion: dogfw.io/v1alpha1
+kind: Host
+metadata: {name: "{p}-web", labels: {role: web}}
+spec: {}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Host
+metadata: {name: "{p}-db", labels: {role: db}}
+spec: {}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Host
+metadata: {name: "{p}-bastion", labels: {role: bastion}}
+spec: {}
+"#;
+
+const GROUPS: &str = r#"
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {name: web}
+spec: {profile: web, selector: {matchLabels: {role: web}}}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {name: db}
+spec: {profile: db, selector: {matchLabels: {role: db}}}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {name: bastion}
+spec: {profile: bastion, selector: {matchLabels: {role: bastion}}}
+"#;
+
+const PROFILES: &str = r#"
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {name: web}
+spec:
+  inbound:
+    - {name: http, action: ACCEPT, protocol: tcp, ports: ["8080"]}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {name: db}
+spec:
+  inbound:
+    - {name: pg-web, action: ACCEPT, peer: {kind: Group, name: web}, protocol: tcp, ports: ["5432"]}
+    - {name: metrics, action: ACCEPT, peer: {kind: Zone, name: office}, protocol: udp, ports: ["9125"]}
+    - {name: refuse-6000, action: REJECT, protocol: tcp, ports: ["6000"]}
+    - {name: ping, action: ACCEPT, peer: {kind: Group, name: web}, protocol: icmp, icmpType: 8}
+    - {name: ping6, action: ACCEPT, peer: {kind: Group, name: web}, protocol: icmpv6, icmpType: 128}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {name: bastion}
+spec:
+  inbound: []
+"#;
+
+fn zones(extra: &[String]) -> String {
+    let mut addrs = vec![
+        "\"203.0.113.0/26\"".to_string(),
+        "\"2001:db8:10::/48\"".to_string(),
+    ];
+    addrs.extend(extra.iter().map(|a| format!("\"{a}\"")));
+    format!(
+        "apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec:\n  addresses: [{}]\n",
+        addrs.join(", ")
+    )
+}
+
+fn start(nodes: &[&str]) -> Fleet {
+    let mut f = Fleet::new(nodes);
+    f.write("hosts.yaml", HOSTS);
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.write("zones.yaml", &zones(&[]));
+    f.start_operator();
+    for n in nodes {
+        f.start_agent(n);
+    }
+    f.wait_status("every host in sync", 90, |st| f.all_in_sync(st));
+    f
+}
+
+#[test]
+fn traffic_follows_the_resources_for_both_families() {
+    if !require_root() {
+        return;
+    }
+    let mut f = start(&["web", "db", "bastion"]);
+    f.serve_tcp("db", 5432);
+    f.serve_tcp("db", 5433);
+    f.serve_tcp("db", 6000);
+    f.serve_udp("db", 9125);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (db4, db6) = (f.v4("db"), f.v6("db"));
+
+    // allowed: group web -> 5432; denied: bastion (not in group web), and an unlisted port
+    for addr in [&db4, &db6] {
+        assert!(
+            f.tcp("web", addr, 5432),
+            "web -> {addr}:5432 should connect"
+        );
+        assert!(
+            !f.tcp("bastion", addr, 5432),
+            "bastion -> {addr}:5432 should be dropped"
+        );
+        assert!(
+            !f.tcp("web", addr, 5433),
+            "web -> {addr}:5433 should be dropped"
+        );
+        assert!(
+            !f.udp("bastion", addr, 9125),
+            "bastion -> {addr}:9125/udp should be dropped"
+        );
+        assert!(f.ping("web", addr), "web should ping {addr}");
+        assert!(!f.ping("bastion", addr), "bastion should not ping {addr}");
+    }
+    // REJECT answers at once (connection refused) instead of timing out
+    let started = std::time::Instant::now();
+    assert!(!f.tcp("web", &db4, 6000));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "REJECT should refuse at once"
+    );
+
+    // group realization counts
+    let st = f.status();
+    let g = &st.groups["db"];
+    assert_eq!((g.hosts_desired, g.hosts_realized), (1, 1), "{g:?}");
+
+    // a zone change: bastion's addresses join the office zone -> udp 9125 opens for it
+    let rev_before = st.hosts[&f.host("db")].applied_revision;
+    f.write("zones.yaml", &zones(&[f.v4("bastion"), f.v6("bastion")]));
+    f.wait("bastion -> db:9125/udp to open", 30, || {
+        f.udp("bastion", &db4, 9125) && f.udp("bastion", &db6, 9125)
+    });
+    let st = f.wait_status("db in sync after the zone change", 30, |st| {
+        Fleet::in_sync(st, &f.host("db"))
+    });
+    assert_eq!(st.zones["office"].ipv4_count, 2);
+    // a set-only change is a shared-set update, not a new revision of the rules
+    assert_eq!(
+        st.hosts[&f.host("db")].applied_revision,
+        rev_before,
+        "zone change should not re-render rules"
+    );
+
+    // a group membership change: web's label changes -> web loses 5432, bastion gains it
+    f.write(
+        "hosts.yaml",
+        &HOSTS
+            .replace("labels: {role: web}", "labels: {role: old-web}")
+            .replace("labels: {role: bastion}", "labels: {role: web}"),
+    );
+    f.wait("membership change to reach db", 30, || {
+        !f.tcp("web", &db4, 5432) && f.tcp("bastion", &db4, 5432)
+    });
+    assert!(f.tcp("bastion", &db6, 5432));
+    assert!(!f.tcp("web", &db6, 5432));
+}
+
+#[test]
+fn agents_survive_crashes_drift_silence_and_broker_loss() {
+    if !require_root() {
+        return;
+    }
+    let mut f = start(&["web", "db"]);
+    for port in [5432, 5433, 5434] {
+        f.serve_tcp("db", port);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let db4 = f.v4("db");
+    let db_host = f.host("db");
+    assert!(f.tcp("web", &db4, 5432));
+
+    // hand edit: someone deletes dog's rules; repaired within the drift interval
+    let out = f.exec("db", &["iptables", "-F", "DOG-INPUT"]);
+    assert!(out.status.success());
+    f.wait("drift repaired", 15, || {
+        f.save("db", false)
+            .contains("-A DOG-INPUT -m comment --comment \"dog:db:default\" -j DROP")
+    });
+    assert!(f.tcp("web", &db4, 5432));
+    assert!(!f.tcp("web", &db4, 5433));
+
+    // kill -9 in the middle of an apply: the kernel holds the complete old or new rules
+    let old = dog_protocol::ruleset::rules_hash(&f.save("db", false));
+    f.write(
+        "profiles.yaml",
+        &PROFILES.replace("ports: [\"5432\"]", "ports: [\"5432\", \"5433\"]"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen_new = None;
+    while std::time::Instant::now() < deadline {
+        let h = dog_protocol::ruleset::rules_hash(&f.save("db", false));
+        if h != old {
+            seen_new = Some(h);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    f.kill_agent("db", "-9");
+    let live = dog_protocol::ruleset::rules_hash(&f.save("db", false));
+    let expected_new = f
+        .wait_status("operator to know the new hashes", 20, |st| {
+            st.hosts
+                .get(&db_host)
+                .and_then(|h| h.expected_hashes.as_ref())
+                .is_some_and(|e| e.ipv4_rules != old)
+        })
+        .hosts[&db_host]
+        .expected_hashes
+        .clone()
+        .unwrap_or_default()
+        .ipv4_rules;
+    assert!(
+        live == old || live == expected_new,
+        "after kill -9 the kernel must hold the old or the new rules, not a mix"
+    );
+    if let Some(h) = seen_new {
+        assert_eq!(h, expected_new);
+    }
+
+    // while the agent is down its rules stay in force; a hand edit waits for its restart
+    assert!(f.tcp("web", &db4, 5432));
+    assert!(!f.tcp("web", &db4, 5434));
+    let _ = f.exec("db", &["iptables", "-D", "DOG-INPUT", "1"]);
+    // silence: db goes Inactive (keepalive 1 s, inactive after 3 s)
+    f.wait_status("db inactive", 20, |st| {
+        st.hosts
+            .get(&db_host)
+            .is_some_and(|h| h.state == HostState::Inactive)
+    });
+    // restart: it re-verifies from its saved state, converges and becomes Active again
+    f.start_agent("db");
+    f.wait_status("db active and in sync again", 40, |st| {
+        st.hosts
+            .get(&db_host)
+            .is_some_and(|h| h.state == HostState::Active)
+            && Fleet::in_sync(st, &db_host)
+    });
+    assert!(
+        f.tcp("web", &db4, 5433),
+        "the new rule is in force after the restart"
+    );
+
+    // broker loss: close the agent's connection, change the rules meanwhile; rules stay
+    // enforced, and the agent catches up after it reconnects
+    let killed = f.kill_broker_connections(&db_host);
+    assert!(killed >= 1, "no broker connection named after {db_host}");
+    assert!(f.tcp("web", &db4, 5432));
+    f.write("profiles.yaml", PROFILES);
+    f.wait("db to catch up after reconnecting", 40, || {
+        !f.tcp("web", &db4, 5433)
+    });
+    assert!(f.tcp("web", &db4, 5432));
+}
+
+/// kill -9 while a large set and the rules are being applied: every set holds its complete old
+/// or complete new content and each family's rules are the old or the new ones; the restarted
+/// agent converges and leaves no temporary set behind.
+#[test]
+fn kill_during_a_large_apply_leaves_complete_old_or_new_state() {
+    use dog_protocol::ruleset::{parse_ipset_save, rules_hash};
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", HOSTS);
+    f.write("groups.yaml", GROUPS);
+    f.write("zones.yaml", &zones(&[]));
+    let blocklist = |n: usize| {
+        let mut text = String::from(
+            "apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {name: blocklist}\n\
+             spec: {addresses: [], configMapRefs: [{name: blocklist, namespace: default}]}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {name: blocklist, namespace: default}\ndata:\n  addresses: |\n",
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "    {}.{}.{}.0/24\n",
+                100 + i / 65536,
+                i / 256 % 256,
+                i % 256
+            ));
+            text.push_str(&format!(
+                "    2001:db8:{:x}:{:x}::/64\n",
+                i / 65536,
+                i % 65536
+            ));
+        }
+        text
+    };
+    let profiles = |port: u16| {
+        PROFILES.replace(
+            "    - {name: pg-web,",
+            &format!("    - {{name: block, action: DROP, peer: {{kind: Zone, name: blocklist}}}}\n    - {{name: extra, action: ACCEPT, protocol: tcp, ports: [\"{port}\"]}}\n    - {{name: pg-web,"),
+        )
+    };
+    f.write("blocklist.yaml", &blocklist(1));
+    f.write("profiles.yaml", &profiles(7000));
+    f.start_operator();
+    f.start_agent("web");
+    f.start_agent("db");
+    f.wait_status("every host in sync", 90, |st| f.all_in_sync(st));
+    let db_host = f.host("db");
+    let live = |f: &Fleet| {
+        let sets = parse_ipset_save(&String::from_utf8_lossy(
+            &f.exec("db", &["ipset", "save"]).stdout,
+        ));
+        (
+            rules_hash(&f.save("db", false)),
+            rules_hash(&f.save("db", true)),
+            sets,
+        )
+    };
+    let (old4, old6, old_sets) = live(&f);
+
+    // a big set change and a rule change at once; kill -9 as soon as the apply is under way
+    f.write("blocklist.yaml", &blocklist(120_000));
+    f.write("profiles.yaml", &profiles(7001));
+    let pid = f.agent_pid("db").expect("agent runs");
+    f.wait("the apply to start", 60, || {
+        let names =
+            String::from_utf8_lossy(&f.exec("db", &["ipset", "list", "-n"]).stdout).to_string();
+        names.lines().any(|n| n.starts_with("dogtmp-")) || rules_hash(&f.save("db", false)) != old4
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    f.kill_agent("db", "-9");
+    let (now4, now6, now_sets) = live(&f);
+    let temp = now_sets.keys().filter(|n| n.starts_with("dogtmp-")).count();
+    eprintln!(
+        "killed with: IPv4 rules {}, {temp} temporary set(s), set sizes {:?}",
+        if now4 == old4 { "old" } else { "new" },
+        now_sets
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.members.len()))
+            .collect::<Vec<_>>()
+    );
+
+    let st = f.wait_status("expected hashes of the new state", 30, |st| {
+        st.hosts
+            .get(&db_host)
+            .and_then(|h| h.expected_hashes.as_ref())
+            .is_some_and(|e| e.ipv4_rules != old4)
+    });
+    let expected = st.hosts[&db_host]
+        .expected_hashes
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        now4 == old4 || now4 == expected.ipv4_rules,
+        "IPv4 rules are neither the old nor the new ones"
+    );
+    assert!(
+        now6 == old6 || now6 == expected.ipv6_rules,
+        "IPv6 rules are neither the old nor the new ones"
+    );
+    for (name, set) in &now_sets {
+        if name.starts_with("dogtmp-") {
+            continue; // a temporary being filled is not referenced by any rule
+        }
+        let n = set.members.len();
+        if name.contains("blocklist") {
+            // old: one entry per family; new: 120,000 per family
+            assert!(
+                n == 1 || n == 120_000,
+                "blocklist set {name} is partial: {n} members"
+            );
+        } else {
+            assert_eq!(
+                old_sets.get(name).map(|s| &s.members),
+                Some(&set.members),
+                "set {name} changed"
+            );
+        }
+    }
+
+    // restart: converges, and no temporary set is left
+    f.start_agent("db");
+    f.wait_status("db in sync after the restart", 90, |st| {
+        Fleet::in_sync(st, &db_host)
+    });
+    let names = String::from_utf8_lossy(&f.exec("db", &["ipset", "list", "-n"]).stdout).to_string();
+    assert!(
+        !names.lines().any(|n| n.starts_with("dogtmp-")),
+        "temporary sets left: {names}"
+    );
+}
+
+/// A restarted (or newly elected) operator that finds every host running what it would send
+/// publishes nothing: same input, same revisions and hashes on every host.
+#[test]
+fn an_operator_restart_changes_nothing_on_the_hosts() {
+    if !require_root() {
+        return;
+    }
+    let mut f = start(&["web", "db"]);
+    let before = f.status();
+    let hosts = [f.host("web"), f.host("db")];
+    let revisions = |st: &dog_operator::local::StatusFile| {
+        hosts
+            .iter()
+            .map(|h| st.hosts.get(h).and_then(|h| h.applied_revision))
+            .collect::<Vec<_>>()
+    };
+    let rev_before = revisions(&before);
+    assert!(rev_before.iter().all(Option::is_some), "{rev_before:?}");
+    let rules_before = dog_protocol::ruleset::rules_hash(&f.save("db", false));
+
+    if let Some(mut op) = f.operator.take() {
+        let _ = op.kill();
+        let _ = op.wait();
+    }
+    f.start_operator();
+    // keepalives (1 s) arrive and are compared; give it a few rounds
+    f.wait_status("hosts seen by the new operator", 20, |st| f.all_in_sync(st));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let after = f.status();
+    assert_eq!(
+        revisions(&after),
+        rev_before,
+        "revisions changed after the restart"
+    );
+    assert_eq!(
+        dog_protocol::ruleset::rules_hash(&f.save("db", false)),
+        rules_before
+    );
+    let log = std::fs::read_to_string(f.dir.path().join("operator.log")).unwrap_or_default();
+    assert!(
+        !log.contains("published desired state"),
+        "the restarted operator re-published state:\n{log}"
+    );
+}
