@@ -74,9 +74,11 @@ wait_for() { # seconds, description, command...
 try_tcp() { # from-node to-address port
   ip netns exec "$PREFIX-$1" socat -T1 /dev/null "TCP:$2:$3,connect-timeout=1" >/dev/null 2>&1
 }
-serve_tcp() { # node port
+serve_tcp() { # node port; returns once the socket listens
   ip netns exec "$PREFIX-$1" socat "TCP-LISTEN:$2,fork,reuseaddr" EXEC:/bin/true >/dev/null 2>&1 &
   pids+=($!)
+  listening() { [ -n "$(ip netns exec "$PREFIX-$1" ss -Hlnt "sport = :$2")" ]; }
+  wait_for 20 "a listener on $1:$2" listening "$1" "$2"
 }
 
 say "waiting until every agent has applied its rules and reported matching hashes"
@@ -86,7 +88,6 @@ for h in web db bastion; do
 done
 
 serve_tcp db 5432
-sleep 0.3
 say "1. web -> db:5432 (the db profile accepts 5432 from group web)"
 if try_tcp web 198.18.0.2 5432; then echo "   connected"; else echo "   UNEXPECTED: refused" >&2; exit 1; fi
 

@@ -331,8 +331,10 @@ impl Fleet {
         self.nodes.iter().all(|n| Self::in_sync(st, &self.host(n)))
     }
 
-    /// Runs `socat LISTEN ACTION` in `node` until the fleet is dropped.
-    fn serve(&mut self, node: &str, listen: String, action: &str) {
+    /// Runs `socat LISTEN ACTION` in `node` until the fleet is dropped, and returns once the
+    /// socket listens (`ss` in the namespace shows it), so a check right after cannot race the
+    /// listener's start on a loaded machine.
+    fn serve(&mut self, node: &str, listen: String, action: &str, proto: &str, port: u16) {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns(node), "socat", &listen, action])
             .stdout(Stdio::null())
@@ -340,6 +342,12 @@ impl Fleet {
             .spawn()
             .expect("socat");
         self.extra.push(child);
+        let ns = self.ns(node);
+        let filter = format!("sport = :{port}");
+        self.wait(&format!("{proto} listener on {node}:{port}"), 20, || {
+            let out = sh(&["ip", "netns", "exec", &ns, "ss", "-Hln", proto, &filter]);
+            out.status.success() && !out.stdout.is_empty()
+        });
     }
 
     /// Starts a TCP listener in `node` on `port` (both families) that accepts and closes.
@@ -348,6 +356,8 @@ impl Fleet {
             node,
             format!("TCP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
             "EXEC:/bin/true",
+            "-t",
+            port,
         );
     }
 
@@ -357,6 +367,8 @@ impl Fleet {
             node,
             format!("UDP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
             "SYSTEM:echo pong",
+            "-u",
+            port,
         );
     }
 
@@ -368,8 +380,7 @@ impl Fleet {
         }
     }
 
-    /// Whether a TCP connection from `from` to `addr:port` is established within a second.
-    pub fn tcp(&self, from: &str, addr: &str, port: u16) -> bool {
+    fn connect(&self, from: &str, addr: &str, port: u16) -> std::process::Output {
         sh(&[
             "ip",
             "netns",
@@ -380,8 +391,18 @@ impl Fleet {
             "/dev/null",
             &format!("TCP:{}:{port},connect-timeout=1", Self::target(addr)),
         ])
-        .status
-        .success()
+    }
+
+    /// Whether a TCP connection from `from` to `addr:port` is established within a second.
+    pub fn tcp(&self, from: &str, addr: &str, port: u16) -> bool {
+        self.connect(from, addr, port).status.success()
+    }
+
+    /// Whether a TCP connection attempt is actively refused (a RST or ICMP answer, as a REJECT
+    /// rule gives) rather than established or left to time out (as a DROP rule does).
+    pub fn tcp_refused(&self, from: &str, addr: &str, port: u16) -> bool {
+        let out = self.connect(from, addr, port);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Connection refused")
     }
 
     /// Whether a UDP datagram from `from` to `addr:port` gets the responder's answer.
