@@ -1,6 +1,8 @@
 //! The thin IO shell around the kernel's firewall tools: `iptables-*-save/-restore`,
-//! `ip6tables-*`, `ipset`, `ip`. Every call can run inside a network namespace through an exec
-//! prefix (`ip netns exec NAME …`), which is how the tests and benches use a throwaway netns.
+//! `ip6tables-*`, `ipset`, `ip`. Every call can run inside a named network namespace: the child
+//! joins it with `setns(2)` between fork and exec (what `ip netns exec NAME` does, without an
+//! extra process and mount namespace per call), which is how the tests and benches use a
+//! throwaway netns while the agent itself stays in its own namespace to reach the broker.
 //!
 //! Calls are blocking (`std::process`); an async caller wraps them in `spawn_blocking`.
 
@@ -117,8 +119,8 @@ impl KernelError {
 /// Agent settings the kernel layer needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
-    /// Run every tool inside this network namespace (`ip netns exec NAME`); `None` = the
-    /// agent's own namespace.
+    /// Run every tool inside this named network namespace (`/run/netns/NAME`, as `ip netns`
+    /// creates it); `None` = the agent's own namespace.
     pub netns: Option<String>,
     pub backend: BackendChoice,
     /// The agent's broker port; a document whose failsafe list does not keep it open is refused.
@@ -141,7 +143,8 @@ impl Default for KernelConfig {
 /// Runs the firewall tools of one host (or one network namespace).
 #[derive(Clone, Debug)]
 pub struct Kernel {
-    prefix: Vec<String>,
+    /// The namespace tools run in, opened once (`/run/netns/NAME`).
+    netns: Option<std::sync::Arc<std::fs::File>>,
     backend: Backend,
     pub(crate) config: KernelConfig,
     pub(crate) cache: crate::apply::StateCache,
@@ -150,12 +153,19 @@ pub struct Kernel {
 impl Kernel {
     /// Builds a kernel handle, detecting the backend unless the configuration fixes it.
     pub fn new(config: KernelConfig) -> Result<Self, KernelError> {
-        let prefix = match &config.netns {
-            Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.clone()],
-            None => Vec::new(),
+        let netns = match &config.netns {
+            Some(ns) => {
+                let path = std::path::Path::new("/run/netns").join(ns);
+                let file = std::fs::File::open(&path).map_err(|source| KernelError::Spawn {
+                    command: format!("open network namespace {}", path.display()),
+                    source,
+                })?;
+                Some(std::sync::Arc::new(file))
+            }
+            None => None,
         };
         let mut k = Kernel {
-            prefix,
+            netns,
             backend: Backend::Nft,
             config,
             cache: Default::default(),
@@ -208,20 +218,37 @@ impl Kernel {
         Ok(ev)
     }
 
-    /// Runs `program args…` (through the exec prefix), feeding `stdin`, returning stdout.
+    /// Runs `program args…` (in the configured namespace), feeding `stdin`, returning stdout.
     pub fn run(
         &self,
         program: &str,
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<String, KernelError> {
-        let mut argv: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
-        argv.push(program);
-        argv.extend_from_slice(args);
-        let command = argv.join(" ");
+        let mut command = program.to_string();
+        for a in args {
+            command.push(' ');
+            command.push_str(a);
+        }
         let started = Instant::now();
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
+        let mut cmd = Command::new(program);
+        if let Some(ns) = &self.netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            // SAFETY: runs in the forked child before exec; setns(2) is a single system call
+            // (async-signal-safe) on a descriptor this Kernel keeps open for its lifetime.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        cmd.args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
