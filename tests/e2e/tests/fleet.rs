@@ -128,10 +128,7 @@ fn traffic_follows_the_resources_for_both_families() {
         f.tcp_refused("web", &db4, 6000),
         "REJECT should refuse the connection"
     );
-    assert!(
-        !f.tcp_refused("web", &db4, 5433),
-        "DROP should not answer"
-    );
+    assert!(!f.tcp_refused("web", &db4, 5433), "DROP should not answer");
 
     // group realization counts
     let st = f.status();
