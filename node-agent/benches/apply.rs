@@ -9,6 +9,7 @@
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use dog_agent::ipset::render_fill;
 use dog_agent::kernel::{BackendChoice, Kernel, KernelConfig};
+use dog_agent::members::SetContent;
 use dog_agent::netns::NetNs;
 use dog_protocol::ruleset::{
     Failsafe, Family, HostFirewall, IpSet, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT,
@@ -168,7 +169,7 @@ fn bench_sets(c: &mut Criterion) {
             .iter()
             .map(|s| {
                 let mut t = String::new();
-                render_fill(&mut t, s, "dogtmp-raw");
+                render_fill(&mut t, &SetContent::from(s.clone()), "dogtmp-raw");
                 t.push_str(&format!("swap dogtmp-raw {name}\ndestroy dogtmp-raw\n"));
                 t
             })

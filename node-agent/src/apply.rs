@@ -4,21 +4,23 @@
 //! explicit removal.
 
 use crate::drift::{compute_drift, DriftReport};
+use crate::firewall::Firewall;
 use crate::ipset::{
-    apply_delta, parse_live_sets, plan_sets, render_delta, render_fill, temp_name, LiveSet,
-    SetDelta, SetPlan, SetPlanError,
+    apply_delta, plan_sets, render_delta, temp_name, write_fill, LiveSet, SaveReader, SetDelta,
+    SetPlan, SetPlanError,
 };
 use crate::iptables::{
     plan_rules, render_remove_all, render_rollback, validate_document, DocumentError, FilterState,
     RulesPlan,
 };
 use crate::kernel::{Kernel, KernelError};
+use crate::members::SetContent;
 use dog_protocol::ruleset::{
     rules_hash, sets_hash, FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, info_span, warn};
 
@@ -54,17 +56,18 @@ impl LiveState {
         }
     }
 
-    /// Hashes with the protocol's functions, comparable with [`HostFirewall::hashes`].
+    /// Hashes with the protocol's functions, comparable with [`HostFirewall::hashes`]. A set's
+    /// hash was computed from the members read back, or is the desired set's when the members
+    /// read back are identical to it (see [`SaveReader::finish`]).
     pub fn hashes(&self) -> FirewallHashes {
-        let set_hashes: Vec<(String, String)> = self
-            .sets
-            .values()
-            .map(|s| (s.set.name.clone(), s.set.hash()))
-            .collect();
         FirewallHashes {
             ipv4_rules: rules_hash(&self.rules_v4),
             ipv6_rules: rules_hash(&self.rules_v6),
-            sets: sets_hash(set_hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
+            sets: sets_hash(
+                self.sets
+                    .values()
+                    .map(|s| (s.content.name.as_str(), s.content.hash())),
+            ),
         }
     }
 }
@@ -220,18 +223,27 @@ impl StateCache {
 impl Kernel {
     /// Reads dog's chains (both families) and dog's sets.
     pub fn snapshot(&self) -> Result<LiveState, KernelError> {
+        self.snapshot_against(&BTreeMap::new())
+    }
+
+    /// [`Kernel::snapshot`]; sets whose members equal those in `known` share that content.
+    pub fn snapshot_against(
+        &self,
+        known: &BTreeMap<String, Arc<SetContent>>,
+    ) -> Result<LiveState, KernelError> {
         let mut st = LiveState::default();
         for f in Family::BOTH {
             st.set_rules(f, self.save_filter(f)?);
         }
-        st.sets = self.read_sets(None)?;
+        st.sets = self.read_sets(None, known)?;
         Ok(st)
     }
 
-    /// dog's sets: all of them, or only the named ones (which must exist).
+    /// dog's sets: all of them, or only the named ones (which must exist), read line by line.
     fn read_sets(
         &self,
         only: Option<&BTreeSet<String>>,
+        known: &BTreeMap<String, Arc<SetContent>>,
     ) -> Result<BTreeMap<String, LiveSet>, KernelError> {
         let names: Vec<String> = match only {
             Some(o) => o.iter().cloned().collect(),
@@ -241,11 +253,13 @@ impl Kernel {
                 .filter(|n| n.starts_with(SET_PREFIX))
                 .collect(),
         };
-        Ok(parse_live_sets(&self.ipset_save(&names)?))
+        let mut reader = SaveReader::default();
+        self.ipset_save_lines(&names, &mut |l| reader.line(l))?;
+        Ok(reader.finish(known))
     }
 
     /// Checks a firewall without touching anything: failsafe, document shape.
-    pub fn check(&self, fw: &HostFirewall) -> Result<(), ApplyError> {
+    pub fn check(&self, fw: &Firewall) -> Result<(), ApplyError> {
         for f in Family::BOTH {
             let doc = fw.document(f);
             if doc.family != f {
@@ -260,7 +274,7 @@ impl Kernel {
         Ok(())
     }
 
-    fn plan_against(&self, fw: &HostFirewall, live: &LiveState) -> Result<Plan, ApplyError> {
+    fn plan_against(&self, fw: &Firewall, live: &LiveState) -> Result<Plan, ApplyError> {
         let mut sets = plan_sets(&fw.sets, &live.sets)?;
         // A set still referenced by a desired document is never destroyed.
         let referenced: BTreeSet<String> = Family::BOTH
@@ -277,13 +291,26 @@ impl Kernel {
 
     /// Observe mode: what [`Kernel::apply`] would change, reading the kernel only.
     pub fn plan(&self, fw: &HostFirewall) -> Result<Plan, ApplyError> {
+        self.plan_firewall(&Firewall::from(fw))
+    }
+
+    /// [`Kernel::plan`] of the agent's form of a firewall.
+    pub fn plan_firewall(&self, fw: &Firewall) -> Result<Plan, ApplyError> {
         self.check(fw)?;
-        let live = self.snapshot().map_err(tool("read live state"))?;
+        let live = self
+            .snapshot_against(&fw.sets)
+            .map_err(tool("read live state"))?;
         self.plan_against(fw, &live)
     }
 
-    /// Applies `fw`. On error the previous rules stay in force (see module docs).
+    /// Applies `fw` (packing and hashing its sets first; the agent itself holds
+    /// [`Firewall`]s and calls [`Kernel::apply_firewall`]).
     pub fn apply(&self, fw: &HostFirewall) -> Result<ApplyReport, ApplyError> {
+        self.apply_firewall(&Firewall::from(fw))
+    }
+
+    /// Applies `fw`. On error the previous rules stay in force (see module docs).
+    pub fn apply_firewall(&self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {
         let span = info_span!("apply", host = %fw.host);
         let _g = span.enter();
         let result = self.apply_inner(fw);
@@ -301,13 +328,13 @@ impl Kernel {
         result
     }
 
-    fn apply_inner(&self, fw: &HostFirewall) -> Result<ApplyReport, ApplyError> {
+    fn apply_inner(&self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {
         let mut steps = Steps::new();
         steps.time("check", || self.check(fw))?;
         let mut live = match self.cache.take() {
             Some(c) => c,
             None => steps
-                .time("read", || self.snapshot())
+                .time("read", || self.snapshot_against(&fw.sets))
                 .map_err(tool("read live state"))?,
         };
         let plan = steps.time("plan", || self.plan_against(fw, &live))?;
@@ -329,16 +356,21 @@ impl Kernel {
             }
         }
         if !plan.sets.create.is_empty() || !plan.sets.swap.is_empty() {
-            let mut script = String::new();
-            for name in &plan.sets.create {
-                render_fill(&mut script, &fw.sets[name], name);
-            }
-            for name in &plan.sets.swap {
-                let tmp = temp_name(name);
-                render_fill(&mut script, &fw.sets[name], &tmp);
-                script.push_str(&format!("swap {tmp} {name}\ndestroy {tmp}\n"));
-            }
-            let r = steps.time("sets.fill", || self.ipset_restore(&script, false));
+            // The script is written into `ipset restore` while it reads (a 1,000,000-entry set
+            // is about 30 MB of text, never held whole).
+            let mut feed = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+                let mut w = w;
+                for name in &plan.sets.create {
+                    write_fill(&mut w, &fw.sets[name], name)?;
+                }
+                for name in &plan.sets.swap {
+                    let tmp = temp_name(name);
+                    write_fill(&mut w, &fw.sets[name], &tmp)?;
+                    writeln!(w, "swap {tmp} {name}\ndestroy {tmp}")?;
+                }
+                Ok(())
+            };
+            let r = steps.time("sets.fill", || self.ipset_restore_with(false, &mut feed));
             if let Err(e) = r {
                 let mut undo: Vec<String> = plan.sets.create.clone();
                 undo.extend(plan.sets.swap.iter().map(|n| temp_name(n)));
@@ -409,7 +441,7 @@ impl Kernel {
                     .iter()
                     .map(|f| (*f, sc.spawn(move || self.save_filter(*f))))
                     .collect();
-                let sets = self.read_back_sets(&plan.sets, &touched, &mut after);
+                let sets = self.read_back_sets(&plan.sets, &touched, &fw.sets, &mut after);
                 let saves: Vec<(Family, Result<String, KernelError>)> = handles
                     .into_iter()
                     .map(|(f, h)| {
@@ -456,6 +488,7 @@ impl Kernel {
         &self,
         plan: &SetPlan,
         touched: &BTreeSet<String>,
+        desired: &BTreeMap<String, Arc<SetContent>>,
         after: &mut LiveState,
     ) -> Result<(), KernelError> {
         // Sets dog destroyed must be gone; listing names is only needed then (a pure
@@ -479,7 +512,7 @@ impl Kernel {
         }
         let reread: BTreeSet<String> = touched.union(&missing).cloned().collect();
         if !reread.is_empty() {
-            after.sets.extend(self.read_sets(Some(&reread))?);
+            after.sets.extend(self.read_sets(Some(&reread), desired)?);
         }
         Ok(())
     }
@@ -506,22 +539,27 @@ impl Kernel {
         base: &HostFirewall,
         deltas: &[SetDelta],
     ) -> Result<(HostFirewall, ApplyReport), ApplyError> {
-        let mut next = base.clone();
+        let mut next = Firewall::from(base);
         for d in deltas {
             let set = next
                 .sets
                 .get(&d.name)
                 .ok_or_else(|| ApplyError::UnknownSet(d.name.clone()))?;
             let changed = apply_delta(set, d);
-            next.sets.insert(d.name.clone(), changed);
+            next.sets.insert(d.name.clone(), Arc::new(changed));
         }
-        let report = self.apply(&next)?;
-        Ok((next, report))
+        let report = self.apply_firewall(&next)?;
+        Ok((next.to_host_firewall(), report))
     }
 
     /// Reads the kernel fresh and reports how it differs from `expected`.
     pub fn verify(&self, expected: &HostFirewall) -> Result<DriftReport, KernelError> {
-        let live = self.snapshot()?;
+        self.verify_firewall(&Firewall::from(expected))
+    }
+
+    /// [`Kernel::verify`] of the agent's form of a firewall.
+    pub fn verify_firewall(&self, expected: &Firewall) -> Result<DriftReport, KernelError> {
+        let live = self.snapshot_against(&expected.sets)?;
         let report = compute_drift(expected, &live);
         if report.is_clean() {
             self.cache.put(Some(live));
@@ -534,8 +572,13 @@ impl Kernel {
 
     /// Re-applies `expected` from a fresh read of the kernel.
     pub fn repair(&self, expected: &HostFirewall) -> Result<ApplyReport, ApplyError> {
+        self.repair_firewall(&Firewall::from(expected))
+    }
+
+    /// [`Kernel::repair`] of the agent's form of a firewall.
+    pub fn repair_firewall(&self, expected: &Firewall) -> Result<ApplyReport, ApplyError> {
         self.cache.put(None);
-        self.apply(expected)
+        self.apply_firewall(expected)
     }
 
     /// Hashes of dog's live state, with the protocol's hash functions.

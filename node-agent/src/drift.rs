@@ -1,9 +1,10 @@
 //! Drift: how dog's live chains and sets differ from what was applied (pure comparison).
 
 use crate::apply::LiveState;
-use crate::ipset::{member_diff, TEMP_PREFIX};
+use crate::firewall::Firewall;
+use crate::ipset::TEMP_PREFIX;
 use crate::iptables::{diff_chains, ChainDiff, FilterState, JumpState, HOOKS};
-use dog_protocol::ruleset::{Family, FirewallHashes, HostFirewall};
+use dog_protocol::ruleset::{Family, FirewallHashes};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -94,7 +95,7 @@ impl DriftReport {
     }
 }
 
-fn rules_drift(family: Family, expected: &HostFirewall, live: &FilterState) -> RulesDrift {
+fn rules_drift(family: Family, expected: &Firewall, live: &FilterState) -> RulesDrift {
     let want = FilterState::parse(&expected.document(family).text).owned;
     let jumps = HOOKS
         .iter()
@@ -111,7 +112,7 @@ fn rules_drift(family: Family, expected: &HostFirewall, live: &FilterState) -> R
 }
 
 /// Compares the expected firewall with a snapshot of the kernel (pure).
-pub fn compute_drift(expected: &HostFirewall, live: &LiveState) -> DriftReport {
+pub fn compute_drift(expected: &Firewall, live: &LiveState) -> DriftReport {
     let mut sets = Vec::new();
     for (name, want) in &expected.sets {
         match live.sets.get(name) {
@@ -119,12 +120,13 @@ pub fn compute_drift(expected: &HostFirewall, live: &LiveState) -> DriftReport {
                 name: name.clone(),
                 missing_set: true,
                 extra_set: false,
-                missing_members: want.members.clone(),
+                missing_members: want.members.to_vec(),
                 extra_members: Vec::new(),
             }),
+            Some(have) if have.content.members == want.members => {}
             Some(have) => {
-                let (missing, extra) = member_diff(&want.members, &have.set.members);
-                if !missing.is_empty() || !extra.is_empty() || have.set.family != want.family {
+                let (missing, extra) = want.members.diff(&have.content.members);
+                if !missing.is_empty() || !extra.is_empty() || have.family() != want.family() {
                     sets.push(SetDrift {
                         name: name.clone(),
                         missing_set: false,
@@ -143,7 +145,7 @@ pub fn compute_drift(expected: &HostFirewall, live: &LiveState) -> DriftReport {
                 missing_set: false,
                 extra_set: true,
                 missing_members: Vec::new(),
-                extra_members: have.set.members.clone(),
+                extra_members: have.content.members.to_vec(),
             });
         }
     }

@@ -1,13 +1,15 @@
 //! Pure planning of dog's ipset changes: what to create, swap, change by delta or destroy, and
 //! the `ipset restore` scripts that do it.
 
+use crate::members::{MembersBuilder, SetContent};
 use dog_protocol::ruleset::{
-    maxelem_for, member_text, parse_ipset_save, sha256_hex, Family, IpSet, SET_NAME_MAX, SET_PREFIX,
+    maxelem_for, parse_member, sha256_hex, write_member, Family, SET_NAME_MAX, SET_PREFIX,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::io;
+use std::sync::Arc;
 
 /// Prefix of the temporary sets used to replace a set by swap.
 pub const TEMP_PREFIX: &str = "dogtmp-";
@@ -15,44 +17,103 @@ pub const TEMP_PREFIX: &str = "dogtmp-";
 /// One of dog's sets as it is in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveSet {
-    pub set: IpSet,
+    /// The members read back (shared with the desired set when they are equal).
+    pub content: Arc<SetContent>,
     /// `hash:net`, … (the `create` line's type word).
     pub kind: String,
     pub maxelem: usize,
 }
 
+impl LiveSet {
+    pub fn family(&self) -> Family {
+        self.content.family()
+    }
+}
+
+/// A set seen in `ipset save` output, members still being collected.
+#[derive(Debug)]
+struct Reading {
+    kind: String,
+    maxelem: usize,
+    members: MembersBuilder,
+}
+
+/// Reads `ipset save` output line by line (see [`crate::kernel::Kernel::ipset_save_lines`]),
+/// keeping only dog's sets and only their packed members: no copy of the text, no `IpNet` list.
+#[derive(Debug, Default)]
+pub struct SaveReader {
+    sets: BTreeMap<String, Reading>,
+}
+
+impl SaveReader {
+    pub fn line(&mut self, line: &str) {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("create") => {
+                let (Some(name), Some(kind)) = (w.next(), w.next()) else {
+                    return;
+                };
+                if !name.starts_with(SET_PREFIX) {
+                    return;
+                }
+                let rest: Vec<&str> = w.collect();
+                let opt = |key: &str| rest.windows(2).find(|p| p[0] == key).map(|p| p[1]);
+                let family = match opt("family") {
+                    Some("inet6") => Family::V6,
+                    _ => Family::V4,
+                };
+                let maxelem = opt("maxelem").and_then(|v| v.parse().ok()).unwrap_or(65536);
+                self.sets.insert(
+                    name.to_string(),
+                    Reading {
+                        kind: kind.to_string(),
+                        maxelem,
+                        members: MembersBuilder::new(family),
+                    },
+                );
+            }
+            Some("add") => {
+                let (Some(name), Some(member)) = (w.next(), w.next()) else {
+                    return;
+                };
+                if let Some(r) = self.sets.get_mut(name) {
+                    if let Some(net) = parse_member(member) {
+                        r.members.push(net);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The sets read. A set whose members equal those of the same-named set in `known` shares
+    /// that set's content (and so its hash: the hash of identical members); any other set is
+    /// hashed from what was read.
+    pub fn finish(self, known: &BTreeMap<String, Arc<SetContent>>) -> BTreeMap<String, LiveSet> {
+        self.sets
+            .into_iter()
+            .map(|(name, r)| {
+                let members = r.members.finish();
+                let content = match known.get(&name) {
+                    Some(k) if k.members == members && k.name == name => Arc::clone(k),
+                    _ => Arc::new(SetContent::new(name.clone(), members)),
+                };
+                let live = LiveSet {
+                    content,
+                    kind: r.kind,
+                    maxelem: r.maxelem,
+                };
+                (name, live)
+            })
+            .collect()
+    }
+}
+
 /// Parses `ipset save` text into dog's sets with their metadata (foreign sets are skipped).
 pub fn parse_live_sets(save_text: &str) -> BTreeMap<String, LiveSet> {
-    let mut meta: BTreeMap<&str, (String, usize)> = BTreeMap::new();
-    for line in save_text.lines() {
-        let mut w = line.split_whitespace();
-        if w.next() != Some("create") {
-            continue;
-        }
-        let (Some(name), Some(kind)) = (w.next(), w.next()) else {
-            continue;
-        };
-        if !name.starts_with(SET_PREFIX) {
-            continue;
-        }
-        let rest: Vec<&str> = w.collect();
-        let maxelem = rest
-            .windows(2)
-            .find(|p| p[0] == "maxelem")
-            .and_then(|p| p[1].parse().ok())
-            .unwrap_or(65536);
-        meta.insert(name, (kind.to_string(), maxelem));
-    }
-    parse_ipset_save(save_text)
-        .into_iter()
-        .map(|(name, set)| {
-            let (kind, maxelem) = meta
-                .get(name.as_str())
-                .cloned()
-                .unwrap_or_else(|| ("hash:net".into(), 65536));
-            (name, LiveSet { set, kind, maxelem })
-        })
-        .collect()
+    let mut r = SaveReader::default();
+    save_text.lines().for_each(|l| r.line(l));
+    r.finish(&BTreeMap::new())
 }
 
 /// `hashsize` for a set of `len` members: sized so filling it needs no rehash.
@@ -159,7 +220,7 @@ fn delta_is_cheaper(changes: usize, new_len: usize) -> bool {
 
 /// Plans the set changes from desired to live (pure).
 pub fn plan_sets(
-    desired: &BTreeMap<String, IpSet>,
+    desired: &BTreeMap<String, Arc<SetContent>>,
     live: &BTreeMap<String, LiveSet>,
 ) -> Result<SetPlan, SetPlanError> {
     let mut plan = SetPlan::default();
@@ -175,27 +236,32 @@ pub fn plan_sets(
             plan.create.push(name.clone());
             continue;
         };
-        if have.kind != "hash:net" || have.set.family != want.family {
+        if have.kind != "hash:net" || have.family() != want.family() {
             return Err(SetPlanError::Incompatible {
                 name: name.clone(),
                 live_kind: have.kind.clone(),
-                live_family: have.set.family,
-                want: want.family,
+                live_family: have.family(),
+                want: want.family(),
             });
         }
-        let (add, del) = member_diff(&want.members, &have.set.members);
-        if add.is_empty() && del.is_empty() {
+        if Arc::ptr_eq(&have.content, want) || have.content.members == want.members {
             plan.unchanged.push(name.clone());
-        } else if want.members.len() <= have.maxelem
-            && delta_is_cheaper(add.len() + del.len(), want.members.len())
-        {
-            plan.delta.push(SetDelta {
-                name: name.clone(),
-                add,
-                del,
-            });
-        } else {
-            plan.swap.push(name.clone());
+            continue;
+        }
+        // The largest change still cheaper as a delta (see `delta_is_cheaper`).
+        let limit = 64.max(want.members.len() / 2);
+        match want.members.diff_within(&have.content.members, limit) {
+            Some((add, del))
+                if want.members.len() <= have.maxelem
+                    && delta_is_cheaper(add.len() + del.len(), want.members.len()) =>
+            {
+                plan.delta.push(SetDelta {
+                    name: name.clone(),
+                    add,
+                    del,
+                })
+            }
+            _ => plan.swap.push(name.clone()),
         }
     }
     for name in live.keys() {
@@ -208,61 +274,88 @@ pub fn plan_sets(
     Ok(plan)
 }
 
-/// `create` + `add` lines filling `set` under the name `as_name`.
-pub fn render_fill(out: &mut String, set: &IpSet, as_name: &str) {
+/// Writes the `create` + `add` lines filling `set` under the name `as_name`, member by member
+/// (the agent streams this into `ipset restore` instead of building the script first).
+pub fn write_fill(w: &mut impl io::Write, set: &SetContent, as_name: &str) -> io::Result<()> {
     let len = set.members.len();
-    let _ = writeln!(
-        out,
+    writeln!(
+        w,
         "create {as_name} hash:net family {} hashsize {} maxelem {}",
-        set.family.ipset_family(),
+        set.family().ipset_family(),
         hashsize_for(len),
         maxelem_for(len)
-    );
-    for m in &set.members {
-        let _ = writeln!(out, "add {as_name} {}", member_text(m));
+    )?;
+    let mut line = String::with_capacity(as_name.len() + 48);
+    for m in set.members.iter() {
+        line.clear();
+        line.push_str("add ");
+        line.push_str(as_name);
+        line.push(' ');
+        write_member(&mut line, &m);
+        line.push('\n');
+        w.write_all(line.as_bytes())?;
     }
+    Ok(())
+}
+
+/// [`write_fill`] into a string.
+pub fn render_fill(out: &mut String, set: &SetContent, as_name: &str) {
+    let mut buf = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = write_fill(&mut buf, set, as_name);
+    out.push_str(&String::from_utf8_lossy(&buf));
 }
 
 /// `add`/`del` lines of a delta (run with `ipset restore -exist`).
 pub fn render_delta(out: &mut String, d: &SetDelta) {
     for m in &d.del {
-        let _ = writeln!(out, "del {} {}", d.name, member_text(&m.trunc()));
+        out.push_str("del ");
+        out.push_str(&d.name);
+        out.push(' ');
+        write_member(out, &m.trunc());
+        out.push('\n');
     }
     for m in &d.add {
-        let _ = writeln!(out, "add {} {}", d.name, member_text(&m.trunc()));
+        out.push_str("add ");
+        out.push_str(&d.name);
+        out.push(' ');
+        write_member(out, &m.trunc());
+        out.push('\n');
     }
 }
 
-/// Applies a delta to a set's members (pure): the result is canonical.
-pub fn apply_delta(set: &IpSet, delta: &SetDelta) -> IpSet {
+/// Applies a delta to a set's members (pure): the result is canonical and hashed.
+pub fn apply_delta(set: &SetContent, delta: &SetDelta) -> SetContent {
     let del: std::collections::BTreeSet<IpNet> = delta.del.iter().map(|m| m.trunc()).collect();
-    IpSet::new(
-        set.name.clone(),
-        set.family,
-        set.members
-            .iter()
-            .filter(|m| !del.contains(m))
-            .copied()
-            .chain(delta.add.iter().copied()),
-    )
+    let mut b = MembersBuilder::new(set.family());
+    set.members
+        .iter()
+        .filter(|m| !del.contains(m))
+        .chain(delta.add.iter().copied())
+        .for_each(|m| b.push(m));
+    SetContent::new(set.name.clone(), b.finish())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::members::Members;
 
     fn net(s: &str) -> IpNet {
-        s.parse().unwrap()
+        parse_member(s).unwrap()
     }
 
-    fn set(name: &str, members: &[&str]) -> IpSet {
-        IpSet::new(name, Family::V4, members.iter().map(|m| net(m)))
+    fn set(name: &str, members: &[&str]) -> Arc<SetContent> {
+        Arc::new(SetContent::new(
+            name,
+            Members::new(Family::V4, members.iter().map(|m| net(m))),
+        ))
     }
 
-    fn live(s: IpSet) -> LiveSet {
+    fn live(s: Arc<SetContent>) -> LiveSet {
         LiveSet {
             maxelem: maxelem_for(s.members.len()),
-            set: s,
+            content: s,
             kind: "hash:net".into(),
         }
     }
@@ -275,7 +368,7 @@ mod tests {
         let a = &sets["dogz4-a"];
         assert_eq!(a.maxelem, 131072);
         assert_eq!(a.kind, "hash:net");
-        assert_eq!(a.set, set("dogz4-a", &["1.2.3.4/32", "10.0.0.0/8"]));
+        assert_eq!(a.content, set("dogz4-a", &["1.2.3.4/32", "10.0.0.0/8"]));
     }
 
     #[test]
@@ -310,7 +403,10 @@ mod tests {
         let mut desired = BTreeMap::new();
         desired.insert(
             "dogx".to_string(),
-            IpSet::new("dogx", Family::V6, [net("fd00::/64")]),
+            Arc::new(SetContent::new(
+                "dogx",
+                Members::new(Family::V6, [net("fd00::/64")]),
+            )),
         );
         let mut have = BTreeMap::new();
         have.insert("dogx".to_string(), live(set("dogx", &["1.1.1.1/32"])));
@@ -336,10 +432,73 @@ mod tests {
         };
         assert_eq!(
             apply_delta(&s, &d),
-            set("dogx", &["2.2.2.0/24", "3.3.3.0/24"])
+            *set("dogx", &["2.2.2.0/24", "3.3.3.0/24"])
         );
         let mut text = String::new();
         render_delta(&mut text, &d);
         assert_eq!(text, "del dogx 1.1.1.1\nadd dogx 3.3.3.0/24\n");
+    }
+
+    #[test]
+    fn read_back_shares_equal_known_content_and_hashes_the_rest() {
+        let known: BTreeMap<String, Arc<SetContent>> = [
+            (
+                "dogz4-a".to_string(),
+                set("dogz4-a", &["1.2.3.4/32", "10.0.0.0/8"]),
+            ),
+            ("dogz4-b".to_string(), set("dogz4-b", &["5.5.5.5/32"])),
+        ]
+        .into_iter()
+        .collect();
+        // the kernel prints members in hash order, not sorted
+        let text = "create dogz4-a hash:net family inet hashsize 64 maxelem 65536\nadd dogz4-a 10.0.0.0/8\nadd dogz4-a 1.2.3.4\ncreate dogz4-b hash:net family inet hashsize 64 maxelem 65536\nadd dogz4-b 6.6.6.6\n";
+        let mut r = SaveReader::default();
+        text.lines().for_each(|l| r.line(l));
+        let sets = r.finish(&known);
+        assert!(Arc::ptr_eq(&sets["dogz4-a"].content, &known["dogz4-a"]));
+        let b = &sets["dogz4-b"].content;
+        assert!(!Arc::ptr_eq(b, &known["dogz4-b"]));
+        assert_eq!(b.hash(), set("dogz4-b", &["6.6.6.6/32"]).hash());
+        assert_eq!(
+            parse_live_sets(text)["dogz4-a"].content.hash(),
+            known["dogz4-a"].hash()
+        );
+    }
+
+    #[test]
+    fn one_entry_change_of_a_large_set_is_a_delta() {
+        let base: Vec<String> = (0..10_000u32)
+            .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string())
+            .collect();
+        let base_ref: Vec<&str> = base.iter().map(String::as_str).collect();
+        let mut more = base_ref.clone();
+        more.push("192.0.2.1");
+        let desired: BTreeMap<String, Arc<SetContent>> =
+            [("dogbig".to_string(), set("dogbig", &more))]
+                .into_iter()
+                .collect();
+        let have: BTreeMap<String, LiveSet> =
+            [("dogbig".to_string(), live(set("dogbig", &base_ref[1..])))]
+                .into_iter()
+                .collect();
+        let p = plan_sets(&desired, &have).unwrap();
+        assert_eq!(
+            p.delta,
+            vec![SetDelta {
+                name: "dogbig".into(),
+                add: vec![net("10.0.0.0/32"), net("192.0.2.1/32")],
+                del: vec![],
+            }]
+        );
+        let mut fill = String::new();
+        render_fill(
+            &mut fill,
+            &set("dogs", &["1.1.1.1", "10.0.0.0/8"]),
+            "dogtmp-x",
+        );
+        assert_eq!(
+            fill,
+            "create dogtmp-x hash:net family inet hashsize 64 maxelem 65536\nadd dogtmp-x 1.1.1.1\nadd dogtmp-x 10.0.0.0/8\n"
+        );
     }
 }

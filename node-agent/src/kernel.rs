@@ -8,7 +8,7 @@
 
 use dog_protocol::ruleset::Family;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 use tracing::debug;
@@ -225,12 +225,46 @@ impl Kernel {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> Result<String, KernelError> {
-        let mut command = program.to_string();
-        for a in args {
-            command.push(' ');
-            command.push_str(a);
+        match stdin {
+            Some(data) => self.exec(program, args, Some(&mut |w| w.write_all(data)), None),
+            None => self.exec(program, args, None, None),
         }
-        let started = Instant::now();
+    }
+
+    /// Like [`Kernel::run`], but `feed` writes the tool's stdin (buffered, on its own thread)
+    /// so a large input is generated while the tool reads it instead of being built first.
+    pub fn run_feeding(
+        &self,
+        program: &str,
+        args: &[&str],
+        feed: &mut Feed<'_>,
+    ) -> Result<(), KernelError> {
+        self.exec(program, args, Some(feed), None).map(drop)
+    }
+
+    /// Like [`Kernel::run`] without stdin, but hands stdout to `on_line` line by line (without
+    /// the newline) instead of collecting it.
+    pub fn run_lines(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), KernelError> {
+        match stdin {
+            Some(data) => self.exec(
+                program,
+                args,
+                Some(&mut |w| w.write_all(data)),
+                Some(on_line),
+            ),
+            None => self.exec(program, args, None, Some(on_line)),
+        }
+        .map(drop)
+    }
+
+    /// The command for `program`, joining the configured namespace in the child.
+    fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         if let Some(ns) = &self.netns {
             use std::os::fd::AsRawFd;
@@ -248,8 +282,27 @@ impl Kernel {
                 });
             }
         }
+        cmd
+    }
+
+    /// Runs a tool: `feed` writes its stdin, `on_line` takes its stdout line by line (else
+    /// stdout is returned); stderr is collected for the error.
+    fn exec(
+        &self,
+        program: &str,
+        args: &[&str],
+        feed: Option<&mut Feed<'_>>,
+        on_line: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<String, KernelError> {
+        let mut command = program.to_string();
+        for a in args {
+            command.push(' ');
+            command.push_str(a);
+        }
+        let started = Instant::now();
+        let mut cmd = self.command(program);
         cmd.args(args)
-            .stdin(if stdin.is_some() {
+            .stdin(if feed.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -260,33 +313,76 @@ impl Kernel {
             command: command.clone(),
             source,
         })?;
-        let output = std::thread::scope(|s| {
-            if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-                // A tool that exits early closes the pipe; its exit status reports why.
-                s.spawn(move || {
-                    let _ = pipe.write_all(data);
-                });
-            }
-            child.wait_with_output()
-        })
-        .map_err(|source| KernelError::Spawn {
+        let spawn_err = |source| KernelError::Spawn {
             command: command.clone(),
             source,
-        })?;
+        };
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let mut input_bytes = 0u64;
+        let (collected, err_text, status) = std::thread::scope(|s| {
+            let writer = match (feed, stdin) {
+                (Some(feed), Some(pipe)) => Some(s.spawn(move || {
+                    let mut w = Counting {
+                        inner: BufWriter::with_capacity(1 << 16, pipe),
+                        bytes: 0,
+                    };
+                    // A tool that exits early closes the pipe; its exit status reports why.
+                    let _ = feed(&mut w).and_then(|()| w.flush());
+                    w.bytes
+                })),
+                _ => None,
+            };
+            let errors = s.spawn(move || {
+                let mut v = Vec::new();
+                if let Some(mut e) = stderr {
+                    let _ = e.read_to_end(&mut v);
+                }
+                v
+            });
+            let mut collected = Vec::new();
+            let read = match (stdout, on_line) {
+                (Some(out), Some(on_line)) => {
+                    let mut r = BufReader::with_capacity(1 << 16, out);
+                    let mut line = Vec::with_capacity(128);
+                    loop {
+                        line.clear();
+                        match r.read_until(b'\n', &mut line) {
+                            Ok(0) => break Ok(()),
+                            Ok(_) => {
+                                let text = String::from_utf8_lossy(&line);
+                                on_line(text.trim_end_matches('\n'));
+                            }
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                (Some(mut out), None) => out.read_to_end(&mut collected).map(drop),
+                (None, _) => Ok(()),
+            };
+            let status = child.wait();
+            if let Some(w) = writer {
+                input_bytes = w.join().unwrap_or(0);
+            }
+            let err_text = errors.join().unwrap_or_default();
+            (read.map(|()| collected), err_text, status)
+        });
+        let collected = collected.map_err(spawn_err)?;
+        let status = status.map_err(spawn_err)?;
         debug!(
             command = %command,
-            input_bytes = stdin.map_or(0, <[u8]>::len),
+            input_bytes,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "ran"
         );
-        if !output.status.success() {
+        if !status.success() {
             return Err(KernelError::Failed {
                 command,
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+                status: status.to_string(),
+                stderr: String::from_utf8_lossy(&err_text).trim().to_string(),
             });
         }
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        Ok(String::from_utf8_lossy(&collected).into_owned())
     }
 
     /// `iptables-save -t filter` (or ip6tables) of the detected backend.
@@ -320,12 +416,17 @@ impl Kernel {
 
     /// `ipset restore` (with `-exist` when asked) of a script.
     pub fn ipset_restore(&self, script: &str, exist: bool) -> Result<(), KernelError> {
+        self.ipset_restore_with(exist, &mut |w| w.write_all(script.as_bytes()))
+    }
+
+    /// `ipset restore` of a script that `feed` writes while ipset reads it.
+    pub fn ipset_restore_with(&self, exist: bool, feed: &mut Feed<'_>) -> Result<(), KernelError> {
         let args: &[&str] = if exist {
             &["restore", "-exist"]
         } else {
             &["restore"]
         };
-        self.run("ipset", args, Some(script.as_bytes())).map(drop)
+        self.run_feeding("ipset", args, feed)
     }
 
     /// Names of all sets in the namespace.
@@ -341,18 +442,34 @@ impl Kernel {
 
     /// `ipset save` of the named sets only, in one call (ipset's batch mode).
     pub fn ipset_save(&self, names: &[String]) -> Result<String, KernelError> {
+        let mut out = String::new();
+        self.ipset_save_lines(names, &mut |l| {
+            out.push_str(l);
+            out.push('\n');
+        })?;
+        Ok(out)
+    }
+
+    /// [`Kernel::ipset_save`] handed over line by line, without holding the whole text (a
+    /// 1,000,000-entry set prints about 30 MB).
+    pub fn ipset_save_lines(
+        &self,
+        names: &[String],
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), KernelError> {
         match names {
-            [] => Ok(String::new()),
-            [one] => self.run("ipset", &["save", one], None),
+            [] => Ok(()),
+            [one] => self.run_lines("ipset", &["save", one], None, on_line),
             many => {
                 let script: String = many.iter().map(|n| format!("save {n}\n")).collect();
-                let out = self.run("ipset", &["-"], Some(script.as_bytes()))?;
                 // batch mode prints a prompt before each command's output
-                Ok(out
-                    .split('\n')
-                    .map(|l| l.trim_start_matches("ipset> "))
-                    .collect::<Vec<_>>()
-                    .join("\n"))
+                self.run_lines("ipset", &["-"], Some(script.as_bytes()), &mut |l| {
+                    let mut l = l;
+                    while let Some(rest) = l.strip_prefix("ipset> ") {
+                        l = rest;
+                    }
+                    on_line(l)
+                })
             }
         }
     }
@@ -360,6 +477,26 @@ impl Kernel {
     /// `ip -j addr` output.
     pub fn ip_addr_json(&self) -> Result<String, KernelError> {
         self.run("ip", &["-j", "addr"], None)
+    }
+}
+
+/// Writes a tool's stdin (see [`Kernel::run_feeding`]).
+pub type Feed<'a> = dyn FnMut(&mut dyn Write) -> std::io::Result<()> + Send + 'a;
+
+/// Counts the bytes written through it (for the debug log).
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -6,8 +6,23 @@ use dog_agent::config::Config;
 use dog_agent::runtime::Agent;
 use tracing::Instrument;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before any thread allocates: one malloc arena (see `limit_malloc_arenas`).
+    dog_agent::runtime::limit_malloc_arenas();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dog-agent: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run())
+}
+
+async fn run() -> std::process::ExitCode {
     let cfg = Config::parse();
     dog_protocol::telemetry::init_logging(cfg.log_format);
     let host = cfg.resolved_hostname().unwrap_or_else(|_| "?".into());

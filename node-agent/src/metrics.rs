@@ -168,8 +168,12 @@ impl AgentMetrics {
         self.rules_installed
             .with_label_values(&["ipv6"])
             .set(count(&live.rules_v6));
-        self.set_entries_installed
-            .set(live.sets.values().map(|s| s.set.members.len() as i64).sum());
+        self.set_entries_installed.set(
+            live.sets
+                .values()
+                .map(|s| s.content.members.len() as i64)
+                .sum(),
+        );
     }
 }
 

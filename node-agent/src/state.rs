@@ -1,21 +1,22 @@
 //! Persistence of the last applied firewall, so a restarted agent can re-verify and keep
 //! enforcing before the operator speaks again.
 
-use dog_protocol::ruleset::HostFirewall;
+use crate::firewall::Firewall;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
+use std::io::BufWriter;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// File name of the applied state inside the state directory.
 pub const APPLIED_FILE: &str = "applied.json";
 
-/// The firewall the agent last applied successfully, with its revision.
+/// The firewall the agent last applied successfully, with its revision. On disk the firewall
+/// has the wire format of a `HostFirewall`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct AppliedState {
     pub revision: u64,
-    pub firewall: HostFirewall,
+    pub firewall: Firewall,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,19 +59,33 @@ impl StateStore {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let final_path = self.path();
         let tmp = self.dir.join(format!(".{APPLIED_FILE}.tmp"));
-        let data = serde_json::to_vec(state).map_err(|source| StateError::Parse {
-            path: final_path.clone(),
-            source,
-        })?;
         {
-            let mut f = fs::OpenOptions::new()
+            let f = fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(io(&tmp))?;
-            f.write_all(&data).map_err(io(&tmp))?;
+            // Written as it is serialised: a large set is never held as JSON text in memory.
+            let mut w = BufWriter::with_capacity(1 << 16, f);
+            serde_json::to_writer(&mut w, state).map_err(|source| {
+                if source.is_io() {
+                    StateError::Io {
+                        path: tmp.clone(),
+                        source: source.into(),
+                    }
+                } else {
+                    StateError::Parse {
+                        path: final_path.clone(),
+                        source,
+                    }
+                }
+            })?;
+            let f = w.into_inner().map_err(|e| StateError::Io {
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
             f.sync_all().map_err(io(&tmp))?;
         }
         fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
@@ -97,7 +112,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dog_protocol::ruleset::{Failsafe, Family, RulesDocument};
+    use dog_protocol::ruleset::{Failsafe, Family, HostFirewall, IpSet, RulesDocument};
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -111,17 +126,33 @@ mod tests {
         };
         let st = AppliedState {
             revision: 7,
-            firewall: HostFirewall {
+            firewall: Firewall::from(HostFirewall {
                 host: "n1".into(),
                 ipv4: doc(Family::V4),
                 ipv6: doc(Family::V6),
-                sets: Default::default(),
+                sets: [IpSet::new(
+                    "dogz4-a",
+                    Family::V4,
+                    ["10.0.0.1/32".parse().unwrap()],
+                )]
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect(),
                 failsafe: Failsafe::default(),
-            },
+            }),
         };
         store.save(&st).unwrap();
         store.save(&st).unwrap();
-        assert_eq!(store.load().unwrap(), Some(st));
+        assert_eq!(store.load().unwrap(), Some(st.clone()));
+        // the file holds a HostFirewall, as before
+        #[derive(Deserialize)]
+        struct OnDisk {
+            revision: u64,
+            firewall: HostFirewall,
+        }
+        let disk: OnDisk = serde_json::from_slice(&fs::read(store.path()).unwrap()).unwrap();
+        assert_eq!(disk.revision, 7);
+        assert_eq!(disk.firewall, st.firewall.to_host_firewall());
         let mode = fs::metadata(store.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::write(store.path(), b"{").unwrap();

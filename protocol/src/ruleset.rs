@@ -136,11 +136,20 @@ pub fn maxelem_for(len: usize) -> usize {
 
 /// How `ipset save` prints a member: host routes without their prefix length.
 pub fn member_text(net: &IpNet) -> String {
-    if net.prefix_len() == net.max_prefix_len() {
-        net.addr().to_string()
+    let mut s = String::new();
+    write_member(&mut s, net);
+    s
+}
+
+/// Appends [`member_text`] of `net` to `out` without allocating a string per member.
+pub fn write_member(out: &mut String, net: &IpNet) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = if net.prefix_len() == net.max_prefix_len() {
+        write!(out, "{}", net.addr())
     } else {
-        net.to_string()
-    }
+        write!(out, "{net}")
+    };
 }
 
 /// Hash of a set's content. Members must already be canonical and sorted (as in [`IpSet`] or as
@@ -150,16 +159,44 @@ pub fn set_hash<'a>(
     family: Family,
     members: impl Iterator<Item = &'a IpNet>,
 ) -> String {
-    let mut h = Sha256::new();
-    h.update(name.as_bytes());
-    h.update(b" ");
-    h.update(family.ipset_family().as_bytes());
-    h.update(b"\n");
+    let mut h = SetHasher::new(name, family);
     for m in members {
-        h.update(member_text(m).as_bytes());
-        h.update(b"\n");
+        h.member(m);
     }
-    hex::encode(h.finalize())
+    h.finish()
+}
+
+/// [`set_hash`] fed one member at a time, for members that are not held as `IpNet`s (the
+/// agent's packed sets): the same bytes go into the digest, so the hashes are equal.
+pub struct SetHasher {
+    digest: Sha256,
+    line: String,
+}
+
+impl SetHasher {
+    pub fn new(name: &str, family: Family) -> Self {
+        let mut digest = Sha256::new();
+        digest.update(name.as_bytes());
+        digest.update(b" ");
+        digest.update(family.ipset_family().as_bytes());
+        digest.update(b"\n");
+        SetHasher {
+            digest,
+            line: String::with_capacity(48),
+        }
+    }
+
+    /// The next member, in canonical order.
+    pub fn member(&mut self, m: &IpNet) {
+        self.line.clear();
+        write_member(&mut self.line, m);
+        self.line.push('\n');
+        self.digest.update(self.line.as_bytes());
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(self.digest.finalize())
+    }
 }
 
 /// Combined hash of a host's sets: over `name hash` lines sorted by name.
@@ -650,6 +687,29 @@ mod tests {
             text,
             vec!["0.0.0.0/1", "1.2.3.4", "10.0.0.0/8", "128.0.0.0/1"]
         );
+    }
+
+    #[test]
+    fn set_hasher_equals_the_reference_hash() {
+        let s = IpSet::new(
+            "dogz6-x",
+            Family::V6,
+            ["fd00::1", "fd00:1::/64", "2001:db8::/32"]
+                .iter()
+                .filter_map(|m| parse_member(m)),
+        );
+        // the hash as first specified: member_text lines after "name family"
+        let mut reference = format!("{} {}\n", s.name, s.family.ipset_family());
+        for m in &s.members {
+            reference.push_str(&m.to_string().replace("/128", ""));
+            reference.push('\n');
+        }
+        assert_eq!(s.hash(), sha256_hex(reference.as_bytes()));
+        let mut h = SetHasher::new(&s.name, s.family);
+        s.members.iter().for_each(|m| h.member(m));
+        assert_eq!(h.finish(), s.hash());
+        assert_eq!(member_text(&s.members[0]), "2001:db8::/32");
+        assert_eq!(member_text(&s.members[1]), "fd00::1");
     }
 
     #[test]
