@@ -6,6 +6,8 @@
 # Prints dog/raw ratios from criterion's estimates (mean point estimates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# where criterion writes its estimates, read back below (fixed so it never depends on cwd)
+export CRITERION_HOME="$PWD/target/criterion"
 cargo bench -p dog-agent --bench apply -- "$@"
 python3 - <<'PY'
 import json, os
