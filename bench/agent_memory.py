@@ -8,6 +8,9 @@ Usage (as root, after `cargo build --release --bins`): python3 bench/agent_memor
 """
 import os, shutil, signal, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from broker import delete_queues  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 
@@ -94,10 +97,7 @@ def main():
             p.send_signal(signal.SIGKILL)
             p.wait()
         subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
-        q = subprocess.run(["rabbitmqctl", "list_queues", "-q", "name"], capture_output=True, text=True)
-        for name in q.stdout.split():
-            if name.startswith(prefix + "."):
-                subprocess.run(["rabbitmqctl", "delete_queue", name], stdout=subprocess.DEVNULL)
+        delete_queues(prefix)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,6 +9,9 @@ Usage: python3 bench/operator_memory.py [--profile release]
 """
 import argparse, os, shutil, signal, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from broker import delete_queues  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -86,10 +89,7 @@ def main():
         if op:
             op.send_signal(signal.SIGKILL)
             op.wait()
-        q = subprocess.run(["rabbitmqctl", "list_queues", "-q", "name"], capture_output=True, text=True)
-        for name in q.stdout.split():
-            if name.startswith(f"dogmem{os.getpid()}."):
-                subprocess.run(["rabbitmqctl", "delete_queue", name], stdout=subprocess.DEVNULL)
+        delete_queues(f"dogmem{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
 
 

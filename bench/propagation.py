@@ -14,6 +14,9 @@ Usage (as root, after `cargo build --release --bins`):
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 from datetime import datetime
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from broker import delete_queues  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,21 +50,34 @@ def fleet(d, n, prefix, port, zone_extra):
           f"apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec: {{addresses: [{addrs}]}}\n")
 
 
-def responses_after(log, t0):
-    """host -> first 'agent applied' timestamp after t0 (operator log, JSON lines)."""
-    out = {}
-    with open(log) as f:
-        for line in f:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if e.get("message") != "agent applied":
-                continue
-            t = ts(e["timestamp"])
-            if t >= t0 and e["host"] not in out:
-                out[e["host"]] = t
-    return out
+class Acks:
+    """The operator's 'agent applied' lines (JSON log), read incrementally: the bench polls
+    every 50 ms and must not spend the CPU it is measuring on re-reading the whole log."""
+
+    def __init__(self, log):
+        self.log, self.offset, self.seen = log, 0, []
+
+    def after(self, t0):
+        """host -> first 'agent applied' timestamp at or after t0."""
+        with open(self.log) as f:
+            f.seek(self.offset)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break  # a partial line: read it whole next time
+                self.offset += len(line.encode())
+                if '"agent applied"' not in line:
+                    continue
+                try:
+                    e = json.loads(line)
+                except ValueError:
+                    continue
+                self.seen.append((ts(e["timestamp"]), e["host"]))
+        out = {}
+        for t, host in self.seen:
+            if t >= t0 and host not in out:
+                out[host] = t
+        return out
 
 
 def rss_kb(pid, field):
@@ -102,20 +118,24 @@ def main():
                                "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
                               stdout=oplog, stderr=oplog)
         procs.append(op)
+        # DOG_BENCH_KEEP=1 also keeps every agent's log (agent-NNNN.log) for a timeline
+        keep = bool(os.environ.get("DOG_BENCH_KEEP"))
         for i in range(a.agents):
+            alog = open(f"{work}/agent-{i:04d}.log", "w") if keep else subprocess.DEVNULL
             p = subprocess.Popen([os.path.join(bindir, "dog-agent"), "--hostname", f"{prefix}-{i:04d}",
                                   "--netns", ns, "--mode", "observe", "--state-dir", f"{work}/state/{i}",
                                   "--operator-public-keys", f"{work}/op.pub", "--topology-prefix", prefix,
                                   "--keepalive-interval", "30", "--drift-interval", "3600",
                                   "--address-interval", "3600", "--metrics-addr", "127.0.0.1:0",
                                   "--log-format", "json"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 stdout=alog, stderr=alog)
             procs.append(p)
         # every agent registered and answered its first Apply
         deadline = time.time() + 300
-        while len(responses_after(f"{work}/operator.log", 0)) < a.agents:
+        acks = Acks(f"{work}/operator.log")
+        while len(acks.after(0)) < a.agents:
             if time.time() > deadline:
-                sys.exit(f"only {len(responses_after(f'{work}/operator.log', 0))} of {a.agents} agents answered")
+                sys.exit(f"only {len(acks.after(0))} of {a.agents} agents answered")
             time.sleep(0.5)
         time.sleep(2)
         results = {"rules": [], "set": []}
@@ -130,7 +150,7 @@ def main():
                           f"spec: {{addresses: ['203.0.113.0/28', '198.51.100.{r + 1}']}}\n")
                 deadline = time.time() + 60
                 while True:
-                    got = responses_after(f"{work}/operator.log", t0)
+                    got = acks.after(t0)
                     if len(got) >= a.agents or time.time() > deadline:
                         break
                     time.sleep(0.05)
@@ -153,10 +173,7 @@ def main():
         for p in procs:
             p.wait()
         subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
-        q = subprocess.run(["rabbitmqctl", "list_queues", "-q", "name"], capture_output=True, text=True)
-        for name in q.stdout.split():
-            if name.startswith(prefix + "."):
-                subprocess.run(["rabbitmqctl", "delete_queue", name], stdout=subprocess.DEVNULL)
+        delete_queues(prefix)
         if os.environ.get("DOG_BENCH_KEEP"):
             print(f"kept {work}")
         else:

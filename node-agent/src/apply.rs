@@ -124,6 +124,9 @@ pub struct Plan {
     pub sets: SetPlan,
     pub ipv4: RulesPlan,
     pub ipv6: RulesPlan,
+    /// Hashes of the kernel state the plan was made against (read for it), so a caller that
+    /// reports live hashes with the plan does not read the kernel a second time.
+    pub live: FirewallHashes,
 }
 
 impl Plan {
@@ -286,6 +289,7 @@ impl Kernel {
             sets,
             ipv4: plan_rules(&fw.ipv4, live.filter(Family::V4)),
             ipv6: plan_rules(&fw.ipv6, live.filter(Family::V6)),
+            live: live.hashes(),
         })
     }
 

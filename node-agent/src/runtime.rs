@@ -676,7 +676,7 @@ impl Agent {
                 self.applied = Some(AppliedState { revision, firewall });
                 self.opener.set_applied_revision(Some(revision));
                 self.sync_bindings(&old, &new).await;
-                text_ok(id, Some(revision), self.live_hashes().await, text)
+                text_ok(id, Some(revision), Some(plan.live), text)
             }
             Err(e) if e.is_refusal() => Response::error(id, ErrorKind::Refused, e.to_string()),
             Err(e) => Response::error(id, ErrorKind::Internal, e.to_string()),
