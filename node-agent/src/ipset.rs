@@ -213,9 +213,10 @@ pub enum SetPlanError {
     BadName { name: String },
 }
 
-/// Whether a change of `changes` members to a set of `new_len` is cheaper as a delta.
-fn delta_is_cheaper(changes: usize, new_len: usize) -> bool {
-    changes <= 64 || changes * 2 <= new_len
+/// The most member changes to a set of `new_len` members that are cheaper as a delta (add/del
+/// lines) than as a fill-and-swap.
+fn delta_limit(new_len: usize) -> usize {
+    64.max(new_len / 2)
 }
 
 /// Plans the set changes from desired to live (pure).
@@ -248,19 +249,13 @@ pub fn plan_sets(
             plan.unchanged.push(name.clone());
             continue;
         }
-        // The largest change still cheaper as a delta (see `delta_is_cheaper`).
-        let limit = 64.max(want.members.len() / 2);
+        let limit = delta_limit(want.members.len());
         match want.members.diff_within(&have.content.members, limit) {
-            Some((add, del))
-                if want.members.len() <= have.maxelem
-                    && delta_is_cheaper(add.len() + del.len(), want.members.len()) =>
-            {
-                plan.delta.push(SetDelta {
-                    name: name.clone(),
-                    add,
-                    del,
-                })
-            }
+            Some((add, del)) if want.members.len() <= have.maxelem => plan.delta.push(SetDelta {
+                name: name.clone(),
+                add,
+                del,
+            }),
             _ => plan.swap.push(name.clone()),
         }
     }
@@ -308,19 +303,14 @@ pub fn render_fill(out: &mut String, set: &SetContent, as_name: &str) {
 
 /// `add`/`del` lines of a delta (run with `ipset restore -exist`).
 pub fn render_delta(out: &mut String, d: &SetDelta) {
-    for m in &d.del {
-        out.push_str("del ");
-        out.push_str(&d.name);
-        out.push(' ');
-        write_member(out, &m.trunc());
-        out.push('\n');
-    }
-    for m in &d.add {
-        out.push_str("add ");
-        out.push_str(&d.name);
-        out.push(' ');
-        write_member(out, &m.trunc());
-        out.push('\n');
+    for (verb, members) in [("del ", &d.del), ("add ", &d.add)] {
+        for m in members {
+            out.push_str(verb);
+            out.push_str(&d.name);
+            out.push(' ');
+            write_member(out, &m.trunc());
+            out.push('\n');
+        }
     }
 }
 
