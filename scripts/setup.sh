@@ -13,7 +13,7 @@ fi
 need=()
 for pair in iptables:iptables ipset:ipset ip:iproute2 rabbitmq-server:rabbitmq-server \
             rabbitmqctl:rabbitmq-server socat:socat nc:netcat-openbsd conntrack:conntrack \
-            python3:python3 curl:curl ping:iputils-ping; do
+            python3:python3 curl:curl ping:iputils-ping etcd:etcd-server openssl:openssl; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
@@ -33,6 +33,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The real Kubernetes API server and kubectl the suite runs (built once from the pinned Go module,
+# cached outside the repository). The tests start etcd and kube-apiserver themselves.
+[[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
+command -v go >/dev/null 2>&1 || { echo "go not found: install Go >= 1.24 and re-run" >&2; exit 1; }
+bash "$(dirname "${BASH_SOURCE[0]}")/kube-build.sh" >/dev/null
+
 # RabbitMQ: start it if nothing answers on 5672.
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if ! broker_up; then
@@ -50,4 +56,4 @@ if ! broker_up; then
 fi
 # wait until the node is fully booted (the port opens a little before queues can be declared)
 rabbitmqctl await_startup >/dev/null 2>&1 || true
-log "ready: $(iptables --version), ipset $(ipset --version | awk '{print $2}'), RabbitMQ on 127.0.0.1:5672"
+log "ready: $(iptables --version), ipset $(ipset --version | awk '{print $2}'), RabbitMQ on 127.0.0.1:5672, etcd $(etcd --version | awk 'NR==1 {print $3}'), kube-apiserver $(awk '$1 == "k8s.io/kubernetes" {print $2}' "$(dirname "${BASH_SOURCE[0]}")/../tests/kubernetes/go.mod")"
