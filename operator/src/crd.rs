@@ -19,12 +19,42 @@ pub const API_VERSION: &str = "v1alpha1";
 
 /// Regex accepted by the schema for one address entry: an IPv4 or IPv6 address, optionally
 /// with a prefix length. The compiler parses every entry again with `ipnet`.
-pub const ADDRESS_PATTERN: &str = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[1-2][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[0-1][0-9]|12[0-8]))?)$";
+pub const ADDRESS_PATTERN: &str = concat!(
+    r"^(",
+    // IPv4, each octet 0-255, optional /0-32
+    r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    r"(/(3[0-2]|[12]?[0-9]))?",
+    r"|",
+    // IPv6 in every shortened form (RFC 4291 2.2), optional /0-128
+    r"(",
+    r"([0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}",
+    r"|([0-9a-fA-F]{1,4}:){1,7}:",
+    r"|([0-9a-fA-F]{1,4}:){1,6}:[0-9a-fA-F]{1,4}",
+    r"|([0-9a-fA-F]{1,4}:){1,5}(:[0-9a-fA-F]{1,4}){1,2}",
+    r"|([0-9a-fA-F]{1,4}:){1,4}(:[0-9a-fA-F]{1,4}){1,3}",
+    r"|([0-9a-fA-F]{1,4}:){1,3}(:[0-9a-fA-F]{1,4}){1,4}",
+    r"|([0-9a-fA-F]{1,4}:){1,2}(:[0-9a-fA-F]{1,4}){1,5}",
+    r"|[0-9a-fA-F]{1,4}:(:[0-9a-fA-F]{1,4}){1,6}",
+    r"|:((:[0-9a-fA-F]{1,4}){1,7}|:)",
+    r"|::([fF]{4}(:0{1,4})?:)?((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    r"|([0-9a-fA-F]{1,4}:){1,4}:((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    r")",
+    r"(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?",
+    r")$"
+);
 /// One port (`443`) or an inclusive range (`8000-8100`); numeric bounds are checked to 1..=65535
 /// by the compiler (a regex cannot compare numbers cleanly).
-pub const PORT_PATTERN: &str = r"^[0-9]{1,5}(-[0-9]{1,5})?$";
+pub const PORT_PATTERN: &str = concat!(
+    r"^(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})",
+    r"(-(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?$"
+);
 /// A Linux interface name (at most 15 characters); a trailing `+` is iptables' wildcard.
 pub const INTERFACE_PATTERN: &str = r"^[a-zA-Z0-9_.-]{1,15}\+?$";
+/// A Kubernetes label key: an optional DNS subdomain prefix and `/`, then a name of at most 63
+/// characters.
+pub const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A Kubernetes label value: empty, or at most 63 characters starting and ending alphanumeric.
+pub const LABEL_VALUE_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
 /// DNS-1123 subdomain, the shape of every Kubernetes object name we reference.
 pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$";
 
@@ -93,7 +123,7 @@ pub struct ZoneSpec {
     /// Addresses or CIDRs, IPv4 and IPv6 mixed.
     #[serde(default)]
     #[schemars(inner(regex(
-        pattern = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[1-2][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[0-1][0-9]|12[0-8]))?)$"
+        pattern = ADDRESS_PATTERN
     )))]
     pub addresses: Vec<String>,
     /// Further addresses from ConfigMaps (one per line), for blocklists of 100k+ entries.
@@ -151,7 +181,7 @@ pub struct HostSpec {
     /// Addresses known from outside the agent (for a Node: its InternalIP/ExternalIP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex(
-        pattern = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[1-2][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[0-1][0-9]|12[0-8]))?)$"
+        pattern = ADDRESS_PATTERN
     )))]
     pub addresses: Vec<String>,
     /// Keys pre-pinned by an administrator. When absent, the operator pins the keys of the
@@ -247,19 +277,42 @@ pub struct HostStatus {
 /// Kubernetes' LabelSelector).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.matchLabels) || self.matchLabels.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))",
+        "message": "selector.matchLabels: every key must be a label key ([prefix/]name, name at most 63 characters of A-Z a-z 0-9 - _ .)"
+    }
+]))]
 pub struct HostSelector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
+    ))]
     pub match_labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
     pub match_expressions: Vec<SelectorRequirement>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(self.operator in ['In', 'NotIn']) || (has(self.values) && size(self.values) > 0)",
+        "message": "selector.matchExpressions: operators In and NotIn need at least one value"
+    },
+    {
+        "rule": "self.operator in ['In', 'NotIn'] || !has(self.values) || size(self.values) == 0",
+        "message": "selector.matchExpressions: operators Exists and DoesNotExist take no values"
+    }
+]))]
 pub struct SelectorRequirement {
+    #[schemars(regex(pattern = LABEL_KEY_PATTERN), length(max = 317))]
     pub key: String,
     pub operator: SelectorOperator,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(regex(pattern = LABEL_VALUE_PATTERN), length(max = 63)))]
     pub values: Vec<String>,
 }
 
@@ -290,6 +343,12 @@ pub enum SelectorOperator {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.profile) || has(self.selector) || (has(self.hosts) && size(self.hosts) > 0) || (has(self.extraAddresses) && size(self.extraAddresses) > 0)",
+        "message": "spec is empty: a Group needs at least one of profile, selector, hosts or extraAddresses"
+    }
+]))]
 pub struct GroupSpec {
     /// The Profile every member runs. Empty: the group is only an address set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,7 +363,7 @@ pub struct GroupSpec {
     /// Static extra addresses included in the group's address set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex(
-        pattern = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[1-2][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[0-1][0-9]|12[0-8]))?)$"
+        pattern = ADDRESS_PATTERN
     )))]
     pub extra_addresses: Vec<String>,
 }
@@ -403,19 +462,19 @@ pub enum PeerKind {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "!(self.kind in ['Group', 'Zone']) || has(self.name)",
+        "rule": "!(has(self.kind) && self.kind in ['Group', 'Zone']) || has(self.name)",
         "message": "peer.name is required when peer.kind is Group or Zone"
     },
     {
-        "rule": "self.kind in ['Group', 'Zone'] || !has(self.name)",
+        "rule": "(has(self.kind) && self.kind in ['Group', 'Zone']) || !has(self.name)",
         "message": "peer.name is only allowed when peer.kind is Group or Zone"
     },
     {
-        "rule": "self.kind != 'Cidrs' || (has(self.cidrs) && size(self.cidrs) > 0)",
+        "rule": "!has(self.kind) || self.kind != 'Cidrs' || (has(self.cidrs) && size(self.cidrs) > 0)",
         "message": "peer.cidrs must list at least one address when peer.kind is Cidrs"
     },
     {
-        "rule": "self.kind == 'Cidrs' || !has(self.cidrs) || size(self.cidrs) == 0",
+        "rule": "(has(self.kind) && self.kind == 'Cidrs') || !has(self.cidrs) || size(self.cidrs) == 0",
         "message": "peer.cidrs is only allowed when peer.kind is Cidrs"
     }
 ]))]
@@ -429,7 +488,7 @@ pub struct Peer {
     /// For kind `Cidrs`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(inner(regex(
-        pattern = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}(/([0-9]|[1-2][0-9]|3[0-2]))?|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(/([0-9]|[1-9][0-9]|1[0-1][0-9]|12[0-8]))?)$"
+        pattern = ADDRESS_PATTERN
     )))]
     pub cidrs: Vec<String>,
 }
@@ -495,6 +554,10 @@ pub struct RecentSpec {
         "message": "ports are only allowed with protocol tcp, udp or sctp"
     },
     {
+        "rule": "!has(self.ports) || self.ports.all(p, !p.contains('-') || int(p.split('-')[0]) <= int(p.split('-')[1]))",
+        "message": "a port range must be written low-high (e.g. 8000-8100)"
+    },
+    {
         "rule": "!has(self.icmpType) || (has(self.protocol) && self.protocol in ['icmp', 'icmpv6'])",
         "message": "icmpType is only allowed with protocol icmp or icmpv6"
     },
@@ -527,7 +590,7 @@ pub struct Rule {
     pub protocol: Protocol,
     /// Ports (`443`) and inclusive ranges (`8000-8100`), for tcp, udp and sctp.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(regex(pattern = r"^[0-9]{1,5}(-[0-9]{1,5})?$")))]
+    #[schemars(inner(regex(pattern = PORT_PATTERN), length(max = 11)), length(max = 64))]
     pub ports: Vec<String>,
     /// ICMP / ICMPv6 type number, for icmp and icmpv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -35,7 +35,45 @@ pub enum CrdgenError {
 
 /// The four CRDs in a fixed order (alphabetical by plural, matching the file names).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Group::crd(), Host::crd(), Profile::crd(), Zone::crd()]
+    [Group::crd(), Host::crd(), Profile::crd(), Zone::crd()]
+        .into_iter()
+        .map(without_defaults_in_lists)
+        .collect()
+}
+
+/// Removes every `default` inside a list item's schema. The lists are atomic, and the server
+/// would store defaulted items that differ from what the user applied: applying the same file
+/// with another field manager (client-side, then server-side apply; two GitOps tools) then
+/// conflicts on the whole list. The operator applies the same defaults when it reads an object
+/// (serde), and the CEL rules treat an absent field as its default.
+fn without_defaults_in_lists(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(node: &mut Value, in_list: bool) {
+        let Value::Object(map) = node else { return };
+        if in_list {
+            map.remove("default");
+        }
+        if let Some(Value::Object(props)) = map.get_mut("properties") {
+            for child in props.values_mut() {
+                strip(child, in_list);
+            }
+        }
+        if let Some(items) = map.get_mut("items") {
+            strip(items, true);
+        }
+        if let Some(extra) = map.get_mut("additionalProperties") {
+            strip(extra, in_list);
+        }
+    }
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let mut value = serde_json::to_value(&crd).expect("a CustomResourceDefinition is JSON");
+    if let Some(Value::Array(versions)) = value.pointer_mut("/spec/versions") {
+        for v in versions {
+            if let Some(schema) = v.pointer_mut("/schema/openAPIV3Schema") {
+                strip(schema, false);
+            }
+        }
+    }
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("CRD {name} after stripping: {e}"))
 }
 
 /// The file name a CRD is written to: `dogfw.io_<plural>.yaml`.

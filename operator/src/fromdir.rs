@@ -160,8 +160,11 @@ pub fn load_text(file: &Path, text: &str, snap: &mut Snapshot, errors: &mut Vec<
                 }
                 Err(e) => fail(e.to_string()),
             },
+            // the namespace a ConfigMap of the same directory lives in (so the directory also
+            // applies to a cluster as it is); it carries nothing to compile
+            ("v1", "Namespace") => {}
             _ => fail(format!(
-                "unsupported resource {api} {kind} (expected {dog_api} Zone/Host/Group/Profile or v1 ConfigMap)"
+                "unsupported resource {api} {kind} (expected {dog_api} Zone/Host/Group/Profile, v1 ConfigMap or v1 Namespace)"
             )),
         }
     }

@@ -576,7 +576,9 @@ fn declared_ranges_and_lengths_reach_the_schema() {
         at(&profile, "spec.inbound[].connlimit")["required"],
         json!(["above"])
     );
-    // Defaults documented in the spec: inbound DROP, outbound ACCEPT, rules enabled.
+    // Defaults documented in the spec: inbound DROP, outbound ACCEPT. Inside the (atomic) rule
+    // lists the schema defaults nothing, so that the same manifest applies cleanly from any
+    // field manager; the operator reads an absent `enabled` as true.
     assert_eq!(
         at(&profile, "spec.defaultInbound")["default"],
         json!("DROP")
@@ -585,10 +587,8 @@ fn declared_ranges_and_lengths_reach_the_schema() {
         at(&profile, "spec.defaultOutbound")["default"],
         json!("ACCEPT")
     );
-    assert_eq!(
-        at(&profile, "spec.inbound[].enabled")["default"],
-        json!(true)
-    );
+    assert_eq!(at(&profile, "spec.inbound[].enabled")["default"], json!(null));
+    assert_eq!(at(&profile, "spec.inbound[].peer.kind")["default"], json!(null));
 }
 
 // The checker itself must catch what it claims to catch.
@@ -681,7 +681,7 @@ fn checker_flags_metadata_restrictions_and_bad_defaults() {
 
 #[test]
 fn cel_rules_sit_on_rules_and_peers_of_both_directions() {
-    // Evaluated on cases by scripts/check_cel.py; here: present where crd.rs declares them,
+    // Evaluated by a real API server in tests/e2e/tests/apiserver.rs; here: present where crd.rs declares them,
     // well-formed, and never on a node the structural rules forbid.
     let profile = schema_of("Profile");
     for path in [

@@ -1,0 +1,190 @@
+//! The CRDs against a real kube-apiserver: what admission refuses (with the field in the
+//! message), what it accepts, server-side apply from several field managers, and the README's
+//! cluster commands as written.
+
+use dog_kube_harness::{exclusive, repo_root, shared, unique};
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+fn fixtures(file: &str) -> Vec<serde_yaml::Value> {
+    let path = repo_root().join("tests/fixtures/admission").join(file);
+    let text = std::fs::read_to_string(&path).expect("fixture file");
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The object as YAML text with a unique name and the dog API version.
+fn manifest(object: &serde_yaml::Value) -> (String, String) {
+    let name = unique("adm");
+    let mut object = object.clone();
+    if let serde_yaml::Value::Mapping(m) = &mut object {
+        m.insert("apiVersion".into(), "dogfw.io/v1alpha1".into());
+    }
+    let text = serde_yaml::to_string(&object)
+        .expect("yaml")
+        .replace("{n}", &name);
+    (name, text)
+}
+
+fn dry_run(yaml: &str) -> Result<String, String> {
+    shared().apply(yaml, &["--dry-run=server"])
+}
+
+/// Every `message` of an `x-kubernetes-validations` rule in crds/.
+fn cel_messages() -> BTreeSet<String> {
+    fn walk(v: &Value, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::Array(rules)) = m.get("x-kubernetes-validations") {
+                    for r in rules {
+                        if let Some(msg) = r.get("message").and_then(Value::as_str) {
+                            out.insert(msg.to_string());
+                        }
+                    }
+                }
+                m.values().for_each(|c| walk(c, out));
+            }
+            Value::Array(a) => a.iter().for_each(|c| walk(c, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    for entry in std::fs::read_dir(repo_root().join("crds")).expect("crds/") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("crd");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).expect("crd yaml");
+            walk(&v, &mut out);
+        }
+    }
+    out
+}
+
+#[test]
+fn invalid_objects_are_refused_at_admission_naming_the_field() {
+    let cases = fixtures("refused.yaml");
+    assert!(cases.len() >= 20, "expected the refused fixtures");
+    let mut failures = Vec::new();
+    let mut covered = BTreeSet::new();
+    for case in &cases {
+        let expect: Vec<String> = serde_yaml::from_value(case["expect"].clone()).expect("expect");
+        let (_, yaml) = manifest(&case["object"]);
+        match dry_run(&yaml) {
+            Ok(out) => failures.push(format!("accepted ({}):\n{yaml}", out.trim())),
+            Err(err) => {
+                let missing: Vec<&String> = expect
+                    .iter()
+                    .filter(|e| !err.contains(e.as_str()))
+                    .collect();
+                if !missing.is_empty() {
+                    failures.push(format!(
+                        "refused without {missing:?}:\n{yaml}the server said: {err}"
+                    ));
+                }
+                covered.extend(expect);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+    let untested: Vec<String> = cel_messages()
+        .into_iter()
+        .filter(|m| !covered.iter().any(|e| m.contains(e.as_str())))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "CEL rules no refused fixture breaks: {untested:?}"
+    );
+}
+
+#[test]
+fn edge_cases_next_to_the_refused_ones_are_accepted() {
+    let mut failures = Vec::new();
+    for object in fixtures("accepted.yaml") {
+        let (_, yaml) = manifest(&object);
+        if let Err(e) = dry_run(&yaml) {
+            failures.push(format!("{yaml}the server said: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n---\n"));
+}
+
+#[test]
+fn identical_manifests_apply_from_any_field_manager() {
+    // Rules that leave out every field that has a default: the server must store them as sent,
+    // or a second manager of the same manifest conflicts on the whole (atomic) list.
+    let name = unique("ssa");
+    let yaml = format!(
+        "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {{name: {name}}}\nspec:\n  inbound:\n    - {{action: ACCEPT, protocol: tcp, ports: [\"22\"]}}\n    - {{action: ACCEPT, peer: {{kind: Group, name: web}}}}\n  outbound:\n    - {{action: LOG}}\n---\napiVersion: dogfw.io/v1alpha1\nkind: Group\nmetadata: {{name: {name}}}\nspec:\n  profile: {name}\n  selector:\n    matchExpressions: [{{key: role, operator: In, values: [db]}}]\n---\napiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: {name}}}\nspec: {{addresses: [\"10.0.0.0/8\"]}}\n"
+    );
+    let _only = exclusive();
+    let s = shared();
+    let steps: [&[&str]; 4] = [
+        &[],
+        &["--server-side"],
+        &["--server-side", "--field-manager", "gitops-a"],
+        &["--server-side", "--field-manager", "gitops-b"],
+    ];
+    for extra in steps {
+        if let Err(e) = s.apply(&yaml, extra) {
+            panic!("kubectl apply {extra:?} of the same manifest failed: {e}");
+        }
+    }
+    // and the operator's own defaults are still what it reads
+    let stored = s
+        .get_json("profiles.dogfw.io", &name, None)
+        .expect("profile");
+    let rule: dog_operator::crd::Rule =
+        serde_json::from_value(stored["spec"]["inbound"][1].clone()).expect("rule");
+    assert!(rule.enabled);
+    assert_eq!(rule.protocol, dog_operator::crd::Protocol::Any);
+    for kind in ["profiles.dogfw.io", "groups.dogfw.io", "zones.dogfw.io"] {
+        s.kubectl_ok(&["delete", kind, &name]);
+    }
+}
+
+/// The README's cluster block (`kubectl …` lines after "In a cluster"), run as written from the
+/// repository root against an empty server.
+#[test]
+fn readme_cluster_commands_run_as_written() {
+    let _only = exclusive();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README");
+    let block: Vec<&str> = readme
+        .split("In a cluster the same objects are Kubernetes resources:")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's cluster block")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(block.len() >= 3, "{block:?}");
+    let s = shared();
+    for line in &block {
+        let args: Vec<&str> = line
+            .strip_prefix("kubectl ")
+            .unwrap_or_else(|| panic!("not a kubectl command: {line}"))
+            .split_whitespace()
+            .collect();
+        let out = s.kubectl_as(&s.kubeconfig, &args, None);
+        assert!(
+            out.status.success(),
+            "`{line}` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if args.first() == Some(&"get") {
+            let text = String::from_utf8_lossy(&out.stdout);
+            for name in [
+                "group.dogfw.io/db",
+                "profile.dogfw.io/db",
+                "zone.dogfw.io/office",
+            ] {
+                assert!(text.contains(name), "`{line}` lacks {name}:\n{text}");
+            }
+        }
+    }
+    // the dog objects only: this server runs no namespace controller to finish a deletion
+    s.kubectl_ok(&[
+        "delete",
+        "groups.dogfw.io,profiles.dogfw.io,zones.dogfw.io,hosts.dogfw.io",
+        "--all",
+    ]);
+}
