@@ -204,10 +204,15 @@ fn realization(
     hosts: &[String],
     views: &BTreeMap<String, HostView>,
 ) -> (u64, u64, Vec<String>) {
+    // a Retired host is not expected to run anything
+    let hosts: Vec<&String> = hosts
+        .iter()
+        .filter(|h| views.get(*h).is_none_or(|v| v.state != HostState::Retired))
+        .collect();
     let pending: Vec<String> = hosts
         .iter()
-        .filter(|h| !realized(compiled, h, views.get(*h)))
-        .cloned()
+        .filter(|h| !realized(compiled, h, views.get(**h)))
+        .map(|h| (*h).clone())
         .collect();
     let desired = hosts.len() as u64;
     let done = desired - pending.len() as u64;

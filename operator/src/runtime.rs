@@ -75,6 +75,9 @@ struct HostRt {
     /// The agent runs in observe mode: it never applies, so its live hashes never match and
     /// resending its state would be pointless.
     observe: bool,
+    /// The host mirrors a Kubernetes Node that no longer exists: it stays Retired, however
+    /// lively its agent is, until the Node comes back.
+    node_gone: bool,
 }
 
 impl HostRt {
@@ -313,21 +316,27 @@ impl Runtime {
     /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
     fn effective_snapshot(&mut self) -> Snapshot {
         let mut snap = (self.source.snapshot)();
-        // A Host whose Node was deleted is marked Retired by the Node sync (cluster mode);
-        // adopt that, or the next status pass would write the old state back.
+        // A Host whose Node was deleted is Retired (once: the Node sync records the Event) and
+        // stays so while its agent keeps talking; when the Node is back, the agent's next
+        // keepalive makes it Active again.
         for (name, host) in &snap.hosts {
-            let retired_by_source = host.spec.node_name.is_some()
-                && host
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.state == HostState::Retired);
-            if let Some(rt) = self.fleet.get_mut(name) {
-                if retired_by_source && rt.view.state != HostState::Retired {
-                    info!(host = %name, "its Node is gone: retired");
-                    rt.view.state = HostState::Retired;
-                    self.needs_status = true;
-                }
+            let gone = match (&snap.nodes, host.spec.node_name.as_deref()) {
+                (Some(nodes), Some(node)) => !nodes.contains(node),
+                _ => false,
+            };
+            if !gone && !self.fleet.contains_key(name) {
+                continue;
             }
+            let rt = self.fleet.entry(name.clone()).or_default();
+            if gone && rt.view.state != HostState::Retired {
+                info!(host = %name, "its Node is gone: retired");
+                rt.view.state = HostState::Retired;
+                self.needs_status = true;
+            }
+            if rt.node_gone && !gone {
+                info!(host = %name, "its Node is back: active again on the next keepalive");
+            }
+            rt.node_gone = gone;
         }
         for (name, host) in &self.registered {
             snap.hosts
@@ -703,12 +712,13 @@ impl Runtime {
         let rt = self.fleet.entry(host.to_string()).or_default();
         rt.last_seen = Some(now);
         rt.view.last_keepalive = Some(now.to_string());
-        if rt.view.state != HostState::Active && !self.valve.is_frozen() {
+        if rt.view.state != HostState::Active && !rt.node_gone && !self.valve.is_frozen() {
             let from = rt.view.state;
             rt.view.state = HostState::Active;
             info!(host, from = ?from, "host is active");
             emit(
                 &self.events,
+                self.compiler.snapshot(),
                 DogEvent::host_state_changed(host, from, HostState::Active),
             );
             // a host coming back (or leaving Retired) changes group address sets
@@ -731,6 +741,7 @@ impl Runtime {
                     warn!(host = %host, error = %e, "refusing heartbeat with changed keys");
                     emit(
                         &self.events,
+                        self.compiler.snapshot(),
                         DogEvent::apply_failed(&host, 0, &e.to_string()),
                     );
                 }
@@ -820,7 +831,11 @@ impl Runtime {
             let detail = format!("drift detected in {}", parts.join(", "));
             warn!(host, %detail, "agent reported drift");
             rt.view.drift = Some(detail.clone());
-            emit(&self.events, DogEvent::drift_repaired(host, &detail));
+            emit(
+                &self.events,
+                self.compiler.snapshot(),
+                DogEvent::drift_repaired(host, &detail),
+            );
         }
         let mismatch = expected.is_some() && expected != ka.live_hashes && !rt.observe;
         if mismatch {
@@ -866,6 +881,7 @@ impl Runtime {
                 self.metrics.apply_failures.inc();
                 emit(
                     &self.events,
+                    self.compiler.snapshot(),
                     DogEvent::apply_failed(host, revision, &message),
                 );
             }
@@ -882,6 +898,7 @@ impl Runtime {
         let clocks: Vec<HostClock> = self
             .fleet
             .iter()
+            .filter(|(_, rt)| !rt.node_gone)
             .map(|(n, rt)| HostClock {
                 name: n.clone(),
                 state: rt.view.state,
@@ -907,6 +924,7 @@ impl Runtime {
                     rt.view.state = t.to;
                     emit(
                         &self.events,
+                        self.compiler.snapshot(),
                         DogEvent::host_state_changed(&t.name, t.from, t.to),
                     );
                     self.needs_status = true;
@@ -936,8 +954,33 @@ impl Runtime {
     }
 }
 
-/// Records an Event without holding up the loop (sinks are best effort and log failures).
-fn emit(events: &Arc<dyn EventSink>, event: DogEvent) {
+/// Records an Event without holding up the loop (sinks are best effort and log failures). The
+/// object's uid comes from the snapshot, so that `kubectl describe` shows the Event.
+fn emit(events: &Arc<dyn EventSink>, snap: &Snapshot, event: DogEvent) {
+    let uid = match event.kind {
+        "Host" => snap
+            .hosts
+            .get(&event.name)
+            .and_then(|o| o.metadata.uid.clone()),
+        "Group" => snap
+            .groups
+            .get(&event.name)
+            .and_then(|o| o.metadata.uid.clone()),
+        "Profile" => snap
+            .profiles
+            .get(&event.name)
+            .and_then(|o| o.metadata.uid.clone()),
+        "Zone" => snap
+            .zones
+            .get(&event.name)
+            .and_then(|o| o.metadata.uid.clone()),
+        _ => None,
+    };
+    let event = if event.uid.is_none() {
+        event.with_uid(uid)
+    } else {
+        event
+    };
     let events = events.clone();
     tokio::spawn(async move { events.publish(event).await });
 }

@@ -267,6 +267,7 @@ impl SnapshotState {
             groups: self.groups.items.clone(),
             profiles: self.profiles.items.clone(),
             config_map_addresses: self.lines.clone(),
+            nodes: Some(self.nodes.items.keys().cloned().collect()),
         }
     }
 

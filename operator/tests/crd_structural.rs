@@ -587,8 +587,14 @@ fn declared_ranges_and_lengths_reach_the_schema() {
         at(&profile, "spec.defaultOutbound")["default"],
         json!("ACCEPT")
     );
-    assert_eq!(at(&profile, "spec.inbound[].enabled")["default"], json!(null));
-    assert_eq!(at(&profile, "spec.inbound[].peer.kind")["default"], json!(null));
+    assert_eq!(
+        at(&profile, "spec.inbound[].enabled")["default"],
+        json!(null)
+    );
+    assert_eq!(
+        at(&profile, "spec.inbound[].peer.kind")["default"],
+        json!(null)
+    );
 }
 
 // The checker itself must catch what it claims to catch.

@@ -28,6 +28,9 @@ pub struct Snapshot {
     pub profiles: BTreeMap<String, Profile>,
     /// Address lines of ConfigMaps referenced by Zones, keyed by `namespace/name/key`.
     pub config_map_addresses: BTreeMap<String, Arc<Vec<String>>>,
+    /// The names of the Kubernetes Nodes that exist (cluster mode; `None` elsewhere). A Host
+    /// whose `spec.nodeName` is not among them is retired, whatever its agent says.
+    pub nodes: Option<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Clone, Debug, Default)]

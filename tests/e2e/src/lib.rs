@@ -171,7 +171,29 @@ impl Fleet {
             .expect("free port")
     }
 
+    /// The operator in `--from-dir` mode on [`Fleet::resources`].
     pub fn start_operator(&mut self) {
+        let mut mode = vec![std::ffi::OsString::from("--from-dir")];
+        mode.push(self.resources().into_os_string());
+        self.spawn_operator(&mode, &[]);
+    }
+
+    /// The operator against a Kubernetes API server, as whoever `kubeconfig` names, leading
+    /// through a Lease in `namespace`. `extra` are further flags.
+    pub fn start_cluster_operator(&mut self, kubeconfig: &Path, namespace: &str, extra: &[&str]) {
+        let mode: Vec<std::ffi::OsString> = extra.iter().map(Into::into).collect();
+        let name = format!("{}-operator", self.prefix);
+        self.spawn_operator(
+            &mode,
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("POD_NAMESPACE", namespace.as_ref()),
+                ("POD_NAME", name.as_ref()),
+            ],
+        );
+    }
+
+    fn spawn_operator(&mut self, mode: &[std::ffi::OsString], envs: &[(&str, &std::ffi::OsStr)]) {
         let key = self.dir.path().join("operator.key");
         let public = self.dir.path().join("operator.pub");
         if !key.exists() {
@@ -184,10 +206,15 @@ impl Fleet {
                 public.to_str().unwrap_or_default(),
             ]);
         }
-        let log = std::fs::File::create(self.dir.path().join("operator.log")).expect("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("operator.log"))
+            .expect("log");
         let child = Command::new(bin("dog-operator"))
-            .args(["run", "--from-dir"])
-            .arg(self.resources())
+            .arg("run")
+            .args(mode)
+            .envs(envs.iter().map(|(k, v)| (*k, *v)))
             .arg("--signing-key")
             .arg(&key)
             .args([

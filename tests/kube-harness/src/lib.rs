@@ -468,3 +468,49 @@ impl ApiServer {
         path
     }
 }
+
+impl ApiServer {
+    /// Applies the operator's identity exactly as the chart installs it: the Namespace, the
+    /// ServiceAccounts and the RBAC objects of `manifests/dog.yaml` (which `scripts/check-k8s.sh`
+    /// proves equal to the chart rendered by Helm with default values), and returns a
+    /// kubeconfig that authenticates as the `dog-operator` ServiceAccount.
+    pub fn chart_operator_kubeconfig(&self) -> PathBuf {
+        const KINDS: [&str; 6] = [
+            "Namespace",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ];
+        let text = std::fs::read_to_string(repo_root().join("manifests/dog.yaml"))
+            .expect("manifests/dog.yaml");
+        let docs: Vec<&str> = text
+            .split("\n---")
+            .filter(|d| {
+                d.lines()
+                    .any(|l| KINDS.iter().any(|k| l.trim_end() == format!("kind: {k}")))
+            })
+            .collect();
+        assert!(docs.len() >= 6, "RBAC objects in manifests/dog.yaml");
+        let yaml = docs.join("\n---\n");
+        if let Err(e) = self.apply(&yaml, &[]) {
+            panic!("applying the chart's RBAC: {e}");
+        }
+        self.service_account_kubeconfig(CHART_NAMESPACE, "dog-operator")
+    }
+
+    /// Deletes every dog object, Node and leader Lease, so that an operator starts on an
+    /// empty cluster (the caller holds [`exclusive`]).
+    pub fn reset(&self) {
+        self.kubectl_ok(&[
+            "delete",
+            "groups.dogfw.io,profiles.dogfw.io,zones.dogfw.io,hosts.dogfw.io,nodes",
+            "--all",
+        ]);
+        let _ = self.kubectl(&["-n", CHART_NAMESPACE, "delete", "leases", "--all"]);
+    }
+}
+
+/// The namespace the chart installs into.
+pub const CHART_NAMESPACE: &str = "dog-system";

@@ -1,0 +1,244 @@
+//! Cluster in a box: a real kube-apiserver, the chart's RBAC, the operator running as its
+//! ServiceAccount, Node objects made by the test, one `dog-agent` per node in a network
+//! namespace (enforce mode), and real TCP between them.
+
+use dog_e2e::Fleet;
+use dog_kube_harness::{exclusive, shared, wait_until, ApiServer, CHART_NAMESPACE};
+use serde_json::Value;
+
+fn node_yaml(fleet: &Fleet, node: &str, role: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{role: {role}, dogtest: {p}}}\n",
+        name = fleet.host(node),
+        p = fleet.prefix,
+    )
+}
+
+/// Creates the Node and gives it the addresses of its namespace (status is a subresource).
+fn create_node(api: &ApiServer, fleet: &Fleet, node: &str, role: &str) {
+    if let Err(e) = api.apply(&node_yaml(fleet, node, role), &[]) {
+        panic!("creating Node {node}: {e}");
+    }
+    let status = format!(
+        r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{}"}},{{"type":"InternalIP","address":"{}"}},{{"type":"Hostname","address":"{}"}}]}}}}"#,
+        fleet.v4(node),
+        fleet.v6(node),
+        fleet.host(node)
+    );
+    api.kubectl_ok(&[
+        "patch",
+        "node",
+        &fleet.host(node),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status,
+    ]);
+}
+
+fn host(api: &ApiServer, name: &str) -> Option<Value> {
+    api.get_json("hosts.dogfw.io", name, None)
+}
+
+fn state(h: &Value) -> &str {
+    h["status"]["state"].as_str().unwrap_or("")
+}
+
+fn in_sync(h: &Value) -> bool {
+    h["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "InSync" && c["status"] == "True")
+}
+
+fn active_in_sync(api: &ApiServer, name: &str) -> bool {
+    host(api, name).is_some_and(|h| state(&h) == "Active" && in_sync(&h))
+}
+
+/// Events whose `regarding` is the Host (by name), as `reason`s in order.
+fn host_event_reasons(api: &ApiServer, name: &str) -> Vec<String> {
+    let text = api.kubectl_ok(&[
+        "get",
+        "events.events.k8s.io",
+        "-A",
+        "-o",
+        "json",
+        "--field-selector",
+        &format!("regarding.name={name}"),
+    ]);
+    let v: Value = serde_json::from_str(&text).expect("events json");
+    let mut items: Vec<&Value> = v["items"].as_array().into_iter().flatten().collect();
+    items.sort_by_key(|e| {
+        e["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    });
+    items
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn resources(p: &str) -> String {
+    format!(
+        r#"apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {{name: {p}-web}}
+spec:
+  profile: {p}-web
+  selector: {{matchLabels: {{role: web, dogtest: {p}}}}}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {{name: {p}-db}}
+spec:
+  profile: {p}-db
+  selector: {{matchLabels: {{role: db, dogtest: {p}}}}}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {{name: {p}-web}}
+spec:
+  defaultInbound: ACCEPT
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {{name: {p}-db}}
+spec:
+  defaultInbound: DROP
+  inbound:
+    - {{name: pg, action: ACCEPT, protocol: tcp, ports: ["5432"], peer: {{kind: Group, name: {p}-web}}}}
+"#
+    )
+}
+
+/// Runs `body` on a new fleet against the shared server; on failure prints the logs of every
+/// process and of the API server. Leaves no dog objects or Nodes behind either way.
+fn with_cluster(nodes: &[&str], body: impl FnOnce(&ApiServer, &mut Fleet)) {
+    if !dog_e2e::require_root() {
+        return;
+    }
+    let _only = exclusive();
+    let api = shared();
+    api.reset();
+    let mut fleet = Fleet::new(nodes);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(api, &mut fleet)));
+    if let Err(e) = result {
+        fleet.dump_logs();
+        eprintln!(
+            "---- kube-apiserver ----\n{}",
+            api.tail_log("kube-apiserver.log")
+        );
+        drop(fleet);
+        api.reset();
+        std::panic::resume_unwind(e);
+    }
+    drop(fleet);
+    api.reset();
+}
+
+#[test]
+fn cluster_in_a_box_enforces_and_survives_node_churn() {
+    with_cluster(&["web", "db", "spare", "outsider"], node_churn);
+}
+
+fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
+    let kubeconfig = api.chart_operator_kubeconfig();
+    let p = fleet.prefix.clone();
+    let (web, db, spare) = (fleet.host("web"), fleet.host("db"), fleet.host("spare"));
+    create_node(api, fleet, "web", "web");
+    create_node(api, fleet, "db", "db");
+    create_node(api, fleet, "spare", "web");
+    if let Err(e) = api.apply(&resources(&p), &[]) {
+        panic!("applying the resources: {e}");
+    }
+    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
+    for node in ["web", "db", "spare"] {
+        fleet.start_agent(node);
+    }
+    for h in [&web, &db, &spare] {
+        wait_until(&format!("Host {h} Active and InSync"), 90, || {
+            active_in_sync(api, h)
+        });
+    }
+    // the Host carries what the Node says
+    let h = host(api, &db).expect("db host");
+    assert_eq!(h["spec"]["nodeName"], Value::from(db.as_str()));
+    assert_eq!(h["metadata"]["labels"]["role"], "db");
+
+    fleet.serve_tcp("db", 5432);
+    let db_v4 = fleet.v4("db");
+    assert!(
+        fleet.tcp("web", &db_v4, 5432),
+        "web -> db:5432 must connect"
+    );
+    assert!(
+        fleet.tcp("spare", &db_v4, 5432),
+        "spare (group web) -> db:5432 must connect"
+    );
+    assert!(
+        !fleet.tcp("outsider", &db_v4, 5432),
+        "outsider -> db:5432 must be dropped"
+    );
+
+    // Node churn: the Node goes, its agent stays alive.
+    api.kubectl_ok(&["delete", "node", &spare]);
+    wait_until("the Host of the deleted Node Retired", 30, || {
+        host(api, &spare).is_some_and(|h| state(&h) == "Retired")
+    });
+    // the group no longer expects it, and spare's addresses leave the group's set
+    wait_until("group web desires 1 host and has it", 30, || {
+        api.get_json("groups.dogfw.io", &format!("{p}-web"), None)
+            .is_some_and(|g| g["status"]["hostsDesired"] == 1 && g["status"]["hostsRealized"] == 1)
+    });
+    wait_until("spare -> db:5432 dropped once spare is retired", 30, || {
+        !fleet.tcp("spare", &db_v4, 5432)
+    });
+    // A later full pass (a profile edit that every live host applies) leaves it Retired: the
+    // transition happened once, and its live agent did not bring it back.
+    let before = host(api, &db).and_then(|h| h["status"]["appliedRevision"].as_u64());
+    api.kubectl_ok(&[
+        "patch",
+        "profile.dogfw.io",
+        &format!("{p}-db"),
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/inbound/-","value":{"name":"metrics","action":"ACCEPT","protocol":"tcp","ports":["9100"]}}]"#,
+    ]);
+    wait_until("db applied the edited profile", 30, || {
+        host(api, &db)
+            .is_some_and(|h| in_sync(&h) && h["status"]["appliedRevision"].as_u64() != before)
+    });
+    let h = host(api, &spare).expect("spare host");
+    assert_eq!(state(&h), "Retired", "a retired host came back: {h}");
+    let reasons = host_event_reasons(api, &spare);
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "HostRetired").count(),
+        1,
+        "one retirement, no flapping: {reasons:?}"
+    );
+    let last = reasons.iter().rposition(|r| r == "HostRetired");
+    assert!(
+        !reasons[last.unwrap_or(0)..]
+            .iter()
+            .any(|r| r == "HostActive"),
+        "{reasons:?}"
+    );
+    // and `kubectl describe` shows it (the Event names the Host's uid)
+    let described = api.kubectl_ok(&["describe", "host.dogfw.io", &spare]);
+    assert!(
+        described.contains("HostRetired"),
+        "kubectl describe host lacks the event:\n{described}"
+    );
+
+    // The Node comes back under the same name: the Host is Active again, with rules.
+    create_node(api, fleet, "spare", "web");
+    wait_until("the re-created Node's Host Active and InSync", 60, || {
+        active_in_sync(api, &spare)
+    });
+    wait_until("spare -> db:5432 connects again", 30, || {
+        fleet.tcp("spare", &db_v4, 5432)
+    });
+}
