@@ -38,8 +38,11 @@ impl Registrar for NodeRegistrar {
     }
 }
 
-/// Runs until `shutdown` resolves or leadership is lost (then returns an error so the process
-/// restarts as a standby with a fresh view).
+/// Runs until `shutdown` resolves. Leading is a term: when this replica loses the Lease (a
+/// standby took over, or the API server was unreachable past the renew deadline) it stops
+/// publishing, stands by, and leads again when it wins the Lease back. It never exits for
+/// that: agents keep enforcing throughout, and a control-plane upgrade must not kill both
+/// replicas.
 pub async fn run(
     args: RunArgs,
     sealer: Sealer,
@@ -69,28 +72,11 @@ pub async fn run(
         let _ = elector_stop.wait_for(|s| *s).await;
     }));
 
-    // A standby is healthy and ready (it is doing its job: waiting).
-    health.set_ready();
-    info!(identity = %identity, "waiting for leadership");
-    tokio::pin!(shutdown);
-    tokio::select! {
-        _ = &mut shutdown => {
-            let _ = stop_tx.send(true);
-            let _ = elector_task.await;
-            return Ok(());
-        }
-        r = is_leader.wait_for(|l| *l) => { r?; }
-    }
-    metrics.leader.set(1);
-    info!(identity = %identity, "leading; waiting for the watches to sync");
-    while !store.is_synced() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
     let status = Arc::new(KubeStatusSink::new(client.clone()));
     let events: Arc<dyn EventSink> =
         Arc::new(KubeEventSink::new(client.clone(), Some(identity.clone())));
     let status_dyn: Arc<dyn StatusSink> = status.clone();
+    // the Node sync acts only while this replica leads (it watches `is_leader` itself)
     tokio::spawn(
         NodeSync::new(client.clone(), status_dyn.clone(), events.clone())
             .run(store.clone(), is_leader.clone()),
@@ -101,49 +87,72 @@ pub async fn run(
         events.clone(),
     )));
 
-    let seed = store
-        .hosts()
-        .into_iter()
-        .filter_map(|(n, h)| h.status.map(|s| (n, s)))
-        .collect();
-    let (link, deliveries) = OperatorLink::start(broker)?;
-    let store_for_snapshot = store.clone();
-    let runtime = Runtime::new(Parts {
-        args,
-        sealer,
-        link: link.clone(),
-        deliveries,
-        source: Source {
-            changes: store.changes(),
-            snapshot: Box::new(move || store_for_snapshot.snapshot()),
-        },
-        status: status_dyn,
-        events,
-        registrar,
-        metrics: metrics.clone(),
-        health,
-        seed,
-    });
-    let mut lost = is_leader.clone();
-    let lost_leadership = async move {
-        let _ = lost.wait_for(|l| !*l).await;
-    };
-    let mut lost_flag = false;
-    runtime
-        .run(async {
-            tokio::select! {
-                _ = &mut shutdown => {}
-                _ = lost_leadership => { lost_flag = true; }
-            }
-        })
-        .await;
-    metrics.leader.set(0);
-    link.close();
+    tokio::pin!(shutdown);
+    let mut args = Some(args);
+    let mut sealer = Some(sealer);
+    loop {
+        // A standby is healthy and ready (it is doing its job: waiting).
+        health.set_ready();
+        info!(identity = %identity, "waiting for leadership");
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = is_leader.wait_for(|l| *l) => { r?; }
+        }
+        metrics.leader.set(1);
+        info!(identity = %identity, "leading; waiting for the watches to sync");
+        while !store.is_synced() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A term's loop takes ownership of its parts; the next term gets them back.
+        let (Some(term_args), Some(term_sealer)) = (args.take(), sealer.take()) else {
+            anyhow::bail!("internal: a leadership term started without its parts");
+        };
+        let seed = store
+            .hosts()
+            .into_iter()
+            .filter_map(|(n, h)| h.status.map(|s| (n, s)))
+            .collect();
+        let (link, deliveries) = OperatorLink::start(broker.clone())?;
+        let store_for_snapshot = store.clone();
+        let runtime = Runtime::new(Parts {
+            args: term_args,
+            sealer: term_sealer,
+            link: link.clone(),
+            deliveries,
+            source: Source {
+                changes: store.changes(),
+                snapshot: Box::new(move || store_for_snapshot.snapshot()),
+            },
+            status: status_dyn.clone(),
+            events: events.clone(),
+            registrar: registrar.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            seed,
+        });
+        let mut lost = is_leader.clone();
+        let lost_leadership = async move {
+            let _ = lost.wait_for(|l| !*l).await;
+        };
+        let mut stopping = false;
+        let (a, s) = runtime
+            .run(async {
+                tokio::select! {
+                    _ = &mut shutdown => { stopping = true; }
+                    _ = lost_leadership => {}
+                }
+            })
+            .await;
+        args = Some(a);
+        sealer = Some(s);
+        metrics.leader.set(0);
+        link.close();
+        if stopping {
+            break;
+        }
+        warn!(identity = %identity, "lost leadership; standing by (agents keep their rules)");
+    }
     let _ = stop_tx.send(true);
     let _ = elector_task.await;
-    if lost_flag {
-        warn!("lost leadership; exiting so this replica restarts as a standby");
-        anyhow::bail!("leadership lost");
-    }
     Ok(())
 }

@@ -122,7 +122,7 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
                 health,
                 seed,
             });
-            runtime.run(shutdown_signal()).await;
+            let _ = runtime.run(shutdown_signal()).await;
             link.close();
             sink.flush()?;
             Ok(())

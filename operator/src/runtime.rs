@@ -265,7 +265,11 @@ impl Runtime {
     }
 
     /// Runs until `shutdown` resolves. Rules stay in force on every host whatever happens here.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Hands back the arguments and the signing key, for a next leadership term.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> (RunArgs, Sealer) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -306,6 +310,7 @@ impl Runtime {
             self.reconcile().await;
         }
         info!("operator loop stopped; agents keep enforcing their last applied rules");
+        (self.args, self.sealer)
     }
 
     // ----------------------------------------------------------------------------------

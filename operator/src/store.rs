@@ -356,7 +356,7 @@ impl SnapshotStore {
     }
 
     /// Watches everything and keeps the state current. Runs forever (watch errors are logged
-    /// and retried with kube-runtime's default backoff).
+    /// and retried with [`watch_backoff`]).
     pub async fn run(self: Arc<Self>, client: Client) {
         tokio::spawn(self.clone().coalesce());
         let cfg = watcher::Config::default;
@@ -364,19 +364,19 @@ impl SnapshotStore {
             o.meta_mut().managed_fields = None;
         }
         let zones = watcher(Api::<Zone>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(|r| r.map(|e| Update::Zone(e.modify(strip))));
         let hosts = watcher(Api::<Host>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(|r| r.map(|e| Update::Host(e.modify(strip))));
         let groups = watcher(Api::<Group>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(|r| r.map(|e| Update::Group(e.modify(strip))));
         let profiles = watcher(Api::<Profile>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(|r| r.map(|e| Update::Profile(e.modify(strip))));
         let nodes = watcher(Api::<Node>::all(client.clone()), cfg())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(|r| {
                 r.map(|e| {
                     Update::Node(e.modify(|n| {
@@ -446,7 +446,7 @@ async fn watch_config_map(
     tx: mpsc::Sender<Update>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let mut s = std::pin::pin!(watcher::watch_object(api, &name).default_backoff());
+    let mut s = std::pin::pin!(watcher::watch_object(api, &name).backoff(watch_backoff()));
     while let Some(item) = s.next().await {
         match item {
             Ok(object) => {
@@ -464,6 +464,19 @@ async fn watch_config_map(
             }
         }
     }
+}
+
+/// How watches retry: exponential from 0.5 s with jitter, capped at 4 s (kube-runtime's default
+/// caps at 30 s), so that the operator sees changes again within seconds of the end of an API
+/// server outage, however long it lasted.
+fn watch_backoff() -> kube::runtime::utils::ResetTimerBackoff<watcher::ExponentialBackoff> {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(4))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    kube::runtime::utils::ResetTimerBackoff::new(builder.into(), Duration::from_secs(60))
 }
 
 #[cfg(test)]
