@@ -45,6 +45,11 @@ pub struct RunArgs {
     /// Seconds an expected-vs-reported hash mismatch may last before the full state is resent.
     #[arg(long, env = "DOG_RESYNC_AFTER", default_value = "10", value_parser = parse_secs)]
     pub resync_after: Duration,
+    /// How often a live host's `status.lastKeepalive` is rewritten, in seconds. Liveness is
+    /// kept in memory; the status is written when something a user can see changes, and the
+    /// keepalive stamp at most this often (the Node-heartbeat/Lease split of Kubernetes).
+    #[arg(long, env = "DOG_LIVENESS_WRITE_INTERVAL", default_value = "300", value_parser = parse_secs)]
+    pub liveness_write_interval: Duration,
     /// Changes arriving within this window are compiled and published together.
     #[arg(long, env = "DOG_DEBOUNCE", default_value = "0.2", value_parser = parse_secs)]
     pub debounce: Duration,

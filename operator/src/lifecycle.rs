@@ -54,7 +54,7 @@ impl Default for LifecycleConfig {
 }
 
 /// Age of a keepalive at `now`; a keepalive from the future counts as age zero.
-fn age(last: Timestamp, now: Timestamp) -> Duration {
+pub fn age(last: Timestamp, now: Timestamp) -> Duration {
     let d: SignedDuration = now.duration_since(last);
     if d.is_negative() {
         Duration::ZERO
@@ -86,6 +86,19 @@ pub fn next_state(
     } else {
         HostState::Retired
     }
+}
+
+/// When the host was last heard at the latest, given the `status.lastKeepalive` that was
+/// written: the stamp is refreshed only every `write_every` while the host stays live, so
+/// the real keepalive may be that much newer (never later than `now`).
+pub fn latest_keepalive(
+    written: Option<Timestamp>,
+    write_every: Duration,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let written = written?;
+    let span = SignedDuration::try_from(write_every).unwrap_or(SignedDuration::ZERO);
+    Some(written.checked_add(span).unwrap_or(written).min(now))
 }
 
 /// Parses `status.lastKeepalive` (RFC 3339). Unparseable text counts as "never heard".
@@ -220,6 +233,19 @@ mod tests {
     }
     fn cfg() -> LifecycleConfig {
         LifecycleConfig::from_interval(Duration::from_secs(10))
+    }
+
+    #[test]
+    fn a_coarse_keepalive_stamp_is_read_as_its_latest_possible_time() {
+        let every = Duration::from_secs(300);
+        assert_eq!(latest_keepalive(None, every, t(1000)), None);
+        // written 100 s ago: the host may have been heard until now
+        assert_eq!(
+            latest_keepalive(Some(t(900)), every, t(1000)),
+            Some(t(1000))
+        );
+        // written an hour ago: at most 300 s later than that
+        assert_eq!(latest_keepalive(Some(t(0)), every, t(3600)), Some(t(300)));
     }
 
     #[test]

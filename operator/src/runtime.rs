@@ -210,7 +210,11 @@ impl Runtime {
                     _ => warn!(host = %name, "ignoring unreadable pinned keys in Host status"),
                 }
             }
-            rt.last_seen = lifecycle::parse_keepalive(st.last_keepalive.as_deref());
+            rt.last_seen = lifecycle::latest_keepalive(
+                lifecycle::parse_keepalive(st.last_keepalive.as_deref()),
+                args.liveness_write_interval,
+                Timestamp::now(),
+            );
             rt.view = HostView {
                 state: st.state,
                 last_keepalive: st.last_keepalive.clone(),
@@ -716,7 +720,14 @@ impl Runtime {
     fn mark_seen(&mut self, host: &str, now: Timestamp) {
         let rt = self.fleet.entry(host.to_string()).or_default();
         rt.last_seen = Some(now);
-        rt.view.last_keepalive = Some(now.to_string());
+        // the written stamp is refreshed only every liveness interval (or with a state change
+        // below): a keepalive alone must not turn into a status write
+        let stamp_due = lifecycle::parse_keepalive(rt.view.last_keepalive.as_deref())
+            .is_none_or(|t| lifecycle::age(t, now) >= self.args.liveness_write_interval);
+        if stamp_due {
+            rt.view.last_keepalive = Some(now.to_string());
+            self.needs_status = true;
+        }
         if rt.view.state != HostState::Active && !rt.node_gone && !self.valve.is_frozen() {
             let from = rt.view.state;
             rt.view.state = HostState::Active;
@@ -728,8 +739,9 @@ impl Runtime {
             );
             // a host coming back (or leaving Retired) changes group address sets
             self.needs_compile = true;
+            rt.view.last_keepalive = Some(now.to_string());
+            self.needs_status = true;
         }
-        self.needs_status = true;
     }
 
     async fn on_heartbeat(&mut self, opened: &Opened, hb: Heartbeat, now: Timestamp) {

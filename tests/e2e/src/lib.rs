@@ -241,6 +241,16 @@ impl Fleet {
         20000 + (self.net as u16 % 300) * 10 + self.index(node) as u16
     }
 
+    /// One sample of the node's agent metrics, e.g.
+    /// `dog_agent_messages_sent_total{kind="keepalive"}`; `None` when not (yet) exposed.
+    pub fn agent_metric(&self, node: &str, series: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.agent_metrics_port(node));
+        let out = sh(&["curl", "-sf", "--max-time", "2", &url]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
     pub fn start_agent(&mut self, node: &str) {
         let i = self.index(node) - 1;
         while self.agents.len() <= i {

@@ -334,3 +334,59 @@ fn api_outage(api: &ApiServer, fleet: &mut Fleet) {
             >= 2
     );
 }
+
+fn resource_version(v: &Value) -> String {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn keepalives_of_quiet_agents_write_no_status() {
+    with_cluster(&["web", "db"], quiet_agents);
+}
+
+fn quiet_agents(api: &ApiServer, fleet: &mut Fleet) {
+    let kubeconfig = api.chart_operator_kubeconfig();
+    let p = fleet.prefix.clone();
+    create_node(api, fleet, "web", "web");
+    create_node(api, fleet, "db", "db");
+    if let Err(e) = api.apply(&resources(&p), &[]) {
+        panic!("applying the resources: {e}");
+    }
+    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
+    fleet.start_agent("web");
+    fleet.start_agent("db");
+    let hosts = [fleet.host("web"), fleet.host("db")];
+    for h in &hosts {
+        wait_until(&format!("Host {h} Active and InSync"), 90, || {
+            active_in_sync(api, h)
+        });
+    }
+    // settle: the first keepalive after the rules were applied may still change the status
+    let series = r#"dog_agent_messages_sent_total{kind="keepalive"}"#;
+    let sent = |node: &str| fleet.agent_metric(node, series).unwrap_or(0.0);
+    let k0 = sent("db");
+    wait_until("two more keepalives", 20, || sent("db") >= k0 + 2.0);
+    let before: Vec<String> = hosts
+        .iter()
+        .map(|h| resource_version(&host(api, h).expect("host")))
+        .collect();
+    let (w0, d0) = (sent("web"), sent("db"));
+    wait_until("ten more keepalives from each agent", 40, || {
+        sent("web") >= w0 + 10.0 && sent("db") >= d0 + 10.0
+    });
+    let after: Vec<String> = hosts
+        .iter()
+        .map(|h| resource_version(&host(api, h).expect("host")))
+        .collect();
+    assert_eq!(
+        before, after,
+        "ten keepalives per host changed the Hosts (one status write per keepalive)"
+    );
+    // liveness is still judged: both stay Active and in sync
+    for h in &hosts {
+        assert!(active_in_sync(api, h), "{h}");
+    }
+}
