@@ -130,6 +130,20 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// How many changes applying the plan would make: sets created, replaced or destroyed,
+    /// members added or deleted, and rule lines restored (what observe mode reports).
+    pub fn change_count(&self) -> u64 {
+        let s = &self.sets;
+        let sets = s.create.len() + s.swap.len() + s.destroy.len();
+        let members: usize = s.delta.iter().map(|d| d.add.len() + d.del.len()).sum();
+        let rules: usize = [&self.ipv4, &self.ipv6]
+            .iter()
+            .filter_map(|r| r.restore.as_deref())
+            .map(|t| t.lines().filter(|l| l.starts_with("-A ")).count().max(1))
+            .sum();
+        (sets + members + rules) as u64
+    }
+
     pub fn changes_anything(&self) -> bool {
         self.sets.changes_anything() || self.ipv4.restore.is_some() || self.ipv6.restore.is_some()
     }

@@ -94,6 +94,8 @@ pub struct Agent {
     /// Latest version of each shared set taken.
     set_versions: HashMap<String, u64>,
     drift_events: VecDeque<DriftEvent>,
+    /// Observe mode: changes the last plan would make (reported in keepalives).
+    would_change: Option<u64>,
     drift: DriftSummary,
     interfaces: Vec<Interface>,
     answered: AnswerCache,
@@ -204,6 +206,7 @@ impl Agent {
             pending: None,
             set_versions: HashMap::new(),
             drift_events: VecDeque::new(),
+            would_change: None,
             drift: DriftSummary::default(),
             interfaces: Vec::new(),
             answered: AnswerCache::new(ANSWER_CACHE),
@@ -335,7 +338,11 @@ impl Agent {
         }
     }
 
+    /// The revision in force in the kernel: none in observe mode, which applies nothing.
     fn applied_revision(&self) -> Option<u64> {
+        if self.cfg.mode == ConfigMode::Observe {
+            return None;
+        }
         self.applied.as_ref().map(|a| a.revision)
     }
 
@@ -402,6 +409,8 @@ impl Agent {
             applied_revision: self.applied_revision(),
             live_hashes: self.live_hashes().await,
             drift,
+            mode: self.protocol_mode(),
+            would_change: self.would_change,
         };
         let n = ka.drift.len();
         if self
@@ -666,6 +675,7 @@ impl Agent {
         match blocking(move || k.plan_firewall(&fw)).await {
             Ok(plan) => {
                 let text = plan_summary(&plan);
+                self.would_change = Some(plan.change_count());
                 info!(revision, summary = %text, "observe mode: not applying");
                 let old: Vec<String> = self
                     .applied
@@ -676,7 +686,7 @@ impl Agent {
                 self.applied = Some(AppliedState { revision, firewall });
                 self.opener.set_applied_revision(Some(revision));
                 self.sync_bindings(&old, &new).await;
-                text_ok(id, Some(revision), Some(plan.live), text)
+                text_ok(id, None, Some(plan.live), text)
             }
             Err(e) if e.is_refusal() => Response::error(id, ErrorKind::Refused, e.to_string()),
             Err(e) => Response::error(id, ErrorKind::Internal, e.to_string()),
@@ -935,6 +945,9 @@ impl Agent {
     /// whether the kernel now matches (`None`: it could not be read or nothing is applied).
     async fn drift_check(&mut self) -> Option<bool> {
         let applied = self.applied.clone()?;
+        if self.cfg.mode == ConfigMode::Observe {
+            return self.observe_check(&applied.firewall).await;
+        }
         let k = self.kernel.clone();
         let fw = applied.firewall.clone();
         let report = match blocking(move || k.verify_firewall(&fw)).await {
@@ -1002,6 +1015,28 @@ impl Agent {
             self.drift.drifted = parts;
         }
         Some(repaired)
+    }
+
+    /// Observe mode's drift check: nothing was applied, so nothing drifted; the kernel is
+    /// planned against the desired firewall again and the count of changes is kept for the
+    /// keepalives. Returns whether the kernel already matches.
+    async fn observe_check(&mut self, firewall: &Firewall) -> Option<bool> {
+        let k = self.kernel.clone();
+        let fw = firewall.clone();
+        match blocking(move || k.plan_firewall(&fw)).await {
+            Ok(plan) => {
+                let n = plan.change_count();
+                if self.would_change != Some(n) {
+                    info!(would_change = n, summary = %plan_summary(&plan), "observe mode: the kernel changed");
+                }
+                self.would_change = Some(n);
+                Some(n == 0)
+            }
+            Err(e) => {
+                warn!(error = %e, "observe mode: cannot read the kernel");
+                None
+            }
+        }
     }
 
     async fn kernel_apply_repair(&self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {

@@ -259,6 +259,10 @@ pub struct HostStatus {
     pub desired_revision: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<u64>,
+    /// Observe mode: how many changes (sets, set members, rule lines) would bring the host to
+    /// the desired rules; the agent applies none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_change: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_hashes: Option<FirewallHashes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,6 +27,10 @@ pub struct HostView {
     pub apply_error: Option<String>,
     /// A key offered that differs from the pinned one (refused).
     pub key_conflict: Option<String>,
+    /// The agent only observes: it applies nothing and reports what it would change.
+    pub observe: bool,
+    /// Observe mode: changes that would bring the host to the desired rules.
+    pub would_change: Option<u64>,
 }
 
 /// At most this many names are listed in a status field.
@@ -137,6 +141,17 @@ pub fn host_status(compiled: &Compiled, name: &str, view: &HostView) -> HostStat
             "HashesMatch",
             "the host runs exactly the desired rules and sets",
         ),
+        (Some(HostOutcome::Firewall { .. }), Some(_), Some(_)) if view.observe => cond(
+            "InSync",
+            false,
+            "ObserveOnly",
+            match view.would_change {
+                Some(n) => format!(
+                    "observe mode: the agent applies nothing; {n} changes would bring the host to the desired rules"
+                ),
+                None => "observe mode: the agent applies nothing and has not yet said what it would change".into(),
+            },
+        ),
         (Some(HostOutcome::Firewall { .. }), Some(_), Some(_)) => cond(
             "InSync",
             false,
@@ -192,6 +207,7 @@ pub fn host_status(compiled: &Compiled, name: &str, view: &HostView) -> HostStat
         last_keepalive: view.last_keepalive.clone(),
         desired_revision: view.desired_revision,
         applied_revision: view.applied_revision,
+        would_change: view.would_change.filter(|_| view.observe),
         expected_hashes: expected.as_ref().map(crd_hashes),
         reported_hashes: view.reported.as_ref().map(crd_hashes),
         conditions,

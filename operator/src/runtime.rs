@@ -72,9 +72,6 @@ struct HostRt {
     encryption_key: Option<EncryptionPublicKey>,
     last_seen: Option<Timestamp>,
     mismatch_since: Option<Instant>,
-    /// The agent runs in observe mode: it never applies, so its live hashes never match and
-    /// resending its state would be pointless.
-    observe: bool,
     /// The host mirrors a Kubernetes Node that no longer exists: it stays Retired, however
     /// lively its agent is, until the Node comes back.
     node_gone: bool,
@@ -609,7 +606,9 @@ impl Runtime {
                 generation,
             );
             *by_state.entry(state_label(st.state)).or_default() += 1;
+            // an observing host applies nothing: its difference is not drift
             if matches!(compiled.hosts.get(h), Some(HostOutcome::Firewall { .. }))
+                && !view.observe
                 && view.reported.is_some()
                 && !report::realized(compiled, h, Some(view))
             {
@@ -802,7 +801,7 @@ impl Runtime {
         rt.view.pinned_keys = Some(keys);
         rt.view.key_conflict = None;
         rt.view.agent_version = Some(hb.agent_version.clone());
-        rt.observe = hb.mode == dog_protocol::messages::Mode::Observe;
+        rt.view.observe = hb.mode == dog_protocol::messages::Mode::Observe;
         rt.view.applied_revision = hb.applied_revision;
         rt.view.reported = hb.live_hashes.clone();
         if !hb.drift.drifted.is_empty() {
@@ -812,6 +811,7 @@ impl Runtime {
                 hb.drift.repairs
             ));
         }
+        self.needs_status = true;
         self.mark_seen(&host, now);
         // An agent that (re)connects gets its full desired state at once, unless it already
         // reported exactly that.
@@ -835,9 +835,12 @@ impl Runtime {
         let expected = report::expected_hashes(self.compiler.compiled(), host);
         let resync_after = self.args.resync_after;
         let rt = self.fleet.entry(host.to_string()).or_default();
+        let before = rt.view.clone();
+        rt.view.observe = ka.mode == dog_protocol::messages::Mode::Observe;
+        rt.view.would_change = ka.would_change;
         rt.view.applied_revision = ka.applied_revision;
         rt.view.reported = ka.live_hashes.clone();
-        if ka.drift.is_empty() {
+        if ka.drift.is_empty() || rt.view.observe {
             rt.view.drift = None;
         } else {
             let parts: Vec<String> = ka
@@ -854,7 +857,7 @@ impl Runtime {
                 DogEvent::drift_repaired(host, &detail),
             );
         }
-        let mismatch = expected.is_some() && expected != ka.live_hashes && !rt.observe;
+        let mismatch = expected.is_some() && expected != ka.live_hashes && !rt.view.observe;
         if mismatch {
             let since = *rt.mismatch_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= resync_after {
@@ -868,6 +871,10 @@ impl Runtime {
             }
         } else {
             rt.mismatch_since = None;
+        }
+        // only what a user can see changing makes a status write
+        if rt.view != before {
+            self.needs_status = true;
         }
         self.mark_seen(host, now);
     }
@@ -903,6 +910,7 @@ impl Runtime {
                 );
             }
         }
+        self.needs_status = true;
         self.mark_seen(host, now);
     }
 

@@ -158,9 +158,16 @@ pub struct Keepalive {
     #[serde(default)]
     pub live_hashes: Option<FirewallHashes>,
     /// Drift observed since the previous keepalive (oldest first; the newest
-    /// [`limits::DRIFT_ITEMS`] are kept).
+    /// [`limits::DRIFT_ITEMS`] are kept). Always empty in observe mode.
     #[serde(default)]
     pub drift: Vec<DriftEvent>,
+    /// Whether the agent enforces or only observes (an agent of an older release: enforce).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Observe mode: how many changes (sets to create, replace or destroy, set members to add
+    /// or delete, rule lines to restore) would bring the kernel to the desired firewall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_change: Option<u64>,
 }
 
 /// Why a request failed.

@@ -107,6 +107,8 @@ fn agent_messages_round_trip_and_the_first_heartbeat_pins() {
             found_hash: "b".into(),
             repaired: true,
         }],
+        mode: Default::default(),
+        would_change: None,
     });
     let ka_bytes = sealer.agent_message(OPERATOR, &ka, NOW, TTL).unwrap();
     assert_eq!(op.open(&ka_bytes, NOW), Err(Rejection::UnknownSender));

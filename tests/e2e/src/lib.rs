@@ -64,6 +64,8 @@ pub struct Fleet {
     pub nodes: Vec<String>,
     pub dir: tempfile::TempDir,
     pub operator: Option<Child>,
+    /// Where the running operator serves /metrics.
+    pub operator_metrics_port: Option<u16>,
     pub agents: Vec<Option<Child>>,
     pub extra: Vec<Child>,
 }
@@ -82,6 +84,7 @@ impl Fleet {
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
             dir,
             operator: None,
+            operator_metrics_port: None,
             agents: Vec::new(),
             extra: Vec::new(),
         };
@@ -211,6 +214,8 @@ impl Fleet {
             .append(true)
             .open(self.dir.path().join("operator.log"))
             .expect("log");
+        let metrics_port = Self::free_port();
+        self.operator_metrics_port = Some(metrics_port);
         let child = Command::new(bin("dog-operator"))
             .arg("run")
             .args(mode)
@@ -226,10 +231,7 @@ impl Fleet {
                 "3",
             ])
             .args(["--debounce", "0.1", "--log-format", "json"])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", Self::free_port()),
-            ])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -252,6 +254,20 @@ impl Fleet {
     }
 
     pub fn start_agent(&mut self, node: &str) {
+        self.start_agent_with(node, &[]);
+    }
+
+    /// One sample of the operator's metrics, e.g. `dog_hosts_drifted`.
+    pub fn operator_metric(&self, series: &str) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.operator_metrics_port?);
+        let out = sh(&["curl", "-sf", "--max-time", "2", &url]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    /// The node's agent with further flags (e.g. `--mode observe`).
+    pub fn start_agent_with(&mut self, node: &str, extra: &[&str]) {
         let i = self.index(node) - 1;
         while self.agents.len() <= i {
             self.agents.push(None);
@@ -281,6 +297,7 @@ impl Fleet {
                 &format!("127.0.0.1:{}", self.agent_metrics_port(node)),
             ])
             .args(["--log-format", "json"])
+            .args(extra)
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()

@@ -390,3 +390,74 @@ fn quiet_agents(api: &ApiServer, fleet: &mut Fleet) {
         assert!(active_in_sync(api, h), "{h}");
     }
 }
+
+fn condition<'a>(h: &'a Value, type_: &str) -> Option<&'a Value> {
+    h["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+#[test]
+fn observe_mode_reports_what_it_would_change_and_nothing_else() {
+    with_cluster(&["web", "db"], observe_mode);
+}
+
+fn observe_mode(api: &ApiServer, fleet: &mut Fleet) {
+    let kubeconfig = api.chart_operator_kubeconfig();
+    let p = fleet.prefix.clone();
+    create_node(api, fleet, "web", "web");
+    create_node(api, fleet, "db", "db");
+    if let Err(e) = api.apply(&resources(&p), &[]) {
+        panic!("applying the resources: {e}");
+    }
+    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
+    // a first rollout: both agents only observe
+    fleet.start_agent_with("web", &["--mode", "observe"]);
+    fleet.start_agent_with("db", &["--mode", "observe"]);
+    let db = fleet.host("db");
+    wait_until("db reports what it would change", 60, || {
+        host(api, &db).is_some_and(|h| {
+            state(&h) == "Active" && h["status"]["wouldChange"].as_u64().is_some_and(|n| n > 0)
+        })
+    });
+    let series = r#"dog_agent_requests_total{kind="apply",outcome="ok"}"#;
+    let applies = |node: &str| fleet.agent_metric(node, series).unwrap_or(0.0);
+    let keepalives = |node: &str| {
+        fleet
+            .agent_metric(node, r#"dog_agent_messages_sent_total{kind="keepalive"}"#)
+            .unwrap_or(0.0)
+    };
+    let (a0, k0) = (applies("db"), keepalives("db"));
+    // the test operator resends after 3 s of mismatch: ten keepalives cover three such windows
+    wait_until("ten keepalives from db", 40, || {
+        keepalives("db") >= k0 + 10.0
+    });
+    assert_eq!(
+        applies("db"),
+        a0,
+        "the operator kept resending to an observing host"
+    );
+    let h = host(api, &db).expect("db host");
+    assert!(
+        h["status"].get("appliedRevision").is_none(),
+        "an observing host applied nothing: {}",
+        h["status"]
+    );
+    let insync = condition(&h, "InSync").expect("InSync condition");
+    assert_eq!(insync["status"], "False");
+    assert_eq!(insync["reason"], "ObserveOnly", "{insync}");
+    assert!(
+        insync["message"].as_str().unwrap_or("").contains("would"),
+        "{insync}"
+    );
+    let reasons = host_event_reasons(api, &db);
+    assert!(
+        !reasons.iter().any(|r| r.contains("Drift")),
+        "drift events for an observing host: {reasons:?}"
+    );
+    assert_eq!(fleet.operator_metric("dog_hosts_drifted"), Some(0.0));
+    // and nothing was written to the kernel: db still accepts what its profile would drop
+    fleet.serve_tcp("db", 5433);
+    assert!(fleet.tcp("web", &fleet.v4("db"), 5433));
+}
