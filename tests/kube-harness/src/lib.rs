@@ -93,15 +93,14 @@ fn free_port() -> u16 {
 }
 
 type SpawnJob = Box<dyn FnOnce() -> std::io::Result<Child> + Send>;
+type SpawnRequest = (SpawnJob, mpsc::Sender<std::io::Result<Child>>);
 
 /// Children are spawned from one thread that never ends, because PR_SET_PDEATHSIG fires when
 /// the spawning *thread* exits, and every test runs on a thread of its own.
 fn spawn_kept(mut cmd: Command) -> Child {
-    static SPAWNER: OnceLock<
-        Mutex<mpsc::Sender<(SpawnJob, mpsc::Sender<std::io::Result<Child>>)>>,
-    > = OnceLock::new();
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<(SpawnJob, mpsc::Sender<std::io::Result<Child>>)>();
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
         std::thread::spawn(move || {
             for (job, reply) in rx {
                 let _ = reply.send(job());
