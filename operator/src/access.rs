@@ -7,11 +7,12 @@
 
 /// (apiGroup, resource, verbs). `""` is the core group.
 pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
-    // store.rs: watchers; nodes.rs: get/create in ensure_host_for_agent, SSA patch from Nodes.
+    // store.rs: watchers; nodes.rs: get/create in ensure_host_for_agent, SSA patch from Nodes,
+    // delete of Hosts retired longer than the retention (runtime.rs collects them).
     (
         "dogfw.io",
         "hosts",
-        &["get", "list", "watch", "create", "patch"],
+        &["get", "list", "watch", "create", "patch", "delete"],
     ),
     // status.rs: server-side apply of the status subresource.
     ("dogfw.io", "hosts/status", &["patch"]),

@@ -36,6 +36,10 @@ impl Registrar for NodeRegistrar {
                 .map_err(|e| e.to_string())
         })
     }
+
+    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { self.0.delete_host(name).await.map_err(|e| e.to_string()) })
+    }
 }
 
 /// Runs until `shutdown` resolves. Leading is a term: when this replica loses the Lease (a

@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// Seconds an expected-vs-reported hash mismatch may last before the full state is resent.
     #[arg(long, env = "DOG_RESYNC_AFTER", default_value = "10", value_parser = parse_secs)]
     pub resync_after: Duration,
+    /// A Retired host from which nothing was heard for this long (seconds; default 7 days) is
+    /// deleted, with an Event. 0 keeps Retired hosts forever.
+    #[arg(long, env = "DOG_RETIRED_RETENTION", default_value = "604800", value_parser = parse_secs)]
+    pub retired_retention: Duration,
     /// How often a live host's `status.lastKeepalive` is rewritten, in seconds. Liveness is
     /// kept in memory; the status is written when something a user can see changes, and the
     /// keepalive stamp at most this often (the Node-heartbeat/Lease split of Kubernetes).

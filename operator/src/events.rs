@@ -105,6 +105,20 @@ impl DogEvent {
         }
     }
 
+    /// A Retired host was deleted after the retention.
+    pub fn host_collected(name: &str, retention: std::time::Duration) -> Self {
+        Self::host(
+            name,
+            Severity::Normal,
+            "HostDeleted",
+            "GarbageCollect",
+            format!(
+                "host {name} was Retired and silent for more than {} s: deleted",
+                retention.as_secs()
+            ),
+        )
+    }
+
     /// Sets the object's uid.
     pub fn with_uid(mut self, uid: Option<String>) -> Self {
         self.uid = uid;

@@ -101,6 +101,21 @@ pub fn latest_keepalive(
     Some(written.checked_add(span).unwrap_or(written).min(now))
 }
 
+/// Whether a Retired host is due for garbage collection: nothing was heard from it (or, never
+/// heard, it exists) for longer than `retention`.
+pub fn collectable(
+    state: HostState,
+    last_heard: Option<Timestamp>,
+    created: Option<Timestamp>,
+    now: Timestamp,
+    retention: Duration,
+) -> bool {
+    state == HostState::Retired
+        && last_heard
+            .or(created)
+            .is_some_and(|since| age(since, now) > retention)
+}
+
 /// Parses `status.lastKeepalive` (RFC 3339). Unparseable text counts as "never heard".
 pub fn parse_keepalive(text: Option<&str>) -> Option<Timestamp> {
     text.and_then(|t| t.parse::<Timestamp>().ok())
@@ -233,6 +248,27 @@ mod tests {
     }
     fn cfg() -> LifecycleConfig {
         LifecycleConfig::from_interval(Duration::from_secs(10))
+    }
+
+    #[test]
+    fn only_retired_hosts_silent_past_the_retention_are_collected() {
+        let keep = Duration::from_secs(3600);
+        assert!(collectable(Retired, Some(t(0)), None, t(3601), keep));
+        assert!(!collectable(Retired, Some(t(0)), None, t(3600), keep));
+        // a retired host whose agent still talks (its Node was deleted) stays
+        assert!(!collectable(
+            Retired,
+            Some(t(3500)),
+            Some(t(0)),
+            t(3601),
+            keep
+        ));
+        // never heard: judged by its age
+        assert!(collectable(Retired, None, Some(t(0)), t(3601), keep));
+        assert!(!collectable(Retired, None, None, t(99_999), keep));
+        for s in [New, Active, Inactive] {
+            assert!(!collectable(s, Some(t(0)), Some(t(0)), t(99_999), keep));
+        }
     }
 
     #[test]

@@ -184,6 +184,14 @@ impl Registrar for LocalRegistrar {
         );
         Box::pin(async { Ok(()) })
     }
+
+    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        info!(
+            host = name,
+            "retired past the retention: dropped from the status file (local mode deletes no resource file)"
+        );
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A fingerprint of the directory's YAML files (names, sizes, modification times).

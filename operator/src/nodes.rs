@@ -38,6 +38,12 @@ pub enum NodeSyncError {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting Host {name}: {source}")]
+    Delete {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error(transparent)]
     Status(#[from] StatusError),
 }
@@ -255,6 +261,18 @@ impl NodeSync {
                 r = changes.changed() => if r.is_err() { return },
                 r = is_leader.changed() => if r.is_err() { return },
             }
+        }
+    }
+
+    /// Deletes a Host (retired past the retention); one already gone counts as deleted.
+    pub async fn delete_host(&self, name: &str) -> Result<(), NodeSyncError> {
+        match self.api.delete(name, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+            Err(source) => Err(NodeSyncError::Delete {
+                name: name.to_string(),
+                source,
+            }),
         }
     }
 

@@ -47,7 +47,8 @@ const PUBLISH_CONCURRENCY: usize = 64;
 /// status pass (over every host) per response.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 
-/// Creates the Host object for an agent that registered itself (a VM, not a Kubernetes Node).
+/// Creates the Host object for an agent that registered itself (a VM, not a Kubernetes Node),
+/// and deletes a Host retired for longer than the retention.
 pub trait Registrar: Send + Sync {
     fn register<'a>(
         &'a self,
@@ -55,6 +56,8 @@ pub trait Registrar: Send + Sync {
         keys: &'a AgentKeys,
         interfaces: &'a [Interface],
     ) -> BoxFuture<'a, Result<(), String>>;
+    /// Deletes the Host (gone already counts as done).
+    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// Where the loop reads the resources from.
@@ -305,7 +308,10 @@ impl Runtime {
                         self.on_delivery(d).await;
                     }
                 }
-                _ = tick.tick() => self.on_tick(),
+                _ = tick.tick() => {
+                    self.on_tick();
+                    self.collect_retired().await;
+                }
                 _ = status_tick.tick(), if self.needs_status => {}
             }
             self.reconcile().await;
@@ -962,6 +968,49 @@ impl Runtime {
         // retries of failed publishes
         if self.publish_pending_retry() {
             self.needs_publish = true;
+        }
+    }
+
+    /// Deletes the Hosts that stayed Retired and silent past the retention, and forgets them
+    /// (pins, publish state, status cache), with an Event.
+    async fn collect_retired(&mut self) {
+        let retention = self.args.retired_retention;
+        if retention.is_zero() {
+            return;
+        }
+        let now = Timestamp::now();
+        let snap = self.compiler.snapshot();
+        let due: Vec<String> = self
+            .fleet
+            .iter()
+            .filter(|(name, rt)| {
+                let created = snap
+                    .hosts
+                    .get(*name)
+                    .and_then(|h| h.metadata.creation_timestamp.as_ref())
+                    .map(|t| t.0);
+                lifecycle::collectable(rt.view.state, rt.last_seen, created, now, retention)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let event = DogEvent::host_collected(&name, retention);
+            emit(&self.events, self.compiler.snapshot(), event);
+            if let Err(e) = self.registrar.collect(&name).await {
+                warn!(host = %name, error = %e, "could not delete the retired Host; will retry");
+                continue;
+            }
+            info!(host = %name, retention_secs = retention.as_secs(), "deleted a Host retired past the retention");
+            self.fleet.remove(&name);
+            self.registered.remove(&name);
+            self.publish.forget(&name);
+            self.pending.retain(|_, (h, _)| h != &name);
+            if let dog_protocol::envelope::Trust::Agents(pins) = self.opener.trust_mut() {
+                pins.remove(&name);
+            }
+            self.status.forget("Host", &name);
+            self.last_conditions.remove(&format!("Host/{name}"));
+            self.needs_compile = true;
         }
     }
 

@@ -461,3 +461,50 @@ fn observe_mode(api: &ApiServer, fleet: &mut Fleet) {
     fleet.serve_tcp("db", 5433);
     assert!(fleet.tcp("web", &fleet.v4("db"), 5433));
 }
+
+#[test]
+fn retired_hosts_are_deleted_after_the_retention_once_silent() {
+    with_cluster(&["web", "db"], retired_retention);
+}
+
+fn retired_retention(api: &ApiServer, fleet: &mut Fleet) {
+    let kubeconfig = api.chart_operator_kubeconfig();
+    let p = fleet.prefix.clone();
+    create_node(api, fleet, "web", "web");
+    create_node(api, fleet, "db", "db");
+    if let Err(e) = api.apply(&resources(&p), &[]) {
+        panic!("applying the resources: {e}");
+    }
+    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &["--retired-retention", "3"]);
+    fleet.start_agent("web");
+    fleet.start_agent("db");
+    let (web, db) = (fleet.host("web"), fleet.host("db"));
+    for h in [&web, &db] {
+        wait_until(&format!("Host {h} Active and InSync"), 90, || {
+            active_in_sync(api, h)
+        });
+    }
+    api.kubectl_ok(&["delete", "node", &db]);
+    wait_until("db Retired", 30, || {
+        host(api, &db).is_some_and(|h| state(&h) == "Retired")
+    });
+    // its agent still talks: kept past the retention (six keepalives = twice the retention)
+    let series = r#"dog_agent_messages_sent_total{kind="keepalive"}"#;
+    let k0 = fleet.agent_metric("db", series).unwrap_or(0.0);
+    wait_until("six more keepalives from db", 30, || {
+        fleet.agent_metric("db", series).unwrap_or(0.0) >= k0 + 6.0
+    });
+    assert!(
+        host(api, &db).is_some(),
+        "a Retired host with a live agent was deleted"
+    );
+    // once it is silent past the retention, the Host goes, with an Event
+    fleet.kill_agent("db", "-KILL");
+    wait_until("the silent Retired Host deleted", 30, || {
+        host(api, &db).is_none()
+    });
+    let reasons = host_event_reasons(api, &db);
+    assert!(reasons.iter().any(|r| r == "HostDeleted"), "{reasons:?}");
+    // the rest of the fleet is untouched
+    assert!(active_in_sync(api, &web));
+}
