@@ -209,11 +209,8 @@ impl Fleet {
                 public.to_str().unwrap_or_default(),
             ]);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("operator.log"))
-            .expect("log");
+        // a new operator gets a new log (tests read what *it* did)
+        let log = std::fs::File::create(self.dir.path().join("operator.log")).expect("log");
         let metrics_port = Self::free_port();
         self.operator_metrics_port = Some(metrics_port);
         let child = Command::new(bin("dog-operator"))

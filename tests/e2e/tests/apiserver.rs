@@ -141,10 +141,8 @@ fn identical_manifests_apply_from_any_field_manager() {
 }
 
 /// The README's cluster block (`kubectl …` lines after "In a cluster"), run as written from the
-/// repository root against an empty server.
-#[test]
-fn readme_cluster_commands_run_as_written() {
-    let _only = exclusive();
+/// repository root (the caller holds `exclusive`).
+fn readme_cluster_block() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README");
     let block: Vec<&str> = readme
         .split("In a cluster the same objects are Kubernetes resources:")
@@ -187,4 +185,90 @@ fn readme_cluster_commands_run_as_written() {
         "groups.dogfw.io,profiles.dogfw.io,zones.dogfw.io,hosts.dogfw.io",
         "--all",
     ]);
+}
+
+/// The first `sh` block after `heading` in a Markdown file.
+fn sh_block(file: &str, heading: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join(file)).expect("doc");
+    text.split(heading)
+        .nth(1)
+        .and_then(|rest| rest.split("```sh").nth(1))
+        .and_then(|b| b.split("```").next())
+        .unwrap_or_else(|| panic!("no sh block after {heading:?} in {file}"))
+        .to_string()
+}
+
+/// Runs a block of shell commands as written, with `kubectl` (of the pinned release, as the
+/// admin) and `dog-operator` on PATH, in `dir`.
+fn run_block(block: &str, dir: &std::path::Path) {
+    let s = shared();
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let link = |name: &str, target: std::path::PathBuf| {
+        let _ = std::fs::remove_file(bin.join(name));
+        std::os::unix::fs::symlink(target, bin.join(name)).expect("symlink");
+    };
+    link("kubectl", dog_kube_harness::binary("kubectl"));
+    link("dog-operator", dog_e2e::bin("dog-operator"));
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", block])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "commands failed:\n{block}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The install commands as a new user runs them on an empty cluster: the README's key and
+/// Secret commands (the `helm install` line is the chart, which manifests/dog.yaml is, rendered
+/// by Helm and checked equal by scripts/check-k8s.sh), then docs/operations.md's "Without Helm"
+/// block, then the README's cluster block. Every object must be accepted by the real server.
+#[test]
+fn readme_and_install_commands_run_as_written() {
+    let _only = exclusive();
+    let s = shared();
+    let work = tempfile::tempdir().expect("tempdir");
+    let install = sh_block("README.md", "## Install with Helm");
+    let without_helm: String = install
+        .split("\nhelm install")
+        .next()
+        .expect("the README's install block")
+        .to_string();
+    assert!(
+        without_helm.contains("kubectl create namespace dog-system"),
+        "{install}"
+    );
+    run_block(&without_helm, work.path());
+    run_block(
+        &format!(
+            "cd {}\n{}",
+            repo_root().display(),
+            sh_block("docs/operations.md", "### Without Helm")
+        ),
+        work.path(),
+    );
+    for (kind, name) in [
+        ("deployment", "dog-operator"),
+        ("daemonset", "dog-agent"),
+        ("secret", "dog-broker"),
+        ("secret", "dog-operator-key"),
+        ("configmap", "dog-operator-public-keys"),
+    ] {
+        assert!(
+            s.get_json(kind, name, Some("dog-system")).is_some(),
+            "{kind}/{name} missing after the install commands"
+        );
+    }
+    readme_cluster_block();
 }
