@@ -12,11 +12,10 @@ Measures
 Usage (as root, after `cargo build --release --bins` and scripts/setup.sh):
   python3 bench/cluster_propagation.py [--agents 50] [--rounds 5] [--profile release]
 """
-import argparse, json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, socket, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from broker import delete_queues  # noqa: E402
-from propagation import Acks, pct  # noqa: E402
+from propagation import Acks, pct, stop_all  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("DOG_CACHE_DIR", os.path.expanduser("~/.cache/dog"))
@@ -165,6 +164,16 @@ def main():
             print(f"round {r}: {len(got)}/{a.agents} acked, last after {max(xs):.3f} s", flush=True)
             time.sleep(1)
 
+        # Host writes while nothing changes: every agent keeps sending keepalives
+        quiet = 60
+        watch = subprocess.Popen([c.kubectl_bin, "get", "hosts.dogfw.io", "--watch-only", "-o", "name"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 env={**os.environ, "KUBECONFIG": c.kubeconfig})
+        time.sleep(quiet)
+        watch.kill()
+        writes = len([l for l in watch.communicate()[0].splitlines() if l.strip()])
+        print(f"quiet {quiet} s: {writes} Host writes from {a.agents} agents", flush=True)
+
         # Node created -> Host exists; Node and agent started together -> Host Active
         exists, active = [], []
         for r in range(a.rounds):
@@ -190,20 +199,13 @@ def main():
         print(f"agents: {a.agents} (observe mode), rounds: {a.rounds}, profile: {a.profile}, kube-apiserver {kube_version()}")
         print(f"kubectl patch Profile -> agent ack: p50 {pct(lat, 50) * 1000:.0f} ms, p99 {pct(lat, 99) * 1000:.0f} ms, "
               f"last agent p50 {pct(last, 50) * 1000:.0f} ms, max {max(last) * 1000:.0f} ms")
+        print(f"Host writes with {a.agents} quiet agents: {writes} in {quiet} s "
+              f"({writes / a.agents / (quiet / 300):.2f} per host per 5 min; goal <= 1)")
         print(f"Node created -> Host exists: p50 {pct(exists, 50) * 1000:.0f} ms, max {max(exists) * 1000:.0f} ms")
         print(f"Node + agent started -> Host Active: p50 {pct(active or [float('inf')], 50) * 1000:.0f} ms, "
               f"max {max(active or [float('inf')]) * 1000:.0f} ms")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-        for p in procs:
-            p.wait()
-        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
-        delete_queues(prefix)
-        if os.environ.get("DOG_BENCH_KEEP"):
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, ns, prefix, work)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,21 @@ class Acks:
         return out
 
 
+def stop_all(procs, ns, prefix, work):
+    """Kills the bench's processes and removes its namespace, broker queues and files
+    (DOG_BENCH_KEEP=1 keeps the files)."""
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+    delete_queues(prefix)
+    if os.environ.get("DOG_BENCH_KEEP"):
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def rss_kb(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -168,16 +183,7 @@ def main():
                   f"max {max(xs) * 1000:.0f} ms  (goal: p99 < 1000 ms)")
         print(f"operator peak RSS: {peak / 1024:.1f} MiB")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGKILL)
-        for p in procs:
-            p.wait()
-        subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
-        delete_queues(prefix)
-        if os.environ.get("DOG_BENCH_KEEP"):
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, ns, prefix, work)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,30 @@ fn with_cluster(nodes: &[&str], body: impl FnOnce(&ApiServer, &mut Fleet)) {
     api.reset();
 }
 
+/// Nodes `web` (role web) and `db` (role db), the test's Groups and Profiles, the operator
+/// as its ServiceAccount (with `operator_flags`) and an agent on each node (with
+/// `agent_flags`); waits until both Hosts are Active and in sync unless the agents only
+/// observe.
+fn start_web_db(api: &ApiServer, fleet: &mut Fleet, operator_flags: &[&str], agent_flags: &[&str]) {
+    let kubeconfig = api.chart_operator_kubeconfig();
+    create_node(api, fleet, "web", "web");
+    create_node(api, fleet, "db", "db");
+    if let Err(e) = api.apply(&resources(&fleet.prefix), &[]) {
+        panic!("applying the resources: {e}");
+    }
+    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, operator_flags);
+    fleet.start_agent_with("web", agent_flags);
+    fleet.start_agent_with("db", agent_flags);
+    if agent_flags.contains(&"observe") {
+        return;
+    }
+    for h in [fleet.host("web"), fleet.host("db")] {
+        wait_until(&format!("Host {h} Active and InSync"), 90, || {
+            active_in_sync(api, &h)
+        });
+    }
+}
+
 #[test]
 fn cluster_in_a_box_enforces_and_survives_node_churn() {
     with_cluster(&["web", "db", "spare", "outsider"], node_churn);
@@ -262,22 +286,9 @@ fn an_api_server_outage_makes_the_operator_stand_by_not_exit() {
 }
 
 fn api_outage(api: &ApiServer, fleet: &mut Fleet) {
-    let kubeconfig = api.chart_operator_kubeconfig();
+    start_web_db(api, fleet, &[], &[]);
     let p = fleet.prefix.clone();
-    let (web, db) = (fleet.host("web"), fleet.host("db"));
-    create_node(api, fleet, "web", "web");
-    create_node(api, fleet, "db", "db");
-    if let Err(e) = api.apply(&resources(&p), &[]) {
-        panic!("applying the resources: {e}");
-    }
-    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
-    fleet.start_agent("web");
-    fleet.start_agent("db");
-    for h in [&web, &db] {
-        wait_until(&format!("Host {h} Active and InSync"), 90, || {
-            active_in_sync(api, h)
-        });
-    }
+    let db = fleet.host("db");
     let me = format!("{p}-operator");
     assert_eq!(lease_holder(api).as_deref(), Some(me.as_str()));
     fleet.serve_tcp("db", 5432);
@@ -348,22 +359,8 @@ fn keepalives_of_quiet_agents_write_no_status() {
 }
 
 fn quiet_agents(api: &ApiServer, fleet: &mut Fleet) {
-    let kubeconfig = api.chart_operator_kubeconfig();
-    let p = fleet.prefix.clone();
-    create_node(api, fleet, "web", "web");
-    create_node(api, fleet, "db", "db");
-    if let Err(e) = api.apply(&resources(&p), &[]) {
-        panic!("applying the resources: {e}");
-    }
-    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
-    fleet.start_agent("web");
-    fleet.start_agent("db");
+    start_web_db(api, fleet, &[], &[]);
     let hosts = [fleet.host("web"), fleet.host("db")];
-    for h in &hosts {
-        wait_until(&format!("Host {h} Active and InSync"), 90, || {
-            active_in_sync(api, h)
-        });
-    }
     // settle: the first keepalive after the rules were applied may still change the status
     let series = r#"dog_agent_messages_sent_total{kind="keepalive"}"#;
     let sent = |node: &str| fleet.agent_metric(node, series).unwrap_or(0.0);
@@ -404,17 +401,7 @@ fn observe_mode_reports_what_it_would_change_and_nothing_else() {
 }
 
 fn observe_mode(api: &ApiServer, fleet: &mut Fleet) {
-    let kubeconfig = api.chart_operator_kubeconfig();
-    let p = fleet.prefix.clone();
-    create_node(api, fleet, "web", "web");
-    create_node(api, fleet, "db", "db");
-    if let Err(e) = api.apply(&resources(&p), &[]) {
-        panic!("applying the resources: {e}");
-    }
-    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
-    // a first rollout: both agents only observe
-    fleet.start_agent_with("web", &["--mode", "observe"]);
-    fleet.start_agent_with("db", &["--mode", "observe"]);
+    start_web_db(api, fleet, &[], &["--mode", "observe"]);
     let db = fleet.host("db");
     wait_until("db reports what it would change", 60, || {
         host(api, &db).is_some_and(|h| {
@@ -468,22 +455,8 @@ fn retired_hosts_are_deleted_after_the_retention_once_silent() {
 }
 
 fn retired_retention(api: &ApiServer, fleet: &mut Fleet) {
-    let kubeconfig = api.chart_operator_kubeconfig();
-    let p = fleet.prefix.clone();
-    create_node(api, fleet, "web", "web");
-    create_node(api, fleet, "db", "db");
-    if let Err(e) = api.apply(&resources(&p), &[]) {
-        panic!("applying the resources: {e}");
-    }
-    fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &["--retired-retention", "3"]);
-    fleet.start_agent("web");
-    fleet.start_agent("db");
+    start_web_db(api, fleet, &["--retired-retention", "3"], &[]);
     let (web, db) = (fleet.host("web"), fleet.host("db"));
-    for h in [&web, &db] {
-        wait_until(&format!("Host {h} Active and InSync"), 90, || {
-            active_in_sync(api, h)
-        });
-    }
     api.kubectl_ok(&["delete", "node", &db]);
     wait_until("db Retired", 30, || {
         host(api, &db).is_some_and(|h| state(&h) == "Retired")
