@@ -686,7 +686,11 @@ impl Agent {
                 self.applied = Some(AppliedState { revision, firewall });
                 self.opener.set_applied_revision(Some(revision));
                 self.sync_bindings(&old, &new).await;
-                text_ok(id, None, Some(plan.live), text)
+                let mut answer = text_ok(id, None, Some(plan.live), text);
+                if let Outcome::Ok { would_change, .. } = &mut answer.result {
+                    *would_change = self.would_change;
+                }
+                answer
             }
             Err(e) if e.is_refusal() => Response::error(id, ErrorKind::Refused, e.to_string()),
             Err(e) => Response::error(id, ErrorKind::Internal, e.to_string()),
@@ -917,6 +921,7 @@ impl Agent {
                         hashes: Some(live.hashes()),
                         timings_ms: BTreeMap::new(),
                         detail: Some(d),
+                        would_change: None,
                     },
                 }
             }
@@ -1118,6 +1123,7 @@ fn text_ok(
             hashes,
             timings_ms: BTreeMap::new(),
             detail: Some(Detail::Text { text }),
+            would_change: None,
         },
     }
 }
@@ -1138,6 +1144,7 @@ fn ok_applied(id: Uuid, revision: u64, report: &ApplyReport) -> Response {
             hashes: Some(report.hashes.clone()),
             timings_ms,
             detail: None,
+            would_change: None,
         },
     }
 }

@@ -893,8 +893,12 @@ impl Runtime {
                 applied_revision,
                 hashes,
                 timings_ms,
+                would_change,
                 ..
             } => {
+                if would_change.is_some() {
+                    rt.view.would_change = would_change;
+                }
                 if applied_revision.is_some() {
                     rt.view.applied_revision = applied_revision;
                 }

@@ -221,6 +221,9 @@ pub enum Outcome {
         timings_ms: BTreeMap<String, u64>,
         #[serde(default)]
         detail: Option<Detail>,
+        /// Observe mode: how many changes the plan would make (see [`Keepalive::would_change`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        would_change: Option<u64>,
     },
     Error {
         kind: ErrorKind,

@@ -143,6 +143,7 @@ fn agent_messages_round_trip_and_the_first_heartbeat_pins() {
             hashes: Some(firewall("node-1").hashes()),
             timings_ms: timings,
             detail: Some(Detail::Text { text: "ok".into() }),
+            would_change: Some(3),
         },
     });
     let bytes = sealer.agent_message(OPERATOR, &resp, NOW, TTL).unwrap();
