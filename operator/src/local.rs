@@ -185,12 +185,14 @@ impl Registrar for LocalRegistrar {
         Box::pin(async { Ok(()) })
     }
 
-    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        info!(
-            host = name,
-            "retired past the retention: dropped from the status file (local mode deletes no resource file)"
-        );
-        Box::pin(async { Ok(()) })
+    fn collect<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async {
+            Err("local mode deletes no Host: its resource files are the administrator's".into())
+        })
+    }
+
+    fn collects(&self) -> bool {
+        false
     }
 }
 

@@ -58,6 +58,11 @@ pub trait Registrar: Send + Sync {
     ) -> BoxFuture<'a, Result<(), String>>;
     /// Deletes the Host (gone already counts as done).
     fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Whether this mode deletes Hosts at all (`--from-dir` mode does not: its Hosts are
+    /// files an administrator owns).
+    fn collects(&self) -> bool {
+        true
+    }
 }
 
 /// Where the loop reads the resources from.
@@ -979,7 +984,7 @@ impl Runtime {
     /// (pins, publish state, status cache), with an Event.
     async fn collect_retired(&mut self) {
         let retention = self.args.retired_retention;
-        if retention.is_zero() {
+        if retention.is_zero() || !self.registrar.collects() {
             return;
         }
         let now = Timestamp::now();
@@ -998,12 +1003,12 @@ impl Runtime {
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            let event = DogEvent::host_collected(&name, retention);
-            emit(&self.events, self.compiler.snapshot(), event);
             if let Err(e) = self.registrar.collect(&name).await {
                 warn!(host = %name, error = %e, "could not delete the retired Host; will retry");
                 continue;
             }
+            let event = DogEvent::host_collected(&name, retention);
+            emit(&self.events, self.compiler.snapshot(), event);
             info!(host = %name, retention_secs = retention.as_secs(), "deleted a Host retired past the retention");
             self.fleet.remove(&name);
             self.registered.remove(&name);
