@@ -16,7 +16,6 @@ use dog_protocol::envelope::Sealer;
 use dog_protocol::telemetry::Health;
 use futures::future::BoxFuture;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::{info, warn};
 
 struct NodeRegistrar(NodeSync);
@@ -92,8 +91,8 @@ pub async fn run(
     )));
 
     tokio::pin!(shutdown);
-    let mut args = Some(args);
-    let mut sealer = Some(sealer);
+    // A term's loop takes ownership of these; the next term gets them back from it.
+    let (mut args, mut sealer) = (args, sealer);
     loop {
         // A standby is healthy and ready (it is doing its job: waiting).
         health.set_ready();
@@ -104,13 +103,11 @@ pub async fn run(
         }
         metrics.leader.set(1);
         info!(identity = %identity, "leading; waiting for the watches to sync");
+        // becoming synced bumps the store's change counter
+        let mut synced = store.changes();
         while !store.is_synced() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            synced.changed().await?;
         }
-        // A term's loop takes ownership of its parts; the next term gets them back.
-        let (Some(term_args), Some(term_sealer)) = (args.take(), sealer.take()) else {
-            anyhow::bail!("internal: a leadership term started without its parts");
-        };
         let seed = store
             .hosts()
             .into_iter()
@@ -119,8 +116,8 @@ pub async fn run(
         let (link, deliveries) = OperatorLink::start(broker.clone())?;
         let store_for_snapshot = store.clone();
         let runtime = Runtime::new(Parts {
-            args: term_args,
-            sealer: term_sealer,
+            args,
+            sealer,
             link: link.clone(),
             deliveries,
             source: Source {
@@ -139,7 +136,7 @@ pub async fn run(
             let _ = lost.wait_for(|l| !*l).await;
         };
         let mut stopping = false;
-        let (a, s) = runtime
+        (args, sealer) = runtime
             .run(async {
                 tokio::select! {
                     _ = &mut shutdown => { stopping = true; }
@@ -147,8 +144,6 @@ pub async fn run(
                 }
             })
             .await;
-        args = Some(a);
-        sealer = Some(s);
         metrics.leader.set(0);
         link.close();
         if stopping {

@@ -1040,23 +1040,14 @@ impl Runtime {
 /// Records an Event without holding up the loop (sinks are best effort and log failures). The
 /// object's uid comes from the snapshot, so that `kubectl describe` shows the Event.
 fn emit(events: &Arc<dyn EventSink>, snap: &Snapshot, event: DogEvent) {
+    fn uid_in<K: kube::ResourceExt>(objects: &BTreeMap<String, K>, name: &str) -> Option<String> {
+        objects.get(name).and_then(|o| o.uid())
+    }
     let uid = match event.kind {
-        "Host" => snap
-            .hosts
-            .get(&event.name)
-            .and_then(|o| o.metadata.uid.clone()),
-        "Group" => snap
-            .groups
-            .get(&event.name)
-            .and_then(|o| o.metadata.uid.clone()),
-        "Profile" => snap
-            .profiles
-            .get(&event.name)
-            .and_then(|o| o.metadata.uid.clone()),
-        "Zone" => snap
-            .zones
-            .get(&event.name)
-            .and_then(|o| o.metadata.uid.clone()),
+        "Host" => uid_in(&snap.hosts, &event.name),
+        "Group" => uid_in(&snap.groups, &event.name),
+        "Profile" => uid_in(&snap.profiles, &event.name),
+        "Zone" => uid_in(&snap.zones, &event.name),
         _ => None,
     };
     let event = if event.uid.is_none() {
