@@ -1,7 +1,7 @@
 //! Status of every object, computed from the compiler's output and what the agents reported.
 //! Pure: the status writers (server-side apply, or a file in local mode) only store the result.
 
-use crate::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind};
+use crate::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind, Severity};
 use crate::crd::{
     AgentKeys, Condition, FirewallHashes as CrdHashes, GroupStatus, HostState, HostStatus,
     Interface, ProfileStatus, ZoneStatus,
@@ -236,9 +236,32 @@ fn realization(
 }
 
 fn validity(diags: &[&Diagnostic]) -> Condition {
-    match diags.first() {
+    let errors: Vec<&Diagnostic> = diags
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .copied()
+        .collect();
+    match errors.first() {
         None => cond("Valid", true, "Valid", "no problems found"),
-        Some(d) => cond("Valid", false, &d.reason, diag_message(diags)),
+        Some(d) => cond("Valid", false, &d.reason, diag_message(&errors)),
+    }
+}
+
+/// `Degraded: True` when the object applies, but not as written (see [`Severity::Warning`]).
+fn degradation(diags: &[&Diagnostic]) -> Condition {
+    let warnings: Vec<&Diagnostic> = diags
+        .iter()
+        .filter(|d| d.severity == Severity::Warning)
+        .copied()
+        .collect();
+    match warnings.first() {
+        None => cond(
+            "Degraded",
+            false,
+            "AsWritten",
+            "everything applies as written",
+        ),
+        Some(d) => cond("Degraded", true, &d.reason, diag_message(&warnings)),
     }
 }
 
@@ -302,6 +325,7 @@ pub fn profile_status(
         hosts_realized: done,
         conditions: vec![
             validity(&diags),
+            degradation(&diags),
             realized_condition(desired, done, &pending),
         ],
         hosts_pending: pending,
@@ -317,7 +341,7 @@ pub fn zone_status(compiled: &Compiled, name: &str) -> ZoneStatus {
         ipv6_count: summary.ipv6_count,
         invalid_count: summary.invalid_count,
         invalid_entries: summary.invalid_entries.clone(),
-        conditions: vec![validity(&diags)],
+        conditions: vec![validity(&diags), degradation(&diags)],
         observed_generation: None,
     }
 }

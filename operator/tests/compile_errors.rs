@@ -21,12 +21,14 @@ fn is_fw(o: Option<&HostOutcome>) -> bool {
 }
 
 #[test]
-fn dangling_reference_withholds_only_that_profiles_hosts() {
+fn an_unknown_blocklist_withholds_only_that_profiles_hosts() {
+    // a DROP rule naming a zone this compiler never saw: withheld (nothing opens); the
+    // ACCEPT-side cases are in dangling_references.rs
     let mut snap = fleet();
     snap.profiles.insert(
         "db".into(),
         profile(
-            "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: db}\nspec:\n  inbound:\n    - {action: ACCEPT, protocol: tcp, ports: ['5432']}\n    - {action: ACCEPT, peer: {kind: Zone, name: nowhere}, protocol: tcp, ports: ['5432']}\n",
+            "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: db}\nspec:\n  inbound:\n    - {action: ACCEPT, protocol: tcp, ports: ['5432']}\n    - {action: DROP, peer: {kind: Zone, name: nowhere}, protocol: tcp, ports: ['5432']}\n",
         ),
     );
     let c = compile(&snap, &CompileOptions::default());

@@ -6,12 +6,12 @@
 //! [`super::compile`] is this compiler run once; tests assert both give equal results.
 
 use super::addresses::{parse_entry, parse_host_address};
-use super::render::{render_profile, RenderedProfile};
+use super::render::{render_profile, RefProblem, RenderedProfile};
 use super::resolve::{groups_of, resolve, Resolution};
 use super::setname::{set_name, SetSource};
 use super::{
     CompileOptions, Compiled, CompiledFirewall, Diagnostic, GroupSummary, HostOutcome, ObjectKind,
-    ProfileSummary, Snapshot, ZoneSummary,
+    ProfileSummary, Severity, Snapshot, ZoneSummary,
 };
 use crate::crd::{Group, Host, HostState, Profile, Zone};
 use dog_protocol::ruleset::{sets_hash, Family, FirewallHashes, IpSet};
@@ -62,6 +62,9 @@ pub struct Compiler {
     zone_sets: BTreeMap<String, SetPair>,
     zone_diags: BTreeMap<String, Vec<Diagnostic>>,
     group_sets: BTreeMap<String, SetPair>,
+    /// The last sets of Groups and Zones that no longer exist but that a DROP/REJECT rule
+    /// still names: such a rule keeps blocking these members (fail closed).
+    remembered: BTreeMap<(SetSource, String), SetPair>,
     other_diags: Vec<Diagnostic>,
     /// Set name → (set, hash) of the last compile, to avoid re-hashing unchanged sets.
     hash_cache: HashMap<String, (Arc<IpSet>, String)>,
@@ -275,6 +278,7 @@ impl Compiler {
                 SetSource::Group => self.group_sets.get(name),
                 SetSource::Zone => self.zone_sets.get(name),
             }
+            .or_else(|| self.remembered.get(&(*src, name.clone())))
             .cloned();
             for f in Family::BOTH {
                 let set = match &pair {
@@ -380,8 +384,15 @@ impl Compiler {
         let mut diags: Vec<Diagnostic> = Vec::new();
         let mut out = Compiled::default();
 
+        // ---- what existed until now, for rules whose peer is gone
+        for (n, p) in std::mem::take(&mut self.zone_sets) {
+            self.remembered.insert((SetSource::Zone, n), p);
+        }
+        for (n, p) in std::mem::take(&mut self.group_sets) {
+            self.remembered.insert((SetSource::Group, n), p);
+        }
+
         // ---- zones
-        self.zone_sets.clear();
         self.zone_diags.clear();
         for (name, zone) in &snap.zones {
             let (pair, summary, zd) = build_zone(name, zone, &snap.config_map_addresses);
@@ -423,6 +434,7 @@ impl Compiler {
                 message: format!(
                     "the ipset name derived from {src:?} `{name}` collides with another object's; rules referencing it are withheld"
                 ),
+                severity: Severity::Error,
             });
         }
 
@@ -439,6 +451,7 @@ impl Compiler {
                         field: "spec.group".into(),
                         reason: "DanglingReference".into(),
                         message: format!("pinned group `{pin}` does not exist"),
+                        severity: Severity::Error,
                     });
                 }
             }
@@ -467,6 +480,7 @@ impl Compiler {
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
+                    severity: Severity::Error,
                 });
             }
             resolutions.insert(hname.clone(), r);
@@ -498,6 +512,7 @@ impl Compiler {
                         field: format!("spec.extraAddresses[{i}]"),
                         reason: "InvalidAddress".into(),
                         message: m,
+                        severity: Severity::Error,
                     }),
                 }
             }
@@ -524,22 +539,24 @@ impl Compiler {
         }
 
         // ---- profiles, rendered once per group
-        let refs = |src: SetSource, name: &str| -> Result<(), (String, String)> {
+        let remembered = &self.remembered;
+        let refs = |src: SetSource, name: &str| -> Result<(), RefProblem> {
             let exists = match src {
                 SetSource::Group => snap.groups.contains_key(name),
                 SetSource::Zone => snap.zones.contains_key(name),
             };
             if !exists {
-                return Err((
-                    "DanglingReference".into(),
-                    format!("{src:?} `{name}` does not exist"),
-                ));
+                return Err(RefProblem::Missing {
+                    remembered: remembered.contains_key(&(src, name.to_string())),
+                });
             }
             if colliding.contains(&(src, name.to_string())) {
-                return Err((
-                    "SetNameCollision".into(),
-                    format!("the ipset name of {src:?} `{name}` collides with another object's"),
-                ));
+                return Err(RefProblem::Refused {
+                    reason: "SetNameCollision".into(),
+                    message: format!(
+                        "the ipset name of {src:?} `{name}` collides with another object's"
+                    ),
+                });
             }
             Ok(())
         };
@@ -593,6 +610,7 @@ impl Compiler {
                 };
                 match render_profile(pname, profile, &g, &self.opts.failsafe, &check) {
                     Ok(r) => {
+                        diags.extend(r.warnings.iter().cloned());
                         if !placeholder {
                             rendered.insert(g, r);
                         }
@@ -619,6 +637,7 @@ impl Compiler {
                         field: "spec.profile".into(),
                         reason: "DanglingReference".into(),
                         message: format!("profile `{p}` does not exist"),
+                        severity: Severity::Error,
                     });
                 }
             }
@@ -698,6 +717,16 @@ impl Compiler {
             }
         }
         self.hash_cache.retain(|n, _| out.sets.contains_key(n));
+
+        // ---- forget remembered sets no rule needs any more
+        let current = (&self.zone_sets, &self.group_sets);
+        self.remembered.retain(|key, _| {
+            let exists = match key.0 {
+                SetSource::Zone => current.0.contains_key(&key.1),
+                SetSource::Group => current.1.contains_key(&key.1),
+            };
+            !exists && users.contains_key(key)
+        });
 
         self.firewalls = firewalls;
         self.users = users;
@@ -794,6 +823,7 @@ fn build_zone(
                 field: format!("spec.configMapRefs[{i}]"),
                 reason: "DanglingReference".into(),
                 message: format!("ConfigMap key `{key}` does not exist"),
+                severity: Severity::Error,
             }),
             Some(lines) => {
                 for (li, line) in lines.iter().enumerate() {
@@ -830,6 +860,7 @@ fn build_zone(
             field: f.clone(),
             reason: "InvalidAddress".into(),
             message: format!("{m}; entry dropped"),
+            severity: Severity::Error,
         });
     }
     if invalid.len() > INVALID_LISTED {
@@ -842,6 +873,7 @@ fn build_zone(
                 "{} more invalid entries dropped",
                 invalid.len() - INVALID_LISTED
             ),
+            severity: Severity::Error,
         });
     }
     (pair, summary, diags)
@@ -859,6 +891,7 @@ fn host_addresses(name: &str, host: &Host, diags: &mut Vec<Diagnostic>) -> Vec<I
             field,
             reason: "InvalidAddress".into(),
             message: format!("{m}; address ignored"),
+            severity: Severity::Error,
         }),
     };
     for (i, a) in host.spec.addresses.iter().enumerate() {

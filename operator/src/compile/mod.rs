@@ -48,6 +48,30 @@ pub enum ObjectKind {
     Profile,
 }
 
+/// How much a [`Diagnostic`] costs the object it is about.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub enum Severity {
+    /// Refused: a Profile with an error is withheld (its hosts keep their last rules); an
+    /// invalid entry is dropped. Status says `Valid: False`.
+    #[default]
+    Error,
+    /// Applied, but not as written (a rule whose peer is missing fails closed, an entry was
+    /// normalized). Status says `Degraded: True`.
+    Warning,
+}
+
 /// One thing the compiler refused or warns about, per object and field.
 #[derive(
     Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -60,6 +84,8 @@ pub struct Diagnostic {
     /// CamelCase reason for conditions, e.g. `DanglingReference`, `InvalidAddress`.
     pub reason: String,
     pub message: String,
+    #[serde(default)]
+    pub severity: Severity,
 }
 
 /// The firewall every member host of one group runs: rendered once per (group, profile) and

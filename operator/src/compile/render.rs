@@ -7,7 +7,7 @@
 
 use super::ports::{parse_port, port_matches, PortRange};
 use super::setname::{set_name, SetSource};
-use super::{Diagnostic, ObjectKind};
+use super::{Diagnostic, ObjectKind, Severity};
 use crate::crd::{
     Action, ConntrackState, DefaultAction, PeerKind, Profile, ProfileMode, Protocol, Rule, RuleType,
 };
@@ -76,8 +76,18 @@ struct PeerWords {
     recent: &'static str,
 }
 
-/// Whether a Group or Zone can be referenced: `Err((reason, message))` when not.
-pub type RefCheck<'a> = &'a dyn Fn(SetSource, &str) -> Result<(), (String, String)>;
+/// Why a rule cannot use a Group or Zone as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefProblem {
+    /// The object does not exist. `remembered`: the compiler still holds its last members
+    /// (it existed earlier in this process), which a DROP/REJECT rule keeps blocking.
+    Missing { remembered: bool },
+    /// The object exists but cannot be used (reason, message); the profile is withheld.
+    Refused { reason: String, message: String },
+}
+
+/// Whether a Group or Zone can be referenced.
+pub type RefCheck<'a> = &'a dyn Fn(SetSource, &str) -> Result<(), RefProblem>;
 
 /// One profile rendered for the members of one group.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,6 +100,8 @@ pub struct RenderedProfile {
     pub sources: BTreeSet<(SetSource, String)>,
     pub inbound_rules: u64,
     pub outbound_rules: u64,
+    /// Rules that apply, but not as written (a missing peer failed closed).
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// How iptables-save prints a string argument: bare when it consists only of
@@ -136,6 +148,7 @@ pub fn render_profile(
     let mut diags = Vec::new();
     let mut chains: [BTreeMap<String, Vec<String>>; 2] = Default::default();
     let mut sources = BTreeSet::new();
+    let mut warnings = Vec::new();
     let mut counts = [0u64; 2];
     for (dir, rules, default) in [
         (Direction::Inbound, &spec.inbound, spec.default_inbound),
@@ -163,6 +176,7 @@ pub fn render_profile(
                         lines[i].extend(l);
                     }
                     sources.extend(r.sources);
+                    warnings.extend(r.warnings);
                     counts[(dir == Direction::Outbound) as usize] += 1;
                 }
                 Err(d) => diags.extend(d),
@@ -190,6 +204,7 @@ pub fn render_profile(
         sources,
         inbound_rules: counts[0],
         outbound_rules: counts[1],
+        warnings,
     })
 }
 
@@ -236,9 +251,10 @@ struct RuleCtx<'a> {
 }
 
 struct RenderedRule {
-    /// IPv4 lines, IPv6 lines.
+    /// IPv4 lines, IPv6 lines (both empty when the rule matches nothing).
     lines: [Vec<String>; 2],
     sources: Vec<(SetSource, String)>,
+    warnings: Vec<Diagnostic>,
 }
 
 /// What a rule matches as its peer, before families are considered.
@@ -255,6 +271,8 @@ fn render_rule(
 ) -> Result<RenderedRule, Vec<Diagnostic>> {
     let base = format!("spec.{}[{}]", ctx.dir.field(), ctx.idx);
     let mut diags = Vec::new();
+    let mut warnings = Vec::new();
+    let mut matches_nothing = false;
     macro_rules! err {
         ($field:expr, $reason:expr, $message:expr $(,)?) => {
             diags.push(Diagnostic {
@@ -263,6 +281,7 @@ fn render_rule(
                 field: $field,
                 reason: ($reason).to_string(),
                 message: $message,
+                severity: Severity::Error,
             })
         };
     }
@@ -296,16 +315,51 @@ fn render_rule(
                     PeerMatch::Any
                 }
                 Some(n) => {
-                    if let Err((reason, message)) = refs(src, n) {
-                        err!(format!("{base}.peer.name"), reason, message);
+                    match refs(src, n) {
+                        Ok(()) => {}
+                        Err(RefProblem::Refused { reason, message }) => {
+                            err!(format!("{base}.peer.name"), reason, message)
+                        }
+                        Err(RefProblem::Missing { remembered }) => {
+                            let what = format!("{src:?} `{n}` does not exist");
+                            match dangling_effect(rule.action, remembered) {
+                                Dangling::MatchesNothing => {
+                                    matches_nothing = true;
+                                    warnings.push(warning(
+                                        ctx,
+                                        format!("{base}.peer.name"),
+                                        format!("{what}; the rule matches nothing until it exists again or the rule is removed"),
+                                    ));
+                                }
+                                Dangling::KeepsLastMembers => warnings.push(warning(
+                                    ctx,
+                                    format!("{base}.peer.name"),
+                                    format!("{what}; the rule keeps blocking its last known members until it exists again or the rule is removed"),
+                                )),
+                                Dangling::Withhold => err!(
+                                    format!("{base}.peer.name"),
+                                    "DanglingReference",
+                                    format!("{what} and its last members are unknown to this operator; the profile is withheld (its hosts keep their rules) so that removing a blocklist never opens a host"),
+                                ),
+                            }
+                        }
                     }
                     PeerMatch::Set(src, n.to_string())
                 }
             }
         }
         PeerKind::SelfGroup => {
-            if let Err((reason, message)) = refs(SetSource::Group, ctx.self_group) {
-                err!(format!("{base}.peer.kind"), reason, message);
+            match refs(SetSource::Group, ctx.self_group) {
+                Ok(()) => {}
+                Err(RefProblem::Refused { reason, message }) => {
+                    err!(format!("{base}.peer.kind"), reason, message)
+                }
+                // the host's own group exists while the host runs it
+                Err(RefProblem::Missing { .. }) => err!(
+                    format!("{base}.peer.kind"),
+                    "DanglingReference",
+                    format!("the host's own group `{}` does not exist", ctx.self_group),
+                ),
             }
             PeerMatch::Set(SetSource::Group, ctx.self_group.to_string())
         }
@@ -470,6 +524,13 @@ fn render_rule(
     }
     if !diags.is_empty() {
         return Err(diags);
+    }
+    if matches_nothing {
+        return Ok(RenderedRule {
+            lines: Default::default(),
+            sources: Vec::new(),
+            warnings,
+        });
     }
 
     // ---- assemble
@@ -693,5 +754,37 @@ fn render_rule(
     Ok(RenderedRule {
         lines: out,
         sources,
+        warnings,
     })
+}
+
+/// What a rule does when the Group or Zone it names is missing: it fails closed in the
+/// direction of its action (docs/architecture.md, "Missing references").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dangling {
+    /// ACCEPT and LOG: the rule is not rendered, so it lets nothing in.
+    MatchesNothing,
+    /// DROP and REJECT: the rule keeps the peer's last known members.
+    KeepsLastMembers,
+    /// DROP and REJECT without known members: the whole profile is withheld.
+    Withhold,
+}
+
+pub fn dangling_effect(action: Action, remembered: bool) -> Dangling {
+    match action {
+        Action::Accept | Action::Log => Dangling::MatchesNothing,
+        Action::Drop | Action::Reject if remembered => Dangling::KeepsLastMembers,
+        Action::Drop | Action::Reject => Dangling::Withhold,
+    }
+}
+
+fn warning(ctx: &RuleCtx<'_>, field: String, message: String) -> Diagnostic {
+    Diagnostic {
+        kind: ObjectKind::Profile,
+        name: ctx.profile.to_string(),
+        field,
+        reason: "DanglingReference".into(),
+        message,
+        severity: Severity::Warning,
+    }
 }
