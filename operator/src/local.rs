@@ -222,13 +222,14 @@ pub fn dir_source(
     every: Duration,
     sink: Arc<FileStatusSink>,
 ) -> Result<Source, fromdir::DirError> {
-    let (snap, errors) = fromdir::load_dir(&dir)?;
-    report_load_errors(&errors, &sink);
-    let current = Arc::new(Mutex::new(snap));
+    let first = fromdir::load_dir_traced(&dir)?;
+    report_load_errors(&first.errors, &sink);
+    let current = Arc::new(Mutex::new(first.snapshot.clone()));
     let (tx, rx) = watch::channel(0u64);
     let shared = current.clone();
     tokio::spawn(async move {
         let mut last = fingerprint(&dir);
+        let mut previous = first;
         let mut version = 0u64;
         loop {
             tokio::time::sleep(every).await;
@@ -237,13 +238,16 @@ pub fn dir_source(
                 continue;
             }
             last = now;
-            match fromdir::load_dir(&dir) {
-                Ok((snap, errors)) => {
-                    report_load_errors(&errors, &sink);
-                    info!(dir = %dir.display(), zones = snap.zones.len(), hosts = snap.hosts.len(), groups = snap.groups.len(), profiles = snap.profiles.len(), "resources changed");
+            match fromdir::load_dir_traced(&dir) {
+                Ok(mut next) => {
+                    fromdir::keep_last_good(&previous, &mut next);
+                    report_load_errors(&next.errors, &sink);
+                    let snap = &next.snapshot;
+                    info!(dir = %dir.display(), zones = snap.zones.len(), hosts = snap.hosts.len(), groups = snap.groups.len(), profiles = snap.profiles.len(), stale = snap.stale.len(), "resources changed");
                     if let Ok(mut c) = shared.lock() {
-                        *c = snap;
+                        *c = snap.clone();
                     }
+                    previous = next;
                     version += 1;
                     if tx.send(version).is_err() {
                         return;

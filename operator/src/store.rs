@@ -268,6 +268,7 @@ impl SnapshotState {
             profiles: self.profiles.items.clone(),
             config_map_addresses: self.lines.clone(),
             nodes: Some(self.nodes.items.keys().cloned().collect()),
+            stale: BTreeMap::new(),
         }
     }
 

@@ -130,7 +130,8 @@ impl Compiler {
             && same(&snapshot.profiles, &self.snap.profiles, |a, b| {
                 a.spec == b.spec
             })
-            && snapshot.zones.keys().eq(self.snap.zones.keys());
+            && snapshot.zones.keys().eq(self.snap.zones.keys())
+            && snapshot.stale == self.snap.stale;
         if !same_shape || self.out.hosts.is_empty() && !snapshot.hosts.is_empty() {
             return self.load(snapshot);
         }
@@ -641,6 +642,18 @@ impl Compiler {
                     });
                 }
             }
+        }
+
+        // ---- objects whose source no longer loads (their last good version is used)
+        for ((kind, name), message) in &snap.stale {
+            diags.push(Diagnostic {
+                kind: *kind,
+                name: name.clone(),
+                field: "metadata".into(),
+                reason: "LoadFailed".into(),
+                message: message.clone(),
+                severity: Severity::Error,
+            });
         }
 
         // ---- firewalls per group, reusing unchanged documents of the previous compile

@@ -31,6 +31,9 @@ pub struct Snapshot {
     /// The names of the Kubernetes Nodes that exist (cluster mode; `None` elsewhere). A Host
     /// whose `spec.nodeName` is not among them is retired, whatever its agent says.
     pub nodes: Option<std::collections::BTreeSet<String>>,
+    /// Objects used in their last good version because their source no longer loads
+    /// (`--from-dir`: the file has an error), with that error. Status reports it.
+    pub stale: BTreeMap<(ObjectKind, String), String>,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -272,3 +272,46 @@ fn readme_and_install_commands_run_as_written() {
     }
     readme_cluster_block();
 }
+
+/// A typo such as `prots:` must never reach the operator as a wider rule. The server refuses
+/// unknown fields when the client asks for strict validation (kubectl's default, client-side
+/// and server-side apply); a client that asks only for a warning gets one, and the field is
+/// pruned before the operator sees the object (docs/operations.md, "Unknown fields").
+#[test]
+fn unknown_fields_are_refused_by_strict_validation_and_pruned_with_a_warning_otherwise() {
+    let name = unique("typo");
+    let yaml = format!(
+        "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {{name: {name}}}\nspec:\n  inbound:\n    - {{action: ACCEPT, protocol: tcp, prots: [\"7000\"]}}\n"
+    );
+    let _only = exclusive();
+    let s = shared();
+    for extra in [&[][..], &["--server-side"][..]] {
+        let err = s
+            .apply(&yaml, extra)
+            .expect_err("a Profile with an unknown field must be refused");
+        // client-side apply: `unknown field "spec.inbound[0].prots"`; server-side apply:
+        // `.spec.inbound[0].prots: field not declared in schema`
+        assert!(
+            err.contains("unknown field \"spec.inbound[0].prots\"")
+                || err.contains(".spec.inbound[0].prots: field not declared in schema"),
+            "kubectl apply {extra:?}: {err}"
+        );
+        assert!(s.get_json("profiles.dogfw.io", &name, None).is_none());
+    }
+    let out = s.kubectl_as(
+        &s.kubeconfig,
+        &["apply", "--validate=warn", "-f", "-"],
+        Some(&yaml),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("unknown field \"spec.inbound[0].prots\""),
+        "the client is warned: {stderr}"
+    );
+    let stored = s
+        .get_json("profiles.dogfw.io", &name, None)
+        .expect("stored with a warning");
+    assert!(stored["spec"]["inbound"][0].get("prots").is_none());
+    s.kubectl_ok(&["delete", "profiles.dogfw.io", &name]);
+}
