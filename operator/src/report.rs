@@ -303,6 +303,7 @@ pub fn group_status(
         hosts_realized: done,
         conditions: vec![
             validity(&diags),
+            degradation(&diags),
             realized_condition(desired, done, &pending),
         ],
         hosts_pending: pending,

@@ -254,3 +254,55 @@ fn update_takes_the_fast_path_for_zone_and_config_map_changes_only() {
         compile(&snap3, &CompileOptions::default()).hosts
     );
 }
+
+#[test]
+fn entries_with_host_bits_are_applied_as_their_network_and_said_so() {
+    let mut snap = fleet();
+    snap.zones.get_mut("office").unwrap().spec.addresses = vec!["10.91.0.200/24".into()];
+    snap.groups.get_mut("web").unwrap().spec.extra_addresses = vec!["10.92.0.9/16".into()];
+    snap.profiles.get_mut("db").unwrap().spec.inbound[3] = serde_yaml::from_str(
+        "{action: ACCEPT, peer: {kind: Cidrs, cidrs: ['10.93.1.1/8']}, protocol: tcp, ports: ['5432']}",
+    )
+    .unwrap();
+    let c = compile(&snap, &CompileOptions::default());
+    let views = std::collections::BTreeMap::new();
+    let cases = [
+        (
+            ObjectKind::Zone,
+            "office",
+            "spec.addresses[0]",
+            "applied as 10.91.0.0/24",
+        ),
+        (
+            ObjectKind::Group,
+            "web",
+            "spec.extraAddresses[0]",
+            "applied as 10.92.0.0/16",
+        ),
+        (
+            ObjectKind::Profile,
+            "db",
+            "spec.inbound[3].peer.cidrs[0]",
+            "applied as 10.0.0.0/8",
+        ),
+    ];
+    for (kind, name, field, says) in cases {
+        let d = c.diagnostics_for(kind, name);
+        assert!(
+            d.iter()
+                .any(|d| d.field == field && d.reason == "HostBitsSet" && d.message.contains(says)),
+            "{kind:?} {name}: {d:?}"
+        );
+        let conditions = match kind {
+            ObjectKind::Zone => dog_operator::report::zone_status(&c, name).conditions,
+            ObjectKind::Group => dog_operator::report::group_status(&c, name, &views).conditions,
+            _ => dog_operator::report::profile_status(&c, name, &views).conditions,
+        };
+        let degraded = conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.status, "True", "{kind:?} {name}");
+        assert!(degraded.message.contains(says), "{degraded:?}");
+        let valid = conditions.iter().find(|c| c.type_ == "Valid").unwrap();
+        assert_eq!(valid.status, "True", "a normalized entry is not an error");
+    }
+    assert!(is_fw(c.hosts.get("db-1")));
+}

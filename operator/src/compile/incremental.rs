@@ -506,7 +506,22 @@ impl Compiler {
             }
             for (i, a) in group.spec.extra_addresses.iter().enumerate() {
                 match parse_entry(a) {
-                    Ok(n) => nets.push(n),
+                    Ok(n) => {
+                        if n.trunc() != n {
+                            diags.push(Diagnostic {
+                                kind: ObjectKind::Group,
+                                name: gname.clone(),
+                                field: format!("spec.extraAddresses[{i}]"),
+                                reason: "HostBitsSet".into(),
+                                message: format!(
+                                    "`{a}` has host bits set; applied as {}",
+                                    n.trunc()
+                                ),
+                                severity: Severity::Warning,
+                            });
+                        }
+                        nets.push(n)
+                    }
                     Err(m) => diags.push(Diagnostic {
                         kind: ObjectKind::Group,
                         name: gname.clone(),
@@ -820,9 +835,26 @@ fn build_zone(
 ) -> (SetPair, ZoneSummary, Vec<Diagnostic>) {
     let mut nets = Vec::with_capacity(zone.spec.addresses.len());
     let mut invalid: Vec<(String, String)> = Vec::new();
+    // entries such as 10.91.0.200/24 are applied as their network; said, never silent
+    let mut normalized: Vec<(String, String)> = Vec::new();
+    let mut note_host_bits = |field: &dyn Fn() -> String, text: &str, n: &IpNet| {
+        if n.trunc() != *n {
+            normalized.push((
+                field(),
+                format!(
+                    "`{}` has host bits set; applied as {}",
+                    text.trim(),
+                    n.trunc()
+                ),
+            ));
+        }
+    };
     for (i, a) in zone.spec.addresses.iter().enumerate() {
         match parse_entry(a) {
-            Ok(n) => nets.push(n),
+            Ok(n) => {
+                note_host_bits(&|| format!("spec.addresses[{i}]"), a, &n);
+                nets.push(n)
+            }
             Err(m) => invalid.push((format!("spec.addresses[{i}]"), m)),
         }
     }
@@ -845,7 +877,14 @@ fn build_zone(
                         continue;
                     }
                     match parse_entry(entry) {
-                        Ok(n) => nets.push(n),
+                        Ok(n) => {
+                            note_host_bits(
+                                &|| format!("spec.configMapRefs[{i}] ({key} line {})", li + 1),
+                                entry,
+                                &n,
+                            );
+                            nets.push(n)
+                        }
                         Err(m) => invalid.push((
                             format!("spec.configMapRefs[{i}] ({key} line {})", li + 1),
                             m,
@@ -874,6 +913,29 @@ fn build_zone(
             reason: "InvalidAddress".into(),
             message: format!("{m}; entry dropped"),
             severity: Severity::Error,
+        });
+    }
+    for (f, m) in normalized.iter().take(INVALID_LISTED) {
+        diags.push(Diagnostic {
+            kind: ObjectKind::Zone,
+            name: name.to_string(),
+            field: f.clone(),
+            reason: "HostBitsSet".into(),
+            message: m.clone(),
+            severity: Severity::Warning,
+        });
+    }
+    if normalized.len() > INVALID_LISTED {
+        diags.push(Diagnostic {
+            kind: ObjectKind::Zone,
+            name: name.to_string(),
+            field: "spec".into(),
+            reason: "HostBitsSet".into(),
+            message: format!(
+                "{} more entries with host bits set, applied as their networks",
+                normalized.len() - INVALID_LISTED
+            ),
+            severity: Severity::Warning,
         });
     }
     if invalid.len() > INVALID_LISTED {

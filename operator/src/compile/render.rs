@@ -328,12 +328,14 @@ fn render_rule(
                                     warnings.push(warning(
                                         ctx,
                                         format!("{base}.peer.name"),
+                                        "DanglingReference",
                                         format!("{what}; the rule matches nothing until it exists again or the rule is removed"),
                                     ));
                                 }
                                 Dangling::KeepsLastMembers => warnings.push(warning(
                                     ctx,
                                     format!("{base}.peer.name"),
+                                    "DanglingReference",
                                     format!("{what}; the rule keeps blocking its last known members until it exists again or the rule is removed"),
                                 )),
                                 Dangling::Withhold => err!(
@@ -374,7 +376,17 @@ fn render_rule(
             let mut nets = Vec::new();
             for (i, c) in peer.cidrs.iter().enumerate() {
                 match super::addresses::parse_entry(c) {
-                    Ok(n) => nets.push(n.trunc()),
+                    Ok(n) => {
+                        if n.trunc() != n {
+                            warnings.push(warning(
+                                ctx,
+                                format!("{base}.peer.cidrs[{i}]"),
+                                "HostBitsSet",
+                                format!("`{c}` has host bits set; applied as {}", n.trunc()),
+                            ));
+                        }
+                        nets.push(n.trunc())
+                    }
                     Err(m) => err!(format!("{base}.peer.cidrs[{i}]"), "InvalidAddress", m),
                 }
             }
@@ -778,12 +790,12 @@ pub fn dangling_effect(action: Action, remembered: bool) -> Dangling {
     }
 }
 
-fn warning(ctx: &RuleCtx<'_>, field: String, message: String) -> Diagnostic {
+fn warning(ctx: &RuleCtx<'_>, field: String, reason: &str, message: String) -> Diagnostic {
     Diagnostic {
         kind: ObjectKind::Profile,
         name: ctx.profile.to_string(),
         field,
-        reason: "DanglingReference".into(),
+        reason: reason.into(),
         message,
         severity: Severity::Warning,
     }
