@@ -2,7 +2,6 @@
 
 use crate::apply::LiveState;
 use crate::firewall::Firewall;
-use crate::ipset::TEMP_PREFIX;
 use crate::iptables::{diff_chains, ChainDiff, FilterState, JumpState, HOOKS};
 use dog_protocol::ruleset::{Family, FirewallHashes};
 use ipnet::IpNet;
@@ -138,8 +137,10 @@ pub fn compute_drift(expected: &Firewall, live: &LiveState) -> DriftReport {
             }
         }
     }
+    // a leftover temporary set (an apply interrupted while filling it) is drift too: the
+    // repair's plan destroys it
     for (name, have) in &live.sets {
-        if !expected.sets.contains_key(name) && !name.starts_with(TEMP_PREFIX) {
+        if !expected.sets.contains_key(name) {
             sets.push(SetDrift {
                 name: name.clone(),
                 missing_set: false,

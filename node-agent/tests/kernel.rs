@@ -249,6 +249,40 @@ fn drift_is_reported_exactly_and_repaired() {
     }
 }
 
+/// An agent killed while `ipset restore` filled a temporary set leaves it behind; the restarted
+/// agent finds the rules and sets it applied intact, so only drift can notice the leftover.
+#[test]
+fn a_leftover_temporary_set_is_drift_and_the_repair_removes_it() {
+    if !netns::available("a_leftover_temporary_set_is_drift_and_the_repair_removes_it") {
+        return;
+    }
+    for backend in BACKENDS {
+        let ns = NetNs::new().unwrap();
+        let a = fw1();
+        kernel(&ns, backend).apply(&a).unwrap();
+        let tmp = dog_agent::ipset::temp_name("dogz4-web");
+        ns.exec(&["ipset", "create", &tmp, "hash:net", "family", "inet"])
+            .unwrap();
+        ns.exec(&["ipset", "add", &tmp, "192.0.2.1"]).unwrap();
+
+        let k = kernel(&ns, backend); // a restarted agent: no cache
+        let d = k.verify(&a).unwrap();
+        assert!(
+            !d.is_clean(),
+            "{backend:?}: a partial temporary set must be seen"
+        );
+        assert!(
+            d.sets.iter().any(|s| s.name == tmp && s.extra_set),
+            "{:?}",
+            d.lines()
+        );
+        let r = k.repair(&a).unwrap();
+        assert_eq!(r.plan.sets.stale_temps, vec![tmp.clone()]);
+        assert!(!dog_sets(&ns).contains(&tmp), "{:?}", dog_sets(&ns));
+        assert!(k.verify(&a).unwrap().is_clean());
+    }
+}
+
 #[test]
 fn observe_plans_without_touching_and_deltas_apply() {
     if !netns::available("observe_plans_without_touching_and_deltas_apply") {
