@@ -168,7 +168,7 @@ def cmd_check_policy(args):
                 if env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
                     problems.append(f"{f}: {name}: NODE_NAME must come from spec.nodeName")
                 for probe in ("livenessProbe", "readinessProbe"):
-                    if c.get(probe, {}).get("httpGet", {}).get("port") not in ("metrics", 9091):
+                    if c.get(probe, {}).get("httpGet", {}).get("port") not in ("metrics", 10291):
                         problems.append(f"{f}: {name}: {probe} must target the health port")
         for dep in by_kind.get("Deployment", []):
             spec, cs = containers(dep)

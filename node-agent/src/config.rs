@@ -70,7 +70,7 @@ pub struct Config {
     pub address_interval: Duration,
 
     /// Address of the /metrics, /healthz and /readyz endpoint.
-    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "0.0.0.0:9091")]
+    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "[::]:10291")]
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,

@@ -72,7 +72,7 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
 
-    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "[::]:9090")]
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,

@@ -138,7 +138,8 @@ pub async fn serve(
     registry: Registry,
     health: Health,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = listen(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr()?;
     let app = router(registry, health);
     tokio::spawn(async move {
@@ -147,6 +148,40 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+/// Binds `addr`. The unspecified IPv6 address (`[::]`, the default) takes IPv4 connections too,
+/// whatever the node's `net.ipv6.bindv6only`, and falls back to `0.0.0.0` on a node without
+/// IPv6, so the endpoint works on IPv4-only, IPv6-only and dual-stack nodes alike.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let std_listener = match open(addr) {
+        Err(e)
+            if addr.is_ipv6()
+                && addr.ip().is_unspecified()
+                && e.raw_os_error() == Some(libc_eafnosupport()) =>
+        {
+            open(SocketAddr::from(([0, 0, 0, 0], addr.port())))?
+        }
+        other => other?,
+    };
+    tokio::net::TcpListener::from_std(std_listener)
+}
+
+/// EAFNOSUPPORT on Linux (the kernel has no IPv6).
+const fn libc_eafnosupport() -> i32 {
+    97
 }
 
 #[cfg(test)]
@@ -188,5 +223,28 @@ mod tests {
         assert_eq!(get(addr, "/readyz").await.0, 200);
         health.set_unhealthy(Some("stuck".into()));
         assert_eq!(get(addr, "/healthz").await.0, 503);
+    }
+
+    #[tokio::test]
+    async fn the_default_address_serves_ipv4_and_ipv6_and_a_busy_port_is_named() {
+        let addr = serve(
+            "[::]:0".parse().unwrap(),
+            Registry::new(),
+            Health::default(),
+        )
+        .await
+        .unwrap();
+        for host in ["127.0.0.1", "[::1]"] {
+            let a: SocketAddr = format!("{host}:{}", addr.port()).parse().unwrap();
+            assert_eq!(get(a, "/healthz").await.0, 200, "{a}");
+        }
+        let busy = serve(addr, Registry::new(), Health::default())
+            .await
+            .unwrap_err();
+        assert!(
+            busy.to_string()
+                .contains(&format!("cannot listen on [::]:{}", addr.port())),
+            "{busy}"
+        );
     }
 }
