@@ -2,7 +2,7 @@
 
 use clap::Args;
 use dog_protocol::broker::BrokerArgs;
-use dog_protocol::ruleset::{Failsafe, FailsafePort, FailsafeProtocol};
+use dog_protocol::ruleset::{ClusterNetwork, Failsafe, FailsafePort, FailsafeProtocol};
 use dog_protocol::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,6 +65,29 @@ pub struct RunArgs {
     #[arg(long, env = "DOG_FAILSAFE_OUTBOUND", default_value = "udp:53,tcp:53,udp:67,tcp:6443,tcp:2379-2380,tcp:5671,tcp:5672", value_parser = parse_ports)]
     pub failsafe_outbound: PortList,
 
+    /// The cluster profile: what a Kubernetes node needs to stay a working node, accepted after
+    /// the failsafe ports and before any Profile rule. `none` (VMs), `generic` (the union of
+    /// what the common CNIs use), or one CNI: `flannel`, `calico`, `cilium`, `bridge`.
+    /// docs/operations.md has the table of what each one opens.
+    #[arg(long, env = "DOG_CNI", value_enum, default_value = "none")]
+    pub cni: Cni,
+    /// Further inbound ports of the cluster profile (same syntax as --failsafe-inbound).
+    #[arg(long, env = "DOG_CLUSTER_INBOUND", default_value = "", value_parser = parse_ports)]
+    pub cluster_inbound: PortList,
+    /// Further outbound ports of the cluster profile.
+    #[arg(long, env = "DOG_CLUSTER_OUTBOUND", default_value = "", value_parser = parse_ports)]
+    pub cluster_outbound: PortList,
+    /// Interfaces of the node's own pods (comma-separated, `+` is a wildcard); default: the
+    /// CNI's (`cni0`, `cali+`, `lxc+`, …).
+    #[arg(long, env = "DOG_POD_INTERFACES", value_delimiter = ',')]
+    pub pod_interfaces: Option<Vec<String>>,
+    /// The NodePort range kube-proxy serves (`30000-32767`; empty for none). Only with a CNI.
+    #[arg(long, env = "DOG_NODE_PORTS", default_value = "30000-32767")]
+    pub node_ports: String,
+    /// The agents' metrics port, kept open for Prometheus (0 for none). Only with a CNI.
+    #[arg(long, env = "DOG_AGENT_METRICS_PORT", default_value = "10291")]
+    pub agent_metrics_port: u16,
+
     /// Namespace of the leader-election Lease (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "dog-system")]
     pub namespace: String,
@@ -82,12 +105,116 @@ pub struct RunArgs {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortList(pub Vec<FailsafePort>);
 
+/// A CNI preset of the cluster profile.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cni {
+    None,
+    Generic,
+    Flannel,
+    Calico,
+    Cilium,
+    Bridge,
+}
+
+impl Cni {
+    /// (inbound and outbound node-to-node ports, pod interfaces) of the preset.
+    fn preset(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            Cni::None => ("", &[]),
+            // VXLAN (Linux and IANA ports), Geneve, WireGuard, BGP, Typha, Cilium health
+            Cni::Generic => (
+                "udp:8472,udp:4789,udp:6081,udp:51820,udp:51821,udp:51871,tcp:179,tcp:5473,tcp:4240",
+                &["cni0", "cali+", "lxc+", "veth+"],
+            ),
+            Cni::Flannel => ("udp:8472,udp:51820,udp:51821", &["cni0"]),
+            Cni::Calico => ("udp:4789,udp:51820,udp:51821,tcp:179,tcp:5473", &["cali+"]),
+            Cni::Cilium => ("udp:8472,udp:6081,udp:51871,tcp:4240", &["lxc+"]),
+            Cni::Bridge => ("", &["cni0"]),
+        }
+    }
+}
+
 impl RunArgs {
     pub fn failsafe(&self) -> Failsafe {
         Failsafe {
             inbound: self.failsafe_inbound.0.clone(),
             outbound: self.failsafe_outbound.0.clone(),
+            cluster: self.cluster().unwrap_or_default(),
         }
+    }
+
+    /// The cluster profile these flags describe (see [`Cni`]).
+    pub fn cluster(&self) -> Result<ClusterNetwork, String> {
+        let (ports, interfaces) = self.cni.preset();
+        let node_ports = |proto: &str| -> Result<Vec<FailsafePort>, String> {
+            if self.node_ports.trim().is_empty() {
+                return Ok(Vec::new());
+            }
+            parse_ports(&format!("{proto}:{}", self.node_ports.trim()))
+                .map(|p| p.0)
+                .map_err(|e| format!("--node-ports: {e}"))
+        };
+        let mut inbound = parse_ports(ports)?.0;
+        let mut outbound = inbound.clone();
+        if self.cni != Cni::None {
+            // kube-proxy's health check (load balancers probe it)
+            inbound.push(FailsafePort::one(FailsafeProtocol::Tcp, 10256));
+            inbound.extend(node_ports("tcp")?);
+            inbound.extend(node_ports("udp")?);
+            if self.agent_metrics_port != 0 {
+                inbound.push(FailsafePort::one(
+                    FailsafeProtocol::Tcp,
+                    self.agent_metrics_port,
+                ));
+            }
+        }
+        inbound.extend(self.cluster_inbound.0.iter().copied());
+        outbound.extend(self.cluster_outbound.0.iter().copied());
+        let pod_interfaces: Vec<String> = match &self.pod_interfaces {
+            Some(list) => list
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            None => interfaces.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in &pod_interfaces {
+            let body = i.strip_suffix('+').unwrap_or(i);
+            let ok = !body.is_empty()
+                && body.len() <= 15
+                && body
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if !ok {
+                return Err(format!(
+                    "--pod-interfaces: `{i}` is not a Linux interface name"
+                ));
+            }
+        }
+        Ok(ClusterNetwork {
+            inbound,
+            outbound,
+            pod_interfaces,
+            services: self.cni != Cni::None,
+        })
+    }
+
+    /// Refuses a configuration that would cut the agents off: the broker port (of the
+    /// operator's own broker URL, which the agents share) must be open outbound to any address.
+    pub fn check_lockout(&self, broker_port: u16) -> Result<(), String> {
+        self.cluster()?;
+        let open = self.failsafe_outbound.0.iter().any(|p| {
+            p.protocol == FailsafeProtocol::Tcp
+                && p.from <= broker_port
+                && broker_port <= p.to
+                && p.net.is_none()
+        });
+        if !open {
+            return Err(format!(
+                "--failsafe-outbound (DOG_FAILSAFE_OUTBOUND) does not keep tcp port {broker_port} (the broker) open to every address: every agent would refuse every firewall, and a Profile whose outbound default is DROP would cut the agents off"
+            ));
+        }
+        Ok(())
     }
     pub fn inactive_after(&self) -> Duration {
         self.inactive_after.unwrap_or(self.keepalive_interval * 3)
@@ -107,7 +234,22 @@ pub fn parse_secs(s: &str) -> Result<Duration, String> {
 pub fn parse_ports(s: &str) -> Result<PortList, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (proto, ports) = item
+        let (spec, net) = match item.split_once('@') {
+            Some((spec, net)) => {
+                let n: ipnet::IpNet = net.parse().map_err(|e| {
+                    format!("`{item}`: `{net}` is not a network (e.g. 10.0.0.0/8): {e}")
+                })?;
+                if n.trunc() != n {
+                    return Err(format!(
+                        "`{item}`: `{net}` has host bits set (did you mean {}?)",
+                        n.trunc()
+                    ));
+                }
+                (spec, Some(n))
+            }
+            None => (item, None),
+        };
+        let (proto, ports) = spec
             .split_once(':')
             .ok_or_else(|| format!("`{item}`: expected PROTOCOL:PORT or PROTOCOL:FROM-TO"))?;
         let protocol = match proto {
@@ -128,7 +270,11 @@ pub fn parse_ports(s: &str) -> Result<PortList, String> {
         if from > to {
             return Err(format!("`{item}`: range start is above its end"));
         }
-        out.push(FailsafePort { protocol, from, to });
+        let port = FailsafePort::range(protocol, from, to);
+        out.push(match net {
+            Some(n) => port.from_net(n),
+            None => port,
+        });
     }
     Ok(PortList(out))
 }
@@ -149,8 +295,81 @@ mod tests {
         assert_eq!(t.run.inactive_after(), Duration::from_secs(90));
     }
 
+    fn parse(args: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut v = vec!["x"];
+        v.extend_from_slice(args);
+        <T as clap::Parser>::try_parse_from(v).unwrap().run
+    }
+
+    #[test]
+    fn the_cluster_profile_follows_the_cni_and_the_flags() {
+        assert!(parse(&[]).failsafe().cluster.is_empty(), "none by default");
+        let flannel = parse(&["--cni", "flannel"]).cluster().unwrap();
+        let has = |list: &[FailsafePort], proto, port| {
+            list.iter()
+                .any(|p| p.protocol == proto && p.from <= port && port <= p.to)
+        };
+        use FailsafeProtocol::{Tcp, Udp};
+        assert!(has(&flannel.inbound, Udp, 8472) && has(&flannel.outbound, Udp, 8472));
+        assert!(has(&flannel.inbound, Tcp, 10256), "kube-proxy health");
+        assert!(has(&flannel.inbound, Tcp, 31000) && has(&flannel.inbound, Udp, 31000));
+        assert!(has(&flannel.inbound, Tcp, 10291), "agent metrics");
+        assert_eq!(flannel.pod_interfaces, ["cni0"]);
+        assert!(flannel.services);
+        let custom = parse(&[
+            "--cni",
+            "calico",
+            "--node-ports",
+            "",
+            "--agent-metrics-port",
+            "0",
+            "--pod-interfaces",
+            "pod0,veth+",
+            "--cluster-inbound",
+            "tcp:9100@10.0.0.0/8",
+        ])
+        .cluster()
+        .unwrap();
+        assert!(!has(&custom.inbound, Tcp, 31000) && !has(&custom.inbound, Tcp, 10291));
+        assert!(has(&custom.inbound, Tcp, 179));
+        assert_eq!(custom.pod_interfaces, ["pod0", "veth+"]);
+        assert!(custom
+            .inbound
+            .iter()
+            .any(|p| p.from == 9100 && p.net.is_some()));
+        let bad = parse(&["--cni", "bridge", "--pod-interfaces", "no spaces"]);
+        assert!(bad.cluster().unwrap_err().contains("--pod-interfaces"));
+    }
+
+    #[test]
+    fn a_failsafe_without_the_broker_port_is_refused_at_start() {
+        assert!(parse(&[]).check_lockout(5672).is_ok());
+        let err = parse(&[]).check_lockout(5673).unwrap_err();
+        assert!(
+            err.contains("--failsafe-outbound") && err.contains("5673"),
+            "{err}"
+        );
+        let narrowed = parse(&["--failsafe-outbound", "udp:53,tcp:5672@10.0.0.0/8"]);
+        assert!(narrowed.check_lockout(5672).is_err());
+    }
+
     #[test]
     fn bad_port_lists_name_the_item() {
+        assert!(parse_ports("tcp:22@10.0.0.1/8")
+            .unwrap_err()
+            .contains("host bits"));
+        assert!(parse_ports("tcp:22@nowhere")
+            .unwrap_err()
+            .contains("nowhere"));
+        assert_eq!(
+            parse_ports("tcp:22@fd00::/8").unwrap().0[0].net,
+            Some("fd00::/8".parse().unwrap())
+        );
         assert!(parse_ports("tcp:0").unwrap_err().contains("tcp:0"));
         assert!(parse_ports("icmp:8").unwrap_err().contains("icmp"));
         assert!(parse_ports("tcp:9-2").unwrap_err().contains("range"));

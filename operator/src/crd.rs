@@ -412,6 +412,19 @@ pub enum ProfileMode {
     Audit,
 }
 
+/// What the node's own pods may send to the host, when the operator runs with a cluster
+/// profile that names the pods' interfaces (`--cni`); Calico's `DefaultEndpointToHostAction`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PodToHost {
+    /// Accepted before the profile's rules (node-local DNS, host-network services keep working).
+    #[default]
+    Accept,
+    /// Judged by the profile's inbound rules and default, like any other source.
+    Profile,
+    /// Dropped (failsafe ports stay open).
+    Drop,
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
@@ -661,6 +674,10 @@ pub struct ProfileSpec {
     /// Action for outbound packets no rule matched (the last rule of DOG-OUTPUT).
     #[serde(default = "default_outbound")]
     pub default_outbound: DefaultAction,
+    /// What the node's own pods may send to the host (with a cluster profile; see
+    /// docs/architecture.md, "The cluster profile").
+    #[serde(default)]
+    pub pod_to_host: PodToHost,
     #[serde(default)]
     #[schemars(length(max = 2000))]
     pub inbound: Vec<Rule>,
@@ -675,6 +692,7 @@ impl Default for ProfileSpec {
             mode: ProfileMode::Enforce,
             default_inbound: DefaultAction::Drop,
             default_outbound: DefaultAction::Accept,
+            pod_to_host: PodToHost::Accept,
             inbound: Vec::new(),
             outbound: Vec::new(),
         }

@@ -70,6 +70,8 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
     dog_protocol::telemetry::init_logging(args.log_format);
     dog_protocol::broker::install_rustls_ring_provider();
+    args.check_lockout(args.broker.port())
+        .map_err(anyhow::Error::msg)?;
     let metrics = dog_operator::metrics::OperatorMetrics::new()?;
     let health = dog_protocol::telemetry::Health::default();
     health.set_not_ready("starting");

@@ -25,6 +25,8 @@ pub const SET_PREFIX: &str = "dog";
 pub const SET_NAME_MAX: usize = 31;
 /// Comment prefix of the never-lock-out rules rendered first in dog's chains.
 pub const FAILSAFE_COMMENT: &str = "dog:failsafe";
+/// Comment prefix of the cluster profile's rules.
+pub const CLUSTER_COMMENT: &str = "dog:cluster";
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -467,12 +469,16 @@ impl FailsafeProtocol {
     }
 }
 
-/// A port or inclusive range that is always accepted.
+/// A port or inclusive range that is always accepted, from anywhere or only from (inbound) / to
+/// (outbound) one network.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FailsafePort {
     pub protocol: FailsafeProtocol,
     pub from: u16,
     pub to: u16,
+    /// Only this peer network (`tcp:22@10.0.0.0/8`); rendered in its family's document only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<IpNet>,
 }
 
 impl FailsafePort {
@@ -481,10 +487,54 @@ impl FailsafePort {
             protocol,
             from: port,
             to: port,
+            net: None,
         }
     }
     pub const fn range(protocol: FailsafeProtocol, from: u16, to: u16) -> Self {
-        FailsafePort { protocol, from, to }
+        FailsafePort {
+            protocol,
+            from,
+            to,
+            net: None,
+        }
+    }
+    /// The same port, only for `net`.
+    pub fn from_net(self, net: IpNet) -> Self {
+        FailsafePort {
+            net: Some(net.trunc()),
+            ..self
+        }
+    }
+    fn in_family(&self, family: Family) -> bool {
+        self.net.is_none_or(|n| Family::of(&n) == family)
+    }
+}
+
+/// What a Kubernetes node needs to stay a working node, accepted right after the failsafe
+/// rules and before any Profile rule (docs/architecture.md, "The cluster profile"): the CNI's
+/// node-to-node traffic, kube-proxy's health and NodePorts, the agent's own metrics, the
+/// host's traffic to its own pods and traffic a Service translated. Empty outside Kubernetes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClusterNetwork {
+    /// Inbound ports (overlay, BGP, Typha, health, NodePorts, metrics).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound: Vec<FailsafePort>,
+    /// Outbound ports (overlay, BGP, Typha).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<FailsafePort>,
+    /// Interfaces of the node's own pods (`cni0`, `cali+`, `lxc+`): the host may always reach
+    /// its pods (kubelet probes); what pods may send to the host is each Profile's `podToHost`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_interfaces: Vec<String>,
+    /// Accept inbound traffic kube-proxy has translated (conntrack state DNAT): a Service's
+    /// access is the Service's and NetworkPolicy's business, not the host firewall's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub services: bool,
+}
+
+impl ClusterNetwork {
+    pub fn is_empty(&self) -> bool {
+        *self == ClusterNetwork::default()
     }
 }
 
@@ -495,6 +545,9 @@ pub struct Failsafe {
     pub inbound: Vec<FailsafePort>,
     /// Outbound destination ports always accepted (DNS, DHCP, API server, etcd, the broker).
     pub outbound: Vec<FailsafePort>,
+    /// The cluster profile, rendered after the ports above.
+    #[serde(default, skip_serializing_if = "ClusterNetwork::is_empty")]
+    pub cluster: ClusterNetwork,
 }
 
 impl Default for Failsafe {
@@ -517,6 +570,7 @@ impl Default for Failsafe {
                 FailsafePort::one(Tcp, 5671),
                 FailsafePort::one(Tcp, 5672),
             ],
+            cluster: ClusterNetwork::default(),
         }
     }
 }
@@ -556,53 +610,25 @@ impl Failsafe {
                 c("icmp")
             ));
         }
-        let ports = if inbound {
-            &self.inbound
+        let (ports, cluster_ports) = if inbound {
+            (&self.inbound, &self.cluster.inbound)
         } else {
-            &self.outbound
+            (&self.outbound, &self.cluster.outbound)
         };
-        for proto in [FailsafeProtocol::Tcp, FailsafeProtocol::Udp] {
-            let mut list: Vec<&FailsafePort> =
-                ports.iter().filter(|p| p.protocol == proto).collect();
-            list.sort();
-            list.dedup();
-            // multiport takes at most 15 ports, a range counting as two
-            let mut chunk: Vec<String> = Vec::new();
-            let mut weight = 0;
-            let mut chunks: Vec<Vec<String>> = Vec::new();
-            for p in list {
-                let (text, w) = if p.from == p.to {
-                    (p.from.to_string(), 1)
-                } else {
-                    (format!("{}:{}", p.from, p.to), 2)
-                };
-                if weight + w > 15 {
-                    chunks.push(std::mem::take(&mut chunk));
-                    weight = 0;
-                }
-                chunk.push(text);
-                weight += w;
+        let what = if inbound { "inbound" } else { "outbound" };
+        port_lines(&mut out, family, chain, inbound, ports, &c(what));
+        let cl =
+            |what: &str| format!("-m comment --comment \"{CLUSTER_COMMENT}:{what}\" -j ACCEPT");
+        port_lines(&mut out, family, chain, inbound, cluster_ports, &cl(what));
+        if !inbound {
+            for iface in &self.cluster.pod_interfaces {
+                out.push(format!("-A {chain} -o {iface} {}", cl("to-pods")));
             }
-            if !chunk.is_empty() {
-                chunks.push(chunk);
-            }
-            let p = proto.as_str();
-            for chunk in chunks {
-                let what = if inbound { "inbound" } else { "outbound" };
-                if chunk.len() == 1 && !chunk[0].contains(':') {
-                    out.push(format!(
-                        "-A {chain} -p {p} -m {p} --dport {} {}",
-                        chunk[0],
-                        c(what)
-                    ));
-                } else {
-                    out.push(format!(
-                        "-A {chain} -p {p} -m multiport --dports {} {}",
-                        chunk.join(","),
-                        c(what)
-                    ));
-                }
-            }
+        } else if self.cluster.services {
+            out.push(format!(
+                "-A {chain} -m conntrack --ctstate DNAT {}",
+                cl("services")
+            ));
         }
         out
     }
@@ -615,10 +641,12 @@ impl Failsafe {
         broker_port: Option<u16>,
     ) -> Result<(), FailsafeError> {
         if let Some(port) = broker_port {
-            let open = self
-                .outbound
-                .iter()
-                .any(|p| p.protocol == FailsafeProtocol::Tcp && p.from <= port && port <= p.to);
+            let open = self.outbound.iter().any(|p| {
+                p.protocol == FailsafeProtocol::Tcp
+                    && p.from <= port
+                    && port <= p.to
+                    && p.net.is_none()
+            });
             if !open {
                 return Err(FailsafeError::BrokerBlocked { port });
             }
@@ -647,6 +675,69 @@ impl Failsafe {
             }
         }
         Ok(())
+    }
+}
+
+/// Appends the accept lines for `ports` (grouped by protocol and peer network, at most 15
+/// ports per multiport match, a range counting as two) ending in `tail` (comment and target).
+fn port_lines(
+    out: &mut Vec<String>,
+    family: Family,
+    chain: &str,
+    inbound: bool,
+    ports: &[FailsafePort],
+    tail: &str,
+) {
+    let mut groups: BTreeMap<(FailsafeProtocol, Option<IpNet>), Vec<&FailsafePort>> =
+        BTreeMap::new();
+    for p in ports.iter().filter(|p| p.in_family(family)) {
+        groups.entry((p.protocol, p.net)).or_default().push(p);
+    }
+    // unrestricted entries first, as before networks existed
+    let mut keys: Vec<(FailsafeProtocol, Option<IpNet>)> = groups.keys().copied().collect();
+    keys.sort_by_key(|(proto, net)| (net.is_some(), *proto, *net));
+    for key in keys {
+        let (proto, net) = key;
+        let mut list = groups.remove(&key).unwrap_or_default();
+        list.sort();
+        list.dedup();
+        let mut chunk: Vec<String> = Vec::new();
+        let mut weight = 0;
+        let mut chunks: Vec<Vec<String>> = Vec::new();
+        for p in list {
+            let (text, w) = if p.from == p.to {
+                (p.from.to_string(), 1)
+            } else {
+                (format!("{}:{}", p.from, p.to), 2)
+            };
+            if weight + w > 15 {
+                chunks.push(std::mem::take(&mut chunk));
+                weight = 0;
+            }
+            chunk.push(text);
+            weight += w;
+        }
+        if !chunk.is_empty() {
+            chunks.push(chunk);
+        }
+        let p = proto.as_str();
+        let peer = match net {
+            Some(n) if n.prefix_len() > 0 => format!("{} {n} ", if inbound { "-s" } else { "-d" }),
+            _ => String::new(),
+        };
+        for chunk in chunks {
+            if chunk.len() == 1 && !chunk[0].contains(':') {
+                out.push(format!(
+                    "-A {chain} {peer}-p {p} -m {p} --dport {} {tail}",
+                    chunk[0]
+                ));
+            } else {
+                out.push(format!(
+                    "-A {chain} {peer}-p {p} -m multiport --dports {} {tail}",
+                    chunk.join(",")
+                ));
+            }
+        }
     }
 }
 
@@ -741,6 +832,65 @@ mod tests {
         let doc = RulesDocument::from_chains(Family::V4, &chains);
         let save = "*filter\n:INPUT ACCEPT [0:0]\n:DOG-INPUT - [0:0]\n:DOG-OUTPUT - [0:0]\n-A INPUT -j DOG-INPUT\n-A DOG-INPUT -j DROP\n-A DOG-OUTPUT -j ACCEPT\nCOMMIT\n";
         assert_eq!(doc.hash(), rules_hash(save));
+    }
+
+    #[test]
+    fn narrowed_failsafe_ports_and_the_cluster_profile_render_in_their_family() {
+        use FailsafeProtocol::{Tcp, Udp};
+        let fs = Failsafe {
+            inbound: vec![
+                FailsafePort::one(Tcp, 22).from_net("10.20.0.0/16".parse().unwrap()),
+                FailsafePort::one(Tcp, 22).from_net("fd00:20::/48".parse().unwrap()),
+                FailsafePort::one(Tcp, 10250),
+            ],
+            outbound: vec![FailsafePort::one(Tcp, 5672)],
+            cluster: ClusterNetwork {
+                inbound: vec![FailsafePort::one(Udp, 8472), FailsafePort::one(Tcp, 10291)],
+                outbound: vec![FailsafePort::one(Udp, 8472)],
+                pod_interfaces: vec!["cni0".into()],
+                services: true,
+            },
+        };
+        let v4 = fs.prologue(Family::V4, CHAIN_INPUT);
+        let tail: Vec<&str> = v4.iter().skip(5).map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "-A DOG-INPUT -p tcp -m tcp --dport 10250 -m comment --comment \"dog:failsafe:inbound\" -j ACCEPT",
+                "-A DOG-INPUT -s 10.20.0.0/16 -p tcp -m tcp --dport 22 -m comment --comment \"dog:failsafe:inbound\" -j ACCEPT",
+                "-A DOG-INPUT -p tcp -m tcp --dport 10291 -m comment --comment \"dog:cluster:inbound\" -j ACCEPT",
+                "-A DOG-INPUT -p udp -m udp --dport 8472 -m comment --comment \"dog:cluster:inbound\" -j ACCEPT",
+                "-A DOG-INPUT -m conntrack --ctstate DNAT -m comment --comment \"dog:cluster:services\" -j ACCEPT",
+            ]
+        );
+        let v6 = fs.prologue(Family::V6, CHAIN_INPUT).join("\n");
+        assert!(
+            v6.contains("-s fd00:20::/48 -p tcp -m tcp --dport 22"),
+            "{v6}"
+        );
+        assert!(!v6.contains("10.20.0.0"), "{v6}");
+        let out = fs.prologue(Family::V4, CHAIN_OUTPUT);
+        assert_eq!(
+            out.last().map(String::as_str),
+            Some("-A DOG-OUTPUT -o cni0 -m comment --comment \"dog:cluster:to-pods\" -j ACCEPT")
+        );
+        // an old firewall (no cluster section) reads and renders as before
+        let old: Failsafe = serde_json::from_str(
+            r#"{"inbound":[{"protocol":"tcp","from":22,"to":22}],"outbound":[]}"#,
+        )
+        .unwrap();
+        assert!(old.cluster.is_empty());
+        assert_eq!(old.prologue(Family::V4, CHAIN_INPUT).len(), 6);
+        // the broker port counts only when open to every address
+        let narrow = Failsafe {
+            outbound: vec![FailsafePort::one(Tcp, 5672).from_net("10.0.0.0/8".parse().unwrap())],
+            ..Failsafe::default()
+        };
+        let doc = RulesDocument::from_chains(Family::V4, &BTreeMap::new());
+        assert_eq!(
+            narrow.check(&doc, Some(5672)),
+            Err(FailsafeError::BrokerBlocked { port: 5672 })
+        );
     }
 
     #[test]

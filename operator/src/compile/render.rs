@@ -9,7 +9,8 @@ use super::ports::{parse_port, port_matches, PortRange};
 use super::setname::{set_name, SetSource};
 use super::{Diagnostic, ObjectKind, Severity};
 use crate::crd::{
-    Action, ConntrackState, DefaultAction, PeerKind, Profile, ProfileMode, Protocol, Rule, RuleType,
+    Action, ConntrackState, DefaultAction, PeerKind, PodToHost, Profile, ProfileMode, Protocol,
+    Rule, RuleType,
 };
 use dog_protocol::ruleset::{Failsafe, Family, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT};
 use ipnet::IpNet;
@@ -159,6 +160,12 @@ pub fn render_profile(
             failsafe.prologue(Family::V4, chain),
             failsafe.prologue(Family::V6, chain),
         ];
+        if dir == Direction::Inbound {
+            let pods = pod_lines(profile_name, spec.pod_to_host, audit, failsafe);
+            for l in &mut lines {
+                l.extend(pods.iter().cloned());
+            }
+        }
         for (idx, rule) in rules.iter().enumerate() {
             if !rule.enabled {
                 continue;
@@ -206,6 +213,30 @@ pub fn render_profile(
         outbound_rules: counts[1],
         warnings,
     })
+}
+
+/// The profile's answer to traffic from the node's own pods (`podToHost`), right after the
+/// prologue; nothing without pod interfaces or with `Profile`.
+fn pod_lines(profile: &str, choice: PodToHost, audit: bool, failsafe: &Failsafe) -> Vec<String> {
+    let comment = format!(
+        "-m comment --comment {}",
+        save_string(&truncate(&format!("dog:{profile}:pods"), COMMENT_MAX))
+    );
+    let target = match (choice, audit) {
+        (PodToHost::Profile, _) => return Vec::new(),
+        (PodToHost::Accept, _) => "ACCEPT".to_string(),
+        (PodToHost::Drop, true) => format!(
+            "LOG --log-prefix {}",
+            save_string(&format!("{AUDIT_PREFIX} pods "))
+        ),
+        (PodToHost::Drop, false) => "DROP".to_string(),
+    };
+    failsafe
+        .cluster
+        .pod_interfaces
+        .iter()
+        .map(|i| format!("-A {CHAIN_INPUT} -i {i} {comment} -j {target}"))
+        .collect()
 }
 
 fn default_lines(
