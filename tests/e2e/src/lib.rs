@@ -181,6 +181,14 @@ impl Fleet {
         self.spawn_operator(&mode, &[]);
     }
 
+    /// The operator in `--from-dir` mode with further flags (e.g. `--cni flannel`).
+    pub fn start_operator_with(&mut self, extra: &[&str]) {
+        let mut mode = vec![std::ffi::OsString::from("--from-dir")];
+        mode.push(self.resources().into_os_string());
+        mode.extend(extra.iter().map(Into::into));
+        self.spawn_operator(&mode, &[]);
+    }
+
     /// The operator against a Kubernetes API server, as whoever `kubeconfig` names, leading
     /// through a Lease in `namespace`. `extra` are further flags.
     pub fn start_cluster_operator(&mut self, kubeconfig: &Path, namespace: &str, extra: &[&str]) {
@@ -263,8 +271,51 @@ impl Fleet {
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
+    /// The node's agent running *inside* the node's namespace, as a host-network DaemonSet pod
+    /// does: its metrics listen on the node's addresses (`metrics` port, all families), and
+    /// the broker is reached through a forwarder on the node's loopback.
+    pub fn start_agent_inside(&mut self, node: &str, metrics: u16, extra: &[&str]) {
+        let ns = self.ns(node);
+        let root_net = format!("--net=/proc/{}/ns/net", std::process::id());
+        let forward = Command::new("ip")
+            .args(["netns", "exec", &ns, "socat"])
+            .arg("TCP-LISTEN:5672,bind=127.0.0.1,fork,reuseaddr")
+            .arg(format!(
+                "EXEC:nsenter {root_net} socat STDIO TCP\\:127.0.0.1\\:5672"
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat broker forwarder");
+        self.extra.push(forward);
+        self.wait(&format!("broker forwarder in {node}"), 20, || {
+            let out = sh(&["ip", "netns", "exec", &ns, "ss", "-Hlnt", "sport = :5672"]);
+            out.status.success() && !out.stdout.is_empty()
+        });
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            ns,
+            bin("dog-agent").display().to_string(),
+        ];
+        args.extend(["--metrics-addr".to_string(), format!("[::]:{metrics}")]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_agent(node, "ip", &args);
+    }
+
     /// The node's agent with further flags (e.g. `--mode observe`).
     pub fn start_agent_with(&mut self, node: &str, extra: &[&str]) {
+        let mut args: Vec<String> = vec![
+            "--netns".into(),
+            self.ns(node),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", self.agent_metrics_port(node)),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_agent(node, &bin("dog-agent").display().to_string(), &args);
+    }
+
+    fn spawn_agent(&mut self, node: &str, program: &str, head: &[String]) {
         let i = self.index(node) - 1;
         while self.agents.len() <= i {
             self.agents.push(None);
@@ -274,8 +325,9 @@ impl Fleet {
             .append(true)
             .open(self.dir.path().join(format!("agent-{node}.log")))
             .expect("log");
-        let child = Command::new(bin("dog-agent"))
-            .args(["--hostname", &self.host(node), "--netns", &self.ns(node)])
+        let child = Command::new(program)
+            .args(head)
+            .args(["--hostname", &self.host(node)])
             .arg("--state-dir")
             .arg(self.dir.path().join("state").join(node))
             .arg("--operator-public-keys")
@@ -289,12 +341,7 @@ impl Fleet {
                 "--address-interval",
                 "1",
             ])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", self.agent_metrics_port(node)),
-            ])
             .args(["--log-format", "json"])
-            .args(extra)
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
