@@ -91,6 +91,11 @@ metadata: {{name: deny-all}}
 spec:
   defaultInbound: DROP
   defaultOutbound: DROP
+  # rules that try to lock the node out come after the failsafe and cluster rules: no effect
+  inbound:
+    - {{name: no-ssh, action: DROP, protocol: tcp, ports: ["22", "10250"]}}
+  outbound:
+    - {{name: no-broker, action: REJECT, protocol: tcp, ports: ["5671", "5672"]}}
 "#,
             n1 = f.host("n1"),
             n2 = f.host("n2"),
@@ -203,5 +208,20 @@ fn a_deny_all_profile_keeps_a_realistic_node_working_on_both_backends() {
             !f.tcp("p2", "10.244.1.1", 8080),
             "{backend}: another node's pod is not the node's own"
         );
+
+        // the broker connection survived the profile: a change still reaches both agents
+        let text = std::fs::read_to_string(f.resources().join("fleet.yaml")).unwrap();
+        f.write(
+            "fleet.yaml",
+            &text.replace(
+                "    - {name: no-ssh",
+                "    - {name: web, action: ACCEPT, protocol: tcp, ports: [\"8080\"]}\n    - {name: no-ssh",
+            ),
+        );
+        f.wait_status(&format!("{backend}: the edit reaches both nodes"), 60, |st| {
+            hosts.iter().all(|h| Fleet::in_sync(st, h))
+                && st.profiles.get("deny-all").is_some_and(|p| p.inbound_rules == 2)
+        });
+        assert!(f.tcp("prom", &n1, 8080), "{backend}: the new rule applies");
     }
 }
