@@ -58,6 +58,26 @@ pub struct RunArgs {
     #[arg(long, env = "DOG_DEBOUNCE", default_value = "0.2", value_parser = parse_secs)]
     pub debounce: Duration,
 
+    #[command(flatten)]
+    pub firewall: FirewallArgs,
+
+    /// Namespace of the leader-election Lease (Kubernetes mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "dog-system")]
+    pub namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "[::]:9090")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
+    pub log_format: LogFormat,
+}
+
+/// What every host's chains start with: the failsafe ports and the cluster profile. Shared by
+/// `run` and `compile`, so a preview shows exactly what is published.
+#[derive(Args, Debug, Clone)]
+pub struct FirewallArgs {
     /// Inbound failsafe ports, e.g. `tcp:22,tcp:6443,tcp:2379-2380,udp:68`.
     #[arg(long, env = "DOG_FAILSAFE_INBOUND", default_value = "tcp:22,tcp:6443,tcp:10250,tcp:2379-2380,udp:68", value_parser = parse_ports)]
     pub failsafe_inbound: PortList,
@@ -87,18 +107,6 @@ pub struct RunArgs {
     /// The agents' metrics port, kept open for Prometheus (0 for none). Only with a CNI.
     #[arg(long, env = "DOG_AGENT_METRICS_PORT", default_value = "10291")]
     pub agent_metrics_port: u16,
-
-    /// Namespace of the leader-election Lease (Kubernetes mode).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "dog-system")]
-    pub namespace: String,
-    /// This replica's identity in the Lease.
-    #[arg(long, env = "POD_NAME")]
-    pub pod_name: Option<String>,
-
-    #[arg(long, env = "DOG_METRICS_ADDR", default_value = "[::]:9090")]
-    pub metrics_addr: SocketAddr,
-    #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
-    pub log_format: LogFormat,
 }
 
 /// A parsed failsafe port list.
@@ -135,6 +143,15 @@ impl Cni {
 }
 
 impl RunArgs {
+    pub fn failsafe(&self) -> Failsafe {
+        self.firewall.failsafe()
+    }
+    pub fn inactive_after(&self) -> Duration {
+        self.inactive_after.unwrap_or(self.keepalive_interval * 3)
+    }
+}
+
+impl FirewallArgs {
     pub fn failsafe(&self) -> Failsafe {
         Failsafe {
             inbound: self.failsafe_inbound.0.clone(),
@@ -216,9 +233,6 @@ impl RunArgs {
         }
         Ok(())
     }
-    pub fn inactive_after(&self) -> Duration {
-        self.inactive_after.unwrap_or(self.keepalive_interval * 3)
-    }
 }
 
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -295,7 +309,7 @@ mod tests {
         assert_eq!(t.run.inactive_after(), Duration::from_secs(90));
     }
 
-    fn parse(args: &[&str]) -> RunArgs {
+    fn parse(args: &[&str]) -> FirewallArgs {
         #[derive(clap::Parser)]
         struct T {
             #[command(flatten)]
@@ -303,7 +317,7 @@ mod tests {
         }
         let mut v = vec!["x"];
         v.extend_from_slice(args);
-        <T as clap::Parser>::try_parse_from(v).unwrap().run
+        <T as clap::Parser>::try_parse_from(v).unwrap().run.firewall
     }
 
     #[test]

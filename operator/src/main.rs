@@ -70,7 +70,8 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
     use std::sync::Arc;
     dog_protocol::telemetry::init_logging(args.log_format);
     dog_protocol::broker::install_rustls_ring_provider();
-    args.check_lockout(args.broker.port())
+    args.firewall
+        .check_lockout(args.broker.port())
         .map_err(anyhow::Error::msg)?;
     let metrics = dog_operator::metrics::OperatorMetrics::new()?;
     let health = dog_protocol::telemetry::Health::default();
@@ -145,6 +146,9 @@ struct CompileArgs {
     diff: Option<std::path::PathBuf>,
     #[arg(long, env = "DOG_FORMAT", value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// The failsafe and cluster profile the running operator is given (same flags as `run`).
+    #[command(flatten)]
+    firewall: dog_operator::config::FirewallArgs,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -153,20 +157,26 @@ enum Format {
     Json,
 }
 
-fn load(dir: &std::path::Path) -> anyhow::Result<dog_operator::compile::Compiled> {
+fn load(
+    dir: &std::path::Path,
+    firewall: &dog_operator::config::FirewallArgs,
+) -> anyhow::Result<dog_operator::compile::Compiled> {
+    firewall.cluster().map_err(anyhow::Error::msg)?;
     let (snap, errors) = dog_operator::fromdir::load_dir(dir)?;
     for e in &errors {
         eprintln!("warning: {e}");
     }
     Ok(dog_operator::compile::compile(
         &snap,
-        &dog_operator::compile::CompileOptions::default(),
+        &dog_operator::compile::CompileOptions {
+            failsafe: firewall.failsafe(),
+        },
     ))
 }
 
 fn run_compile(args: CompileArgs) -> anyhow::Result<()> {
     use dog_operator::preview;
-    let old = load(&args.from_dir)?;
+    let old = load(&args.from_dir, &args.firewall)?;
     let known = |c: &dog_operator::compile::Compiled, dir: &std::path::Path| {
         if c.hosts.contains_key(&args.host) {
             Ok(())
@@ -195,7 +205,7 @@ fn run_compile(args: CompileArgs) -> anyhow::Result<()> {
             }
         }
         Some(dir) => {
-            let new = load(dir)?;
+            let new = load(dir, &args.firewall)?;
             if known(&old, &args.from_dir).is_err() {
                 known(&new, dir)?;
             }

@@ -218,10 +218,17 @@ fn a_deny_all_profile_keeps_a_realistic_node_working_on_both_backends() {
                 "    - {name: web, action: ACCEPT, protocol: tcp, ports: [\"8080\"]}\n    - {name: no-ssh",
             ),
         );
-        f.wait_status(&format!("{backend}: the edit reaches both nodes"), 60, |st| {
-            hosts.iter().all(|h| Fleet::in_sync(st, h))
-                && st.profiles.get("deny-all").is_some_and(|p| p.inbound_rules == 2)
-        });
+        f.wait_status(
+            &format!("{backend}: the edit reaches both nodes"),
+            60,
+            |st| {
+                hosts.iter().all(|h| Fleet::in_sync(st, h))
+                    && st
+                        .profiles
+                        .get("deny-all")
+                        .is_some_and(|p| p.inbound_rules == 2)
+            },
+        );
         assert!(f.tcp("prom", &n1, 8080), "{backend}: the new rule applies");
     }
 }
