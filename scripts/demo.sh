@@ -108,7 +108,9 @@ if try_tcp web 198.18.0.2 5432; then echo "   web -> db:5432 connects now: a hol
 repaired() { ! try_tcp web 198.18.0.2 5432; }
 wait_for 20 "the drift repair" repaired
 echo "   within the drift interval the agent noticed and repaired it:"
-grep -h '"drift repaired"' "$work/agent-db.log" | tail -1 | sed -E 's/.*"timestamp":"([^"]+)".*"parts":"([^"]+)".*/   \1 drift repaired: \2/' 
+line=$(grep -h '"drift repaired"' "$work/agent-db.log" | tail -1 | sed -E 's/.*"timestamp":"([^"]+)".*"parts":"([^"]+)".*/   \1 drift repaired: \2/')
+echo "$line"
+case "$line" in *"drift repaired: ipv4_rules"*) ;; *) echo "   UNEXPECTED drift log line: $line" >&2; exit 1 ;; esac
 if try_tcp web 198.18.0.2 5432; then echo "   UNEXPECTED: hole still open" >&2; exit 1; else echo "   web -> db:5432 refused again"; fi
 
 say "done: logs and status were in $work; cleaning up"

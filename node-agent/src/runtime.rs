@@ -987,7 +987,7 @@ impl Agent {
         }
         warn!(
             revision = applied.revision,
-            differences = ?report.lines(),
+            differences = %report.lines().join("; "),
             "drift: dog's chains or sets differ from the applied firewall"
         );
         let repaired = if observe {
@@ -997,7 +997,7 @@ impl Agent {
                 Ok(_) => {
                     self.metrics.drift_repairs.inc();
                     self.drift.repairs += 1;
-                    info!(revision = applied.revision, parts = ?parts, "drift repaired");
+                    info!(revision = applied.revision, parts = %parts.join(", "), "drift repaired");
                     true
                 }
                 Err(e) => {

@@ -112,6 +112,8 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
             )?;
             let (link, deliveries) = dog_protocol::broker::OperatorLink::start(broker)?;
             tracing::info!(dir = %dir.display(), "running on a resource directory (local mode)");
+            // the only replica there is: always the active one
+            metrics.leader.set(1);
             let runtime = Runtime::new(Parts {
                 args,
                 sealer,

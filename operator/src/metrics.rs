@@ -18,6 +18,8 @@ pub struct OperatorMetrics {
     pub safety_valve_frozen: IntGauge,
     pub leader: IntGauge,
     pub apply_failures: IntCounter,
+    pub broker_connected: IntGauge,
+    pub build_info: IntGaugeVec,
 }
 
 impl OperatorMetrics {
@@ -64,6 +66,14 @@ impl OperatorMetrics {
                 "dog_operator_host_apply_failures_total",
                 "Apply failures reported by agents",
             )?,
+            broker_connected: IntGauge::new(
+                "dog_operator_broker_connected",
+                "1 while the operator's broker connection is up (topology declared, consuming)",
+            )?,
+            build_info: IntGaugeVec::new(
+                Opts::new("dog_operator_build_info", "Always 1; the running version in its labels"),
+                &["version"],
+            )?,
             registry,
         };
         for c in [
@@ -78,8 +88,19 @@ impl OperatorMetrics {
             Box::new(m.safety_valve_frozen.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.apply_failures.clone()),
+            Box::new(m.broker_connected.clone()),
+            Box::new(m.build_info.clone()),
+            // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             m.registry.register(c)?;
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // every reason is exposed from the start, so a rate() alert sees the first rejection
+        for r in dog_protocol::envelope::Rejection::ALL {
+            m.rejected.with_label_values(&[r.reason()]);
         }
         for state in ["New", "Active", "Inactive", "Retired"] {
             m.hosts.with_label_values(&[state]).set(0);
@@ -103,7 +124,25 @@ mod tests {
         let m = OperatorMetrics::new().unwrap();
         m.reconciles.with_label_values(&["ok"]).inc();
         m.rejected.with_label_values(&["expired"]).inc();
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&m.registry.gather())
+            .unwrap();
+        for needed in [
+            "dog_operator_rejected_messages_total{reason=\"key_changed\"} 0",
+            "dog_operator_broker_connected 0",
+            "dog_operator_build_info{version=",
+            "process_cpu_seconds_total",
+        ] {
+            assert!(text.contains(needed), "{needed} missing from\n{text}");
+        }
         for family in m.registry.gather() {
+            if family.name().starts_with("process_") {
+                assert!(
+                    docs.contains("`process_*`"),
+                    "process metrics are not in the docs"
+                );
+                continue;
+            }
             assert!(
                 docs.contains(&format!("`{}`", family.name())),
                 "{} is not in docs/operations.md",

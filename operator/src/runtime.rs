@@ -289,7 +289,7 @@ impl Runtime {
         self.compile_if_needed();
         self.seed_publish_state();
         self.reconcile().await;
-        self.health.set_ready();
+        self.report_broker();
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -681,6 +681,21 @@ impl Runtime {
         ok
     }
 
+    /// `/readyz` and `dog_operator_broker_connected` follow the broker connection: an
+    /// operator that cannot publish is not ready, whatever else works.
+    fn report_broker(&mut self) {
+        let st = self.link.status();
+        self.metrics.broker_connected.set(st.connected as i64);
+        if st.connected {
+            self.health.set_ready();
+        } else {
+            self.health.set_not_ready(&format!(
+                "broker disconnected: {}",
+                st.last_error.as_deref().unwrap_or("connecting")
+            ));
+        }
+    }
+
     // ----------------------------------------------------------------------------------
     // agent messages
     // ----------------------------------------------------------------------------------
@@ -934,6 +949,7 @@ impl Runtime {
     // ----------------------------------------------------------------------------------
 
     fn on_tick(&mut self) {
+        self.report_broker();
         let now = Timestamp::now();
         let clocks: Vec<HostClock> = self
             .fleet

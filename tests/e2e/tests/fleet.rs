@@ -439,3 +439,56 @@ fn an_operator_restart_changes_nothing_on_the_hosts() {
         "the restarted operator re-published state:\n{log}"
     );
 }
+
+/// `/readyz` and the broker gauge tell the truth: an operator that cannot reach its broker
+/// (here: a wrong password) is not ready and says why; the same operator with the right
+/// credentials is. In `--from-dir` mode the operator is the active one.
+#[test]
+fn operator_readiness_follows_its_broker_connection() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["a"]);
+    let readyz = |f: &Fleet| -> (String, String) {
+        let url = format!(
+            "http://127.0.0.1:{}/readyz",
+            f.operator_metrics_port.unwrap_or(0)
+        );
+        let out = dog_e2e::sh(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    f.start_operator_with(&["--broker-url", "amqp://guest:wrong@127.0.0.1:5672/%2f"]);
+    f.wait("an operator without its broker to say so", 30, || {
+        let (code, body) = readyz(&f);
+        code == "503"
+            && body.contains("broker disconnected")
+            && f.operator_metric("dog_operator_broker_connected") == Some(0.0)
+    });
+    assert_eq!(f.operator_metric("dog_operator_leader"), Some(1.0));
+    assert_eq!(
+        f.operator_metric("dog_operator_rejected_messages_total{reason=\"bad_signature\"}"),
+        Some(0.0)
+    );
+    assert!(f
+        .operator_metric("process_resident_memory_bytes")
+        .is_some_and(|v| v > 0.0));
+
+    if let Some(mut old) = f.operator.take() {
+        let _ = old.kill();
+        let _ = old.wait();
+    }
+    f.start_operator();
+    f.wait("a connected operator to be ready", 30, || {
+        readyz(&f).0 == "200" && f.operator_metric("dog_operator_broker_connected") == Some(1.0)
+    });
+}
