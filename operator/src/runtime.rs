@@ -689,7 +689,7 @@ impl Runtime {
         if st.connected {
             self.health.set_ready();
         } else {
-            self.health.set_not_ready(&format!(
+            self.health.set_not_ready(format!(
                 "broker disconnected: {}",
                 st.last_error.as_deref().unwrap_or("connecting")
             ));
