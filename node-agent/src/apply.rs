@@ -583,7 +583,7 @@ impl Kernel {
             self.cache.put(Some(live));
         } else {
             self.cache.put(None);
-            warn!(differences = ?report.lines(), "drift detected");
+            warn!(differences = %report.lines().join("; "), "drift detected");
         }
         Ok(report)
     }

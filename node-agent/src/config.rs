@@ -74,6 +74,10 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or directives such as
+    /// `info,dog_agent=debug`. `RUST_LOG`, when set, wins.
+    #[arg(long, env = "DOG_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
 
     /// Run the kernel tools inside this network namespace (tests and the demo: one agent
     /// process per fake node). The broker connection stays in the agent's own namespace.

@@ -24,8 +24,8 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let cfg = Config::parse();
-    dog_protocol::telemetry::init_logging(cfg.log_format);
     let host = cfg.resolved_hostname().unwrap_or_else(|_| "?".into());
+    dog_protocol::telemetry::init_logging_with(cfg.log_format, &cfg.log_level, &[("host", &host)]);
     let span = tracing::info_span!("agent", host = %host);
     let result = async {
         let (agent, deliveries) = Agent::start(cfg).await?;

@@ -136,7 +136,7 @@ impl Agent {
         let operator_keys = load_operator_keys(&cfg.operator_public_keys)?;
         info!(
             file = %cfg.operator_public_keys.display(),
-            keys = ?operator_keys.key_ids().collect::<Vec<_>>(),
+            keys = %operator_keys.key_ids().collect::<Vec<_>>().join(","),
             "trusting operator keys"
         );
 
@@ -153,7 +153,7 @@ impl Agent {
         let kernel = blocking(move || Kernel::new(kcfg))
             .await
             .context("cannot run the iptables tools")?;
-        info!(backend = ?kernel.backend(), netns = ?cfg.netns, mode = ?cfg.mode, "kernel ready");
+        info!(backend = ?kernel.backend(), netns = cfg.netns.as_deref(), mode = ?cfg.mode, "kernel ready");
 
         let store = StateStore::new(&cfg.state_dir);
         let applied = match store.load() {
@@ -307,7 +307,7 @@ impl Agent {
             watchdog.abort();
             info!(
                 reason = why,
-                revision = ?self.applied.as_ref().map(|a| a.revision),
+                revision = self.applied.as_ref().map(|a| a.revision),
                 "shutting down: closing the broker link; dog's rules stay in place"
             );
             self.link.close();
@@ -393,7 +393,7 @@ impl Agent {
             .publish(&AgentMessage::Heartbeat(hb), "heartbeat")
             .await;
         if ok {
-            info!(revision = ?self.applied_revision(), "sent heartbeat");
+            info!(revision = self.applied_revision(), "sent heartbeat");
         }
         ok
     }

@@ -72,6 +72,10 @@ pub struct RunArgs {
     pub metrics_addr: SocketAddr,
     #[arg(long, env = "DOG_LOG_FORMAT", value_enum, default_value = "auto")]
     pub log_format: LogFormat,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or directives such as
+    /// `info,dog_agent=debug`. `RUST_LOG`, when set, wins.
+    #[arg(long, env = "DOG_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
 }
 
 /// What every host's chains start with: the failsafe ports and the cluster profile. Shared by

@@ -64,11 +64,22 @@ async fn shutdown_signal() {
     tracing::info!("shutting down (agents keep their rules)");
 }
 
+/// `run` with logging set up first, so that a fatal error is a log line like every other.
+async fn run_logged(args: dog_operator::config::RunArgs) -> std::process::ExitCode {
+    dog_protocol::telemetry::init_logging(args.log_format, &args.log_level);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "dog-operator stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
     use dog_operator::local::{self, FileStatusSink, StatusFile};
     use dog_operator::runtime::{Parts, Runtime};
     use std::sync::Arc;
-    dog_protocol::telemetry::init_logging(args.log_format);
     dog_protocol::broker::install_rustls_ring_provider();
     args.firewall
         .check_lockout(args.broker.port())
@@ -227,15 +238,16 @@ fn run_compile(args: CompileArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
+    let ok = |r: anyhow::Result<()>| r.map(|()| std::process::ExitCode::SUCCESS);
     match cli.command {
-        Command::Crdgen(args) => Ok(dog_operator::crdgen::run(&args)?),
-        Command::Compile(args) => run_compile(args),
-        Command::Keygen(args) => keygen(args),
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+        Command::Crdgen(args) => ok(dog_operator::crdgen::run(&args).map_err(Into::into)),
+        Command::Compile(args) => ok(run_compile(args)),
+        Command::Keygen(args) => ok(keygen(args)),
+        Command::Run(args) => Ok(tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(run(*args)),
+            .block_on(run_logged(*args))),
     }
 }

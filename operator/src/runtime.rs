@@ -926,7 +926,7 @@ impl Runtime {
                     rt.view.reported = hashes;
                 }
                 rt.view.apply_error = None;
-                info!(host, request = %r.request_id, revision = ?applied_revision, total_ms = timings_ms.get("total").copied(), "agent applied");
+                info!(host, request = %r.request_id, revision = applied_revision, total_ms = timings_ms.get("total").copied(), "agent applied");
             }
             Outcome::Error { kind, message } => {
                 let revision = pending.and_then(|(_, rev)| rev).unwrap_or(0);

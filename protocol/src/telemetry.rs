@@ -21,9 +21,22 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
-pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global tracing subscriber. `level` is a filter directive (`info`,
+/// `debug,lapin=info`, …); `RUST_LOG`, when set, wins. JSON lines are flat: the event's fields,
+/// the fields of every span it is in (e.g. the agent's `host`) and `timestamp`, `level`,
+/// `message` side by side, numbers as numbers. Colour only on a terminal. The broker client's
+/// own logging is off by default: dog logs every connection failure itself, once per attempt.
+pub fn init_logging(format: LogFormat, level: &str) {
+    init_logging_with(format, level, &[]);
+}
+
+/// [`init_logging`] with fields every JSON line carries (the agent's `host`, also on lines
+/// of background tasks outside any span).
+pub fn init_logging_with(format: LogFormat, level: &str, fields: &[(&str, &str)]) {
+    let directive = format!("{level},lapin=off,amq_protocol=off");
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&directive))
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -31,17 +44,93 @@ pub fn init_logging(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = if json {
         builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(FlatJson {
+                fields: fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+                    .collect(),
+            })
             .try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// One flat JSON object per event (see [`init_logging`]).
+struct FlatJson {
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for FlatJson
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use serde_json::{Map, Value};
+        let mut out = Map::new();
+        out.insert(
+            "timestamp".into(),
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        );
+        out.insert(
+            "level".into(),
+            Value::String(event.metadata().level().to_string()),
+        );
+        out.extend(self.fields.clone());
+        // span fields, outermost first, so an inner span's field wins
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>() {
+                    if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(fields.as_str()) {
+                        out.extend(m);
+                    }
+                }
+            }
+        }
+        let mut visitor = FieldMap(Map::new());
+        event.record(&mut visitor);
+        out.extend(visitor.0);
+        let line = serde_json::to_string(&Value::Object(out)).map_err(|_| std::fmt::Error)?;
+        writeln!(writer, "{line}")
+    }
+}
+
+/// Event fields with their types kept (a `u64` stays a number).
+struct FieldMap(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for FieldMap {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
 }
 
 /// Readiness and liveness as reported by the component; cheap to clone and update.

@@ -52,6 +52,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ .root.Values.keepaliveInterval | quote }}
 - name: DOG_LOG_FORMAT
   value: {{ .root.Values.logFormat | quote }}
+- name: DOG_LOG_LEVEL
+  value: {{ .root.Values.logLevel | quote }}
 {{- if .root.Values.broker.tls.caSecret }}
 - name: DOG_BROKER_CA_FILE
   value: /etc/dog/broker-ca/ca.crt

@@ -492,3 +492,90 @@ fn operator_readiness_follows_its_broker_connection() {
         readyz(&f).0 == "200" && f.operator_metric("dog_operator_broker_connected") == Some(1.0)
     });
 }
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => panic!("{}: not a JSON object: {l}", path.display()),
+        })
+        .collect()
+}
+
+/// What a log pipeline reads: one flat JSON object per line, the agent's host on every line,
+/// numbers as numbers, no Rust debug text; a fatal start-up error is such a line too.
+#[test]
+fn logs_are_flat_json_lines_a_pipeline_can_read() {
+    if !require_root() {
+        return;
+    }
+    let f = start(&["web"]);
+    f.wait("a few keepalives", 20, || {
+        f.agent_metric("web", "dog_agent_messages_sent_total{kind=\"keepalive\"}")
+            .is_some_and(|n| n >= 3.0)
+    });
+    let host = f.host("web");
+    let agent = json_lines(&f.dir.path().join("agent-web.log"));
+    let operator = json_lines(&f.dir.path().join("operator.log"));
+    assert!(agent.len() >= 3 && !operator.is_empty());
+    for (who, lines) in [("agent", &agent), ("operator", &operator)] {
+        for l in lines.iter() {
+            for key in ["timestamp", "level", "message"] {
+                assert!(l.contains_key(key), "{who}: no {key} in {l:?}");
+            }
+            assert!(
+                !l.contains_key("span") && !l.contains_key("spans"),
+                "{who}: nested: {l:?}"
+            );
+            for (k, v) in l {
+                if let Some(s) = v.as_str() {
+                    assert!(!s.starts_with("Some("), "{who}: {k} is debug text: {l:?}");
+                }
+            }
+            if let Some(r) = l.get("revision") {
+                assert!(r.is_u64(), "{who}: revision is not a number: {l:?}");
+            }
+        }
+    }
+    for l in &agent {
+        assert_eq!(
+            l.get("host").and_then(|h| h.as_str()),
+            Some(host.as_str()),
+            "every agent line names its host: {l:?}"
+        );
+    }
+    assert!(
+        agent
+            .iter()
+            .any(|l| l.get("revision").is_some_and(|r| r.is_u64())),
+        "some agent line carries its revision"
+    );
+
+    // a fatal start-up error is a JSON line naming what failed
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let out = dog_e2e::sh(&[
+        dog_e2e::bin("dog-operator").to_str().unwrap(),
+        "run",
+        "--from-dir",
+        f.resources().to_str().unwrap(),
+        "--metrics-addr",
+        &addr,
+        "--log-format",
+        "json",
+    ]);
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let fatal: serde_json::Value = serde_json::from_str(text.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("the fatal error is not a JSON line ({e}): {text}"));
+    assert_eq!(fatal["level"], "ERROR", "{text}");
+    assert!(
+        fatal["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("cannot listen on {addr}"))),
+        "{text}"
+    );
+}
