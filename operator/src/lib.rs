@@ -6,6 +6,7 @@ pub mod config;
 pub mod crd;
 pub mod crdgen;
 pub mod events;
+pub mod explain;
 pub mod fromdir;
 pub mod leader;
 pub mod lifecycle;

@@ -15,6 +15,9 @@ enum Command {
     Crdgen(dog_operator::crdgen::CrdgenArgs),
     /// Compile a directory of YAML resources offline and show what one host would run.
     Compile(CompileArgs),
+    /// Why a connection to or from a host is accepted or denied: the deciding rule and the
+    /// Group or Zone membership behind it, from the same compiled output the agent runs.
+    Explain(ExplainArgs),
     /// Run the operator: against the Kubernetes API, or on a directory with --from-dir.
     Run(Box<dog_operator::config::RunArgs>),
     /// Write a new Ed25519 signing key (base64 PKCS#8, mode 0600) and print its public key
@@ -164,6 +167,115 @@ struct CompileArgs {
     firewall: dog_operator::config::FirewallArgs,
 }
 
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// Directory of YAML files (Zone, Host, Group, Profile, ConfigMap).
+    #[arg(long, env = "DOG_FROM_DIR")]
+    from_dir: std::path::PathBuf,
+    /// Status file whose agent-reported interfaces complete the hosts' addresses (default:
+    /// `.dog-status.yaml` in the directory, when present).
+    #[arg(long, env = "DOG_STATUS_FILE")]
+    status_file: Option<std::path::PathBuf>,
+    /// The Host whose firewall decides.
+    #[arg(long, env = "DOG_HOST")]
+    host: String,
+    #[arg(long, env = "DOG_DIRECTION", value_enum, default_value = "in")]
+    direction: dog_operator::explain::Direction,
+    /// The other end: the source of inbound traffic, the destination of outbound.
+    #[arg(long, env = "DOG_PEER")]
+    peer: std::net::IpAddr,
+    #[arg(long, env = "DOG_PROTOCOL", value_enum)]
+    protocol: dog_operator::explain::Proto,
+    /// Destination port (tcp, udp, sctp) or ICMP type (icmp, icmpv6).
+    #[arg(long, env = "DOG_PORT")]
+    port: Option<u16>,
+    /// The interface the packet uses (for rules that name one, e.g. the pods' `cni0`).
+    #[arg(long, env = "DOG_INTERFACE")]
+    interface: Option<String>,
+    #[arg(long, env = "DOG_FORMAT", value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(flatten)]
+    firewall: dog_operator::config::FirewallArgs,
+}
+
+fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use dog_operator::compile::setname::{set_name, SetSource};
+    use dog_operator::explain::{explain, Query};
+    use dog_protocol::ruleset::Family;
+    args.firewall.cluster().map_err(anyhow::Error::msg)?;
+    let (mut snap, errors) = dog_operator::fromdir::load_dir(&args.from_dir)?;
+    for e in &errors {
+        eprintln!("warning: {e}");
+    }
+    let status_path = args
+        .status_file
+        .clone()
+        .unwrap_or_else(|| args.from_dir.join(dog_operator::local::STATUS_FILE));
+    if let Some(st) = dog_operator::local::StatusFile::read(&status_path) {
+        for (name, host) in snap.hosts.iter_mut() {
+            if let Some(reported) = st.hosts.get(name) {
+                let mut status = host.status.clone().unwrap_or_default();
+                status.state = reported.state;
+                if !reported.interfaces.is_empty() {
+                    status.interfaces = reported.interfaces.clone();
+                }
+                host.status = Some(status);
+            }
+        }
+    }
+    let compiled = dog_operator::compile::compile(
+        &snap,
+        &dog_operator::compile::CompileOptions {
+            failsafe: args.firewall.failsafe(),
+        },
+    );
+    let Some(fw) = compiled.host_firewall(&args.host) else {
+        anyhow::bail!(
+            "host `{}` runs no firewall compiled from {} ({:?})",
+            args.host,
+            args.from_dir.display(),
+            compiled.hosts.get(&args.host)
+        );
+    };
+    let mut names = dog_operator::explain::SetNames::new();
+    for f in Family::BOTH {
+        for g in snap.groups.keys() {
+            names.insert(set_name(SetSource::Group, g, f), format!("Group {g}"));
+        }
+        for z in snap.zones.keys() {
+            names.insert(set_name(SetSource::Zone, z, f), format!("Zone {z}"));
+        }
+    }
+    let q = Query {
+        direction: args.direction,
+        peer: args.peer,
+        protocol: args.protocol,
+        port: args.port,
+        interface: args.interface.clone(),
+    };
+    let e = explain(&fw, &q, &names);
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Format::Text => {
+            println!("verdict: {:?}", e.verdict);
+            println!("because: {}", e.reason);
+            for v in &e.via {
+                println!("via:     {v}");
+            }
+            if !e.rule.is_empty() {
+                println!("rule:    {}", e.rule);
+            }
+            for l in &e.logged {
+                println!("logged:  {l}");
+            }
+            for m in &e.may_match {
+                println!("unless:  {m} decides first (it counts connections or rates)");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Format {
     Text,
@@ -244,6 +356,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Crdgen(args) => ok(dog_operator::crdgen::run(&args).map_err(Into::into)),
         Command::Compile(args) => ok(run_compile(args)),
+        Command::Explain(args) => ok(run_explain(args)),
         Command::Keygen(args) => ok(keygen(args)),
         Command::Run(args) => Ok(tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -33,5 +33,12 @@ fn readme_compile_commands_run() {
             !out.stdout.is_empty(),
             "`dog-operator {cmd}` printed nothing"
         );
+        if cmd.starts_with("explain") {
+            let printed = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                readme.contains(printed.trim_end()),
+                "the README shows other output for `dog-operator {cmd}` than it prints:\n{printed}"
+            );
+        }
     }
 }

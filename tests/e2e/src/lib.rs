@@ -496,6 +496,20 @@ impl Fleet {
         self.connect(from, addr, port).status.success()
     }
 
+    /// One TCP connection attempt, classified: `Accept` (established), `Reject` (refused by a
+    /// RST or ICMP answer) or `Drop` (no answer). One attempt, because the kernel rate-limits
+    /// the ICMP errors a REJECT sends (a second attempt within a second may see none).
+    pub fn tcp_outcome(&self, from: &str, addr: &str, port: u16) -> &'static str {
+        let out = self.connect(from, addr, port);
+        if out.status.success() {
+            "Accept"
+        } else if String::from_utf8_lossy(&out.stderr).contains("Connection refused") {
+            "Reject"
+        } else {
+            "Drop"
+        }
+    }
+
     /// Whether a TCP connection attempt is actively refused (a RST or ICMP answer, as a REJECT
     /// rule gives) rather than established or left to time out (as a DROP rule does).
     pub fn tcp_refused(&self, from: &str, addr: &str, port: u16) -> bool {
