@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 source scripts/lib/fleet.sh
 
-PREFIX=dogdemo
-work="$root/.demo"
+# unique per run, so two copies can run side by side (namespaces, broker names, logs)
+PREFIX="dd$$"
+work="$root/.demo/$PREFIX"
 pids=()
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+say() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 cleanup() {
   set +e
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
@@ -42,16 +44,14 @@ fleet_up "$PREFIX" web db bastion
 say "starting dog-operator --from-dir $work/fleet"
 "$bin/dog-operator" run --from-dir "$work/fleet" --signing-key "$work/operator.key" \
   --topology-prefix "$PREFIX" --keepalive-interval 2 --resync-after 4 \
-  --metrics-addr 127.0.0.1:19190 --log-format json >"$work/operator.log" 2>&1 &
+  --metrics-addr 127.0.0.1:0 --log-format json >"$work/operator.log" 2>&1 &
 pids+=($!)
 
-port=19190
 for node in web db bastion; do
-  port=$((port + 1))
   "$bin/dog-agent" --hostname "$node" --netns "$PREFIX-$node" --state-dir "$work/state/$node" \
     --operator-public-keys "$work/operator.pub" --topology-prefix "$PREFIX" \
     --keepalive-interval 2 --drift-interval 2 --address-interval 2 \
-    --metrics-addr "127.0.0.1:$port" --log-format json >"$work/agent-$node.log" 2>&1 &
+    --metrics-addr 127.0.0.1:0 --log-format json >"$work/agent-$node.log" 2>&1 &
   pids+=($!)
 done
 
@@ -112,5 +112,9 @@ line=$(grep -h '"drift repaired"' "$work/agent-db.log" | tail -1 | sed -E 's/.*"
 echo "$line"
 case "$line" in *"drift repaired: ipv4_rules"*) ;; *) echo "   UNEXPECTED drift log line: $line" >&2; exit 1 ;; esac
 if try_tcp web 198.18.0.2 5432; then echo "   UNEXPECTED: hole still open" >&2; exit 1; else echo "   web -> db:5432 refused again"; fi
+
+say "5. why? dog-operator explain names the rule that decides and what it matched"
+"$bin/dog-operator" explain --from-dir "$work/fleet" --host db --peer 198.18.0.1 --protocol tcp --port 5432 | sed 's/^/   /'
+"$bin/dog-operator" explain --from-dir "$work/fleet" --host db --peer 198.18.0.3 --protocol tcp --port 5432 | sed 's/^/   /' | head -3
 
 say "done: logs and status were in $work; cleaning up"

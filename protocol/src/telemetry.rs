@@ -78,58 +78,84 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
-        use serde_json::{Map, Value};
-        let mut out = Map::new();
-        out.insert(
+        use serde_json::Value;
+        // fields in a fixed order (timestamp, level, message, process, spans, event); a later
+        // field of the same name replaces the earlier one in place
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let mut put = |k: String, v: Value| match out.iter_mut().find(|(n, _)| *n == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        };
+        put(
             "timestamp".into(),
             Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
-        out.insert(
+        put(
             "level".into(),
             Value::String(event.metadata().level().to_string()),
         );
-        out.extend(self.fields.clone());
-        // span fields, outermost first, so an inner span's field wins
+        put("message".into(), Value::String(String::new()));
+        for (k, v) in &self.fields {
+            put(k.clone(), v.clone());
+        }
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let ext = span.extensions();
                 if let Some(fields) = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>() {
                     if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(fields.as_str()) {
-                        out.extend(m);
+                        for (k, v) in m {
+                            put(k, v);
+                        }
                     }
                 }
             }
         }
-        let mut visitor = FieldMap(Map::new());
+        let mut visitor = FieldMap(Vec::new());
         event.record(&mut visitor);
-        out.extend(visitor.0);
-        let line = serde_json::to_string(&Value::Object(out)).map_err(|_| std::fmt::Error)?;
+        for (k, v) in visitor.0 {
+            put(k, v);
+        }
+        let mut line = String::from("{");
+        for (i, (k, v)) in out.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            line.push_str(&serde_json::to_string(k).map_err(|_| std::fmt::Error)?);
+            line.push(':');
+            line.push_str(&serde_json::to_string(v).map_err(|_| std::fmt::Error)?);
+        }
+        line.push('}');
         writeln!(writer, "{line}")
     }
 }
 
-/// Event fields with their types kept (a `u64` stays a number).
-struct FieldMap(serde_json::Map<String, serde_json::Value>);
+/// Event fields with their types kept (a `u64` stays a number), in the order recorded.
+struct FieldMap(Vec<(String, serde_json::Value)>);
+
+impl FieldMap {
+    fn put(&mut self, field: &tracing::field::Field, v: serde_json::Value) {
+        self.0.push((field.name().to_string(), v));
+    }
+}
 
 impl tracing::field::Visit for FieldMap {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        self.put(field, format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
+        self.put(field, value.into());
     }
 }
 
