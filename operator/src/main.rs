@@ -192,6 +192,10 @@ struct ExplainArgs {
     /// The interface the packet uses (for rules that name one, e.g. the pods' `cni0`).
     #[arg(long, env = "DOG_INTERFACE")]
     interface: Option<String>,
+    /// Also check that the host's agent reports running exactly these rules and sets (its
+    /// last reported hashes, from the status file).
+    #[arg(long, env = "DOG_LIVE")]
+    live: bool,
     #[arg(long, env = "DOG_FORMAT", value_enum, default_value_t = Format::Text)]
     format: Format,
     #[command(flatten)]
@@ -211,7 +215,8 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
         .status_file
         .clone()
         .unwrap_or_else(|| args.from_dir.join(dog_operator::local::STATUS_FILE));
-    if let Some(st) = dog_operator::local::StatusFile::read(&status_path) {
+    let status_file = dog_operator::local::StatusFile::read(&status_path);
+    if let Some(st) = &status_file {
         for (name, host) in snap.hosts.iter_mut() {
             if let Some(reported) = st.hosts.get(name) {
                 let mut status = host.status.clone().unwrap_or_default();
@@ -254,9 +259,53 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
         interface: args.interface.clone(),
     };
     let e = explain(&fw, &q, &names);
+    // --live: the verdict holds for the host only if its agent runs exactly this firewall
+    let live = if args.live {
+        let expected = fw.hashes();
+        let reported = status_file
+            .as_ref()
+            .and_then(|st| st.hosts.get(&args.host))
+            .and_then(|h| h.reported_hashes.clone());
+        Some(match reported {
+            None => {
+                serde_json::json!({"matches": false, "why": format!("no hashes reported by {}'s agent in {}", args.host, status_path.display())})
+            }
+            Some(r) => {
+                let mut differs = Vec::new();
+                if r.ipv4_rules != expected.ipv4_rules {
+                    differs.push("ipv4_rules");
+                }
+                if r.ipv6_rules != expected.ipv6_rules {
+                    differs.push("ipv6_rules");
+                }
+                if r.sets != expected.sets {
+                    differs.push("sets");
+                }
+                serde_json::json!({"matches": differs.is_empty(), "differs": differs})
+            }
+        })
+    } else {
+        None
+    };
     match args.format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Format::Json => {
+            let mut v = serde_json::to_value(&e)?;
+            if let Some(l) = &live {
+                v["live"] = l.clone();
+            }
+            println!("{}", serde_json::to_string_pretty(&v)?)
+        }
         Format::Text => {
+            if let Some(l) = &live {
+                if l["matches"] == true {
+                    println!("live:    the agent reports running exactly these rules and sets");
+                } else {
+                    println!(
+                        "live:    NOT what the host runs now ({}); the verdict is for the desired rules",
+                        l.get("why").cloned().unwrap_or_else(|| l["differs"].clone())
+                    );
+                }
+            }
             println!("verdict: {:?}", e.verdict);
             println!("because: {}", e.reason);
             for v in &e.via {

@@ -617,6 +617,7 @@ fn explain_agrees_with_real_probes() {
             &port.to_string(),
             "--format",
             "json",
+            "--live",
         ]);
         assert!(
             out.status.success(),
@@ -624,6 +625,7 @@ fn explain_agrees_with_real_probes() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        assert_eq!(v["live"]["matches"], true, "db runs what explain read: {v}");
         (
             v["verdict"].as_str().unwrap_or_default().to_string(),
             v["reason"].as_str().unwrap_or_default().to_string(),
@@ -673,4 +675,41 @@ fn explain_agrees_with_real_probes() {
         }
     }
     assert_eq!(checked, 16);
+
+    // --live says so when the resources are not what the host runs (an edit not yet applied)
+    let edited = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(f.resources()).unwrap().flatten() {
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), edited.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let profiles = edited.path().join("profiles.yaml");
+    let text = std::fs::read_to_string(&profiles).unwrap();
+    std::fs::write(
+        &profiles,
+        text.replace("name: refuse-6000", "name: refuse-6001"),
+    )
+    .unwrap();
+    let out = dog_e2e::sh(&[
+        dog_e2e::bin("dog-operator").to_str().unwrap(),
+        "explain",
+        "--from-dir",
+        edited.path().to_str().unwrap(),
+        "--status-file",
+        f.status_path().to_str().unwrap(),
+        "--host",
+        &db,
+        "--peer",
+        &f.v4("web"),
+        "--protocol",
+        "tcp",
+        "--port",
+        "6000",
+        "--live",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("live:    NOT what the host runs now") && text.contains("ipv4_rules"),
+        "{text}"
+    );
 }
