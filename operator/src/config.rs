@@ -200,13 +200,7 @@ impl FirewallArgs {
             None => interfaces.iter().map(|s| s.to_string()).collect(),
         };
         for i in &pod_interfaces {
-            let body = i.strip_suffix('+').unwrap_or(i);
-            let ok = !body.is_empty()
-                && body.len() <= 15
-                && body
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-            if !ok {
+            if !crate::compile::render::is_interface_name(i) {
                 return Err(format!(
                     "--pod-interfaces: `{i}` is not a Linux interface name"
                 ));

@@ -235,12 +235,16 @@ fn realization(
     (desired, done, pending.into_iter().take(LIST_MAX).collect())
 }
 
-fn validity(diags: &[&Diagnostic]) -> Condition {
-    let errors: Vec<&Diagnostic> = diags
+fn of_severity<'a>(diags: &[&'a Diagnostic], severity: Severity) -> Vec<&'a Diagnostic> {
+    diags
         .iter()
-        .filter(|d| d.severity == Severity::Error)
+        .filter(|d| d.severity == severity)
         .copied()
-        .collect();
+        .collect()
+}
+
+fn validity(diags: &[&Diagnostic]) -> Condition {
+    let errors = of_severity(diags, Severity::Error);
     match errors.first() {
         None => cond("Valid", true, "Valid", "no problems found"),
         Some(d) => cond("Valid", false, &d.reason, diag_message(&errors)),
@@ -249,11 +253,7 @@ fn validity(diags: &[&Diagnostic]) -> Condition {
 
 /// `Degraded: True` when the object applies, but not as written (see [`Severity::Warning`]).
 fn degradation(diags: &[&Diagnostic]) -> Condition {
-    let warnings: Vec<&Diagnostic> = diags
-        .iter()
-        .filter(|d| d.severity == Severity::Warning)
-        .copied()
-        .collect();
+    let warnings = of_severity(diags, Severity::Warning);
     match warnings.first() {
         None => cond(
             "Degraded",

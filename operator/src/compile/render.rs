@@ -460,13 +460,7 @@ fn render_rule(
 
     // ---- interface
     if let Some(ifname) = &rule.interface {
-        let body = ifname.strip_suffix('+').unwrap_or(ifname);
-        let ok = !body.is_empty()
-            && body.len() <= 15
-            && body
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !ok {
+        if !is_interface_name(ifname) {
             err!(
                 format!("{base}.interface"),
                 "InvalidInterface",
@@ -799,6 +793,17 @@ fn render_rule(
         sources,
         warnings,
     })
+}
+
+/// A Linux interface name (at most 15 characters of `[A-Za-z0-9_.-]`), optionally with
+/// iptables' `+` wildcard suffix.
+pub fn is_interface_name(name: &str) -> bool {
+    let body = name.strip_suffix('+').unwrap_or(name);
+    !body.is_empty()
+        && body.len() <= 15
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// What a rule does when the Group or Zone it names is missing: it fails closed in the

@@ -580,6 +580,25 @@ fn logs_are_flat_json_lines_a_pipeline_can_read() {
     );
 }
 
+/// `dog-operator explain` on `dir` (with the fleet's status file) for the db host.
+fn explain_cmd(f: &Fleet, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut v: Vec<String> = vec![
+        "explain".into(),
+        "--from-dir".into(),
+        dir.display().to_string(),
+        "--status-file".into(),
+        f.status_path().display().to_string(),
+        "--host".into(),
+        f.host("db"),
+        "--live".into(),
+    ];
+    v.extend(args.iter().map(|a| a.to_string()));
+    std::process::Command::new(dog_e2e::bin("dog-operator"))
+        .args(&v)
+        .output()
+        .expect("running dog-operator explain")
+}
+
 /// `dog-operator explain` answers what real probes see: for a table of connections (IPv4 and
 /// IPv6, group and zone sets, a port range, failsafe, REJECT vs DROP, ICMP) its verdict equals
 /// the kernel's, on the same resources and the addresses the agents reported.
@@ -598,27 +617,22 @@ fn explain_agrees_with_real_probes() {
     f.wait_status("bastion in the office zone", 30, |st| {
         f.all_in_sync(st) && st.zones.get("office").is_some_and(|z| z.ipv4_count == 2)
     });
-    let db = f.host("db");
     let explain = |from: &str, peer: &str, proto: &str, port: u16| -> (String, String) {
-        let out = dog_e2e::sh(&[
-            dog_e2e::bin("dog-operator").to_str().unwrap(),
-            "explain",
-            "--from-dir",
-            f.resources().to_str().unwrap(),
-            "--status-file",
-            f.status_path().to_str().unwrap(),
-            "--host",
-            &db,
-            "--peer",
-            peer,
-            "--protocol",
-            proto,
-            "--port",
-            &port.to_string(),
-            "--format",
-            "json",
-            "--live",
-        ]);
+        let port = port.to_string();
+        let out = explain_cmd(
+            &f,
+            &f.resources(),
+            &[
+                "--peer",
+                peer,
+                "--protocol",
+                proto,
+                "--port",
+                &port,
+                "--format",
+                "json",
+            ],
+        );
         assert!(
             out.status.success(),
             "explain from {from}: {}",
@@ -690,23 +704,12 @@ fn explain_agrees_with_real_probes() {
         text.replace("name: refuse-6000", "name: refuse-6001"),
     )
     .unwrap();
-    let out = dog_e2e::sh(&[
-        dog_e2e::bin("dog-operator").to_str().unwrap(),
-        "explain",
-        "--from-dir",
-        edited.path().to_str().unwrap(),
-        "--status-file",
-        f.status_path().to_str().unwrap(),
-        "--host",
-        &db,
-        "--peer",
-        &f.v4("web"),
-        "--protocol",
-        "tcp",
-        "--port",
-        "6000",
-        "--live",
-    ]);
+    let web = f.v4("web");
+    let out = explain_cmd(
+        &f,
+        edited.path(),
+        &["--peer", &web, "--protocol", "tcp", "--port", "6000"],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("live:    NOT what the host runs now") && text.contains("ipv4_rules"),
