@@ -251,6 +251,12 @@ def cmd_check_schema(_args):
         {"operatorPublicKeys": ["not-a-key"]},
         {"broker": {"operatorUrl": "http://example"}},
         {"operator": {"failsafe": {"inbound": "ssh"}}},
+        {"operator": {"failsafe": {"inbound": "tcp:70000"}}},
+        {"operator": {"failsafe": {"outbound": "tcp:5672@nowhere"}}},
+        {"operator": {"cluster": {"cni": "weave"}}},
+        {"operator": {"cluster": {"podInterfaces": "no spaces"}}},
+        {"operator": {"cluster": {"nodePorts": "30000-99999"}}},
+        {"logLevel": "info debug"},
         {"typoedTopLevel": True},
     ]
     with helm.Chart.load(str(CHART)) as chart:
