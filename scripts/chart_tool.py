@@ -257,6 +257,8 @@ def cmd_check_schema(_args):
         {"operator": {"cluster": {"podInterfaces": "no spaces"}}},
         {"operator": {"cluster": {"nodePorts": "30000-99999"}}},
         {"logLevel": "info debug"},
+        {"operator": {"retireAfter": "a day"}},
+        {"keepaliveInterval": 0},
         {"typoedTopLevel": True},
     ]
     with helm.Chart.load(str(CHART)) as chart:

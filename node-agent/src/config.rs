@@ -85,14 +85,9 @@ pub struct Config {
     pub netns: Option<String>,
 }
 
+/// Seconds or a human duration (`30s`, `5m`), 10 ms to 7 days.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|e| format!("`{s}` is not a number of seconds: {e}"))?;
-    if !(0.01..=86400.0 * 7.0).contains(&v) {
-        return Err(format!("`{s}` seconds is out of range (0.01 .. 604800)"));
-    }
-    Ok(Duration::from_secs_f64(v))
+    dog_protocol::duration::parse(s, Duration::from_millis(10), Duration::from_secs(7 * 86400))
 }
 
 impl Config {
@@ -141,7 +136,11 @@ mod tests {
             cfg(&["--drift-interval", "2.5"]).drift_interval,
             Duration::from_millis(2500)
         );
+        assert_eq!(
+            cfg(&["--keepalive-interval", "2m"]).keepalive_interval,
+            Duration::from_secs(120)
+        );
         let err = Config::try_parse_from(["dog-agent", "--keepalive-interval", "x"]).unwrap_err();
-        assert!(err.to_string().contains("not a number"));
+        assert!(err.to_string().contains("is not a duration"), "{err}");
     }
 }

@@ -233,14 +233,9 @@ impl FirewallArgs {
     }
 }
 
+/// Seconds or a human duration (`30s`, `5m`, `7d`), up to a year.
 pub fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|e| format!("`{s}` is not a number of seconds: {e}"))?;
-    if !(0.0..=86400.0 * 365.0).contains(&v) {
-        return Err(format!("`{s}` seconds is out of range"));
-    }
-    Ok(Duration::from_secs_f64(v))
+    dog_protocol::duration::parse(s, Duration::ZERO, Duration::from_secs(365 * 86400))
 }
 
 pub fn parse_ports(s: &str) -> Result<PortList, String> {

@@ -1,4 +1,5 @@
 pub mod broker;
+pub mod duration;
 pub mod envelope;
 pub mod keys;
 pub mod messages;
