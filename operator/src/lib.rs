@@ -10,6 +10,7 @@ pub mod explain;
 pub mod fromdir;
 pub mod leader;
 pub mod lifecycle;
+pub mod listing;
 pub mod local;
 pub mod metrics;
 pub mod nodes;

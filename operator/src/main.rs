@@ -169,9 +169,10 @@ struct CompileArgs {
 
 #[derive(clap::Args, Debug)]
 struct ExplainArgs {
-    /// Directory of YAML files (Zone, Host, Group, Profile, ConfigMap).
+    /// Directory of YAML files (Zone, Host, Group, Profile, ConfigMap); without it, the
+    /// resources are read from the Kubernetes API (kubeconfig or in-cluster credentials).
     #[arg(long, env = "DOG_FROM_DIR")]
-    from_dir: std::path::PathBuf,
+    from_dir: Option<std::path::PathBuf>,
     /// Status file whose agent-reported interfaces complete the hosts' addresses (default:
     /// `.dog-status.yaml` in the directory, when present).
     #[arg(long, env = "DOG_STATUS_FILE")]
@@ -207,27 +208,52 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
     use dog_operator::explain::{explain, Query};
     use dog_protocol::ruleset::Family;
     args.firewall.cluster().map_err(anyhow::Error::msg)?;
-    let (mut snap, errors) = dog_operator::fromdir::load_dir(&args.from_dir)?;
-    for e in &errors {
-        eprintln!("warning: {e}");
-    }
-    let status_path = args
-        .status_file
-        .clone()
-        .unwrap_or_else(|| args.from_dir.join(dog_operator::local::STATUS_FILE));
-    let status_file = dog_operator::local::StatusFile::read(&status_path);
-    if let Some(st) = &status_file {
-        for (name, host) in snap.hosts.iter_mut() {
-            if let Some(reported) = st.hosts.get(name) {
-                let mut status = host.status.clone().unwrap_or_default();
-                status.state = reported.state;
-                if !reported.interfaces.is_empty() {
-                    status.interfaces = reported.interfaces.clone();
-                }
-                host.status = Some(status);
+    // what the agents reported: the status file of --from-dir mode, or the Hosts' status
+    let (snap, source, reported) = match &args.from_dir {
+        Some(dir) => {
+            let (mut snap, errors) = dog_operator::fromdir::load_dir(dir)?;
+            for e in &errors {
+                eprintln!("warning: {e}");
             }
+            let status_path = args
+                .status_file
+                .clone()
+                .unwrap_or_else(|| dir.join(dog_operator::local::STATUS_FILE));
+            let status_file = dog_operator::local::StatusFile::read(&status_path);
+            if let Some(st) = &status_file {
+                for (name, host) in snap.hosts.iter_mut() {
+                    if let Some(reported) = st.hosts.get(name) {
+                        let mut status = host.status.clone().unwrap_or_default();
+                        status.state = reported.state;
+                        if !reported.interfaces.is_empty() {
+                            status.interfaces = reported.interfaces.clone();
+                        }
+                        host.status = Some(status);
+                    }
+                }
+            }
+            let reported = status_file
+                .as_ref()
+                .and_then(|st| st.hosts.get(&args.host))
+                .and_then(|h| h.reported_hashes.clone());
+            (snap, status_path.display().to_string(), reported)
         }
-    }
+        None => {
+            let snap = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let client = kube::Client::try_default().await?;
+                    anyhow::Ok(dog_operator::listing::snapshot(client).await?)
+                })?;
+            let reported = snap
+                .hosts
+                .get(&args.host)
+                .and_then(|h| h.status.as_ref())
+                .and_then(|s| s.reported_hashes.clone());
+            (snap, "the cluster".to_string(), reported)
+        }
+    };
     let compiled = dog_operator::compile::compile(
         &snap,
         &dog_operator::compile::CompileOptions {
@@ -236,9 +262,8 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
     );
     let Some(fw) = compiled.host_firewall(&args.host) else {
         anyhow::bail!(
-            "host `{}` runs no firewall compiled from {} ({:?})",
+            "host `{}` runs no firewall compiled from {source} ({:?})",
             args.host,
-            args.from_dir.display(),
             compiled.hosts.get(&args.host)
         );
     };
@@ -262,13 +287,9 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
     // --live: the verdict holds for the host only if its agent runs exactly this firewall
     let live = if args.live {
         let expected = fw.hashes();
-        let reported = status_file
-            .as_ref()
-            .and_then(|st| st.hosts.get(&args.host))
-            .and_then(|h| h.reported_hashes.clone());
         Some(match reported {
             None => {
-                serde_json::json!({"matches": false, "why": format!("no hashes reported by {}'s agent in {}", args.host, status_path.display())})
+                serde_json::json!({"matches": false, "why": format!("no hashes reported by {}'s agent in {source}", args.host)})
             }
             Some(r) => {
                 let mut differs = Vec::new();

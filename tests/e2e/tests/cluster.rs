@@ -206,6 +206,40 @@ fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
         !fleet.tcp("outsider", &db_v4, 5432),
         "outsider -> db:5432 must be dropped"
     );
+    // explain, read from the API server, says the same and that db runs exactly it
+    for (from, verdict) in [("web", "Accept"), ("outsider", "Drop")] {
+        let peer = fleet.v4(from);
+        let out = std::process::Command::new(dog_e2e::bin("dog-operator"))
+            .env("KUBECONFIG", &api.kubeconfig)
+            .args([
+                "explain",
+                "--host",
+                &db,
+                "--peer",
+                &peer,
+                "--protocol",
+                "tcp",
+            ])
+            .args(["--port", "5432", "--live", "--format", "json"])
+            .output()
+            .expect("explain");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("explain json");
+        assert_eq!(v["verdict"], verdict, "{from}: {v}");
+        assert_eq!(v["live"]["matches"], true, "{from}: {v}");
+        if from == "web" {
+            assert!(
+                v["via"][0]
+                    .as_str()
+                    .is_some_and(|s| s.contains(&format!("Group {p}-web"))),
+                "{v}"
+            );
+        }
+    }
 
     // Node churn: the Node goes, its agent stays alive.
     api.kubectl_ok(&["delete", "node", &spare]);
