@@ -203,13 +203,17 @@ struct ExplainArgs {
     firewall: dog_operator::config::FirewallArgs,
 }
 
-fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
-    use dog_operator::compile::setname::{set_name, SetSource};
-    use dog_operator::explain::{explain, Query};
-    use dog_protocol::ruleset::Family;
-    args.firewall.cluster().map_err(anyhow::Error::msg)?;
-    // what the agents reported: the status file of --from-dir mode, or the Hosts' status
-    let (snap, source, reported) = match &args.from_dir {
+/// The resources and what the host's agent last reported: from `--from-dir` (and its status
+/// file) or from the API server. Returns the snapshot, where it came from, and the reported
+/// hashes.
+fn explain_input(
+    args: &ExplainArgs,
+) -> anyhow::Result<(
+    dog_operator::compile::Snapshot,
+    String,
+    Option<dog_operator::crd::FirewallHashes>,
+)> {
+    Ok(match &args.from_dir {
         Some(dir) => {
             let (mut snap, errors) = dog_operator::fromdir::load_dir(dir)?;
             for e in &errors {
@@ -253,7 +257,42 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
                 .and_then(|s| s.reported_hashes.clone());
             (snap, "the cluster".to_string(), reported)
         }
-    };
+    })
+}
+
+/// `--live`: whether the host's agent reports running exactly `expected`.
+fn live_check(
+    host: &str,
+    expected: &dog_protocol::ruleset::FirewallHashes,
+    reported: Option<&dog_operator::crd::FirewallHashes>,
+    source: &str,
+) -> serde_json::Value {
+    match reported {
+        None => {
+            serde_json::json!({"matches": false, "why": format!("no hashes reported by {host}'s agent in {source}")})
+        }
+        Some(r) => {
+            let mut differs = Vec::new();
+            if r.ipv4_rules != expected.ipv4_rules {
+                differs.push("ipv4_rules");
+            }
+            if r.ipv6_rules != expected.ipv6_rules {
+                differs.push("ipv6_rules");
+            }
+            if r.sets != expected.sets {
+                differs.push("sets");
+            }
+            serde_json::json!({"matches": differs.is_empty(), "differs": differs})
+        }
+    }
+}
+
+fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use dog_operator::compile::setname::{set_name, SetSource};
+    use dog_operator::explain::{explain, Query};
+    use dog_protocol::ruleset::Family;
+    args.firewall.cluster().map_err(anyhow::Error::msg)?;
+    let (snap, source, reported) = explain_input(&args)?;
     let compiled = dog_operator::compile::compile(
         &snap,
         &dog_operator::compile::CompileOptions {
@@ -285,29 +324,9 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
     };
     let e = explain(&fw, &q, &names);
     // --live: the verdict holds for the host only if its agent runs exactly this firewall
-    let live = if args.live {
-        let expected = fw.hashes();
-        Some(match reported {
-            None => {
-                serde_json::json!({"matches": false, "why": format!("no hashes reported by {}'s agent in {source}", args.host)})
-            }
-            Some(r) => {
-                let mut differs = Vec::new();
-                if r.ipv4_rules != expected.ipv4_rules {
-                    differs.push("ipv4_rules");
-                }
-                if r.ipv6_rules != expected.ipv6_rules {
-                    differs.push("ipv6_rules");
-                }
-                if r.sets != expected.sets {
-                    differs.push("sets");
-                }
-                serde_json::json!({"matches": differs.is_empty(), "differs": differs})
-            }
-        })
-    } else {
-        None
-    };
+    let live = args
+        .live
+        .then(|| live_check(&args.host, &fw.hashes(), reported.as_ref(), &source));
     match args.format {
         Format::Json => {
             let mut v = serde_json::to_value(&e)?;
