@@ -12,10 +12,10 @@ Measures
 Usage (as root, after `cargo build --release --bins` and scripts/setup.sh):
   python3 bench/cluster_propagation.py [--agents 50] [--rounds 5] [--profile release]
 """
-import argparse, json, os, socket, subprocess, sys, tempfile, time
+import json, os, socket, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from propagation import Acks, pct, stop_all  # noqa: E402
+from propagation import Acks, bench_args, pct, stop_all  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("DOG_CACHE_DIR", os.path.expanduser("~/.cache/dog"))
@@ -96,12 +96,7 @@ def node(name):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--agents", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--profile", default="release")
-    a = ap.parse_args()
-    bindir = os.path.join(ROOT, "target", a.profile)
+    a, bindir = bench_args(50)
     prefix = f"dogkprop{os.getpid() % 10000}"
     ns = f"{prefix}-obs"
     work = tempfile.mkdtemp(prefix="dog-kprop-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)

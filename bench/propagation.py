@@ -108,13 +108,18 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def main():
+def bench_args(agents):
+    """The flags both propagation benches take, and the directory of the binaries."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--agents", type=int, default=200)
+    ap.add_argument("--agents", type=int, default=agents)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", default="release")
     a = ap.parse_args()
-    bindir = os.path.join(ROOT, "target", a.profile)
+    return a, os.path.join(ROOT, "target", a.profile)
+
+
+def main():
+    a, bindir = bench_args(200)
     prefix = f"dogprop{os.getpid() % 10000}"
     ns = f"{prefix}-obs"
     work = tempfile.mkdtemp(prefix="dog-prop-")

@@ -218,13 +218,7 @@ impl FirewallArgs {
     /// operator's own broker URL, which the agents share) must be open outbound to any address.
     pub fn check_lockout(&self, broker_port: u16) -> Result<(), String> {
         self.cluster()?;
-        let open = self.failsafe_outbound.0.iter().any(|p| {
-            p.protocol == FailsafeProtocol::Tcp
-                && p.from <= broker_port
-                && broker_port <= p.to
-                && p.net.is_none()
-        });
-        if !open {
+        if !self.failsafe().keeps_broker_open(broker_port) {
             return Err(format!(
                 "--failsafe-outbound (DOG_FAILSAFE_OUTBOUND) does not keep tcp port {broker_port} (the broker) open to every address: every agent would refuse every firewall, and a Profile whose outbound default is DROP would cut the agents off"
             ));

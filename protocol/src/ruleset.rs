@@ -633,6 +633,14 @@ impl Failsafe {
         out
     }
 
+    /// Whether outbound tcp `port` (the agents' broker connection) is open to every address;
+    /// an entry narrowed to a network does not count (the broker's address is not known here).
+    pub fn keeps_broker_open(&self, port: u16) -> bool {
+        self.outbound.iter().any(|p| {
+            p.protocol == FailsafeProtocol::Tcp && p.from <= port && port <= p.to && p.net.is_none()
+        })
+    }
+
     /// Checks that `doc` starts each of dog's hooked chains with this failsafe prologue and that
     /// the prologue keeps the given outbound TCP port (the agent's broker connection) open.
     pub fn check(
@@ -641,13 +649,7 @@ impl Failsafe {
         broker_port: Option<u16>,
     ) -> Result<(), FailsafeError> {
         if let Some(port) = broker_port {
-            let open = self.outbound.iter().any(|p| {
-                p.protocol == FailsafeProtocol::Tcp
-                    && p.from <= port
-                    && port <= p.to
-                    && p.net.is_none()
-            });
-            if !open {
+            if !self.keeps_broker_open(port) {
                 return Err(FailsafeError::BrokerBlocked { port });
             }
         }
@@ -688,17 +690,16 @@ fn port_lines(
     ports: &[FailsafePort],
     tail: &str,
 ) {
-    let mut groups: BTreeMap<(FailsafeProtocol, Option<IpNet>), Vec<&FailsafePort>> =
+    // keyed so that unrestricted entries come first, tcp before udp, as before networks existed
+    let mut groups: BTreeMap<(bool, FailsafeProtocol, Option<IpNet>), Vec<&FailsafePort>> =
         BTreeMap::new();
     for p in ports.iter().filter(|p| p.in_family(family)) {
-        groups.entry((p.protocol, p.net)).or_default().push(p);
+        groups
+            .entry((p.net.is_some(), p.protocol, p.net))
+            .or_default()
+            .push(p);
     }
-    // unrestricted entries first, as before networks existed
-    let mut keys: Vec<(FailsafeProtocol, Option<IpNet>)> = groups.keys().copied().collect();
-    keys.sort_by_key(|(proto, net)| (net.is_some(), *proto, *net));
-    for key in keys {
-        let (proto, net) = key;
-        let mut list = groups.remove(&key).unwrap_or_default();
+    for ((_, proto, net), mut list) in groups {
         list.sort();
         list.dedup();
         let mut chunk: Vec<String> = Vec::new();
