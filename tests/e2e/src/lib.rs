@@ -517,15 +517,24 @@ impl Fleet {
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Connection refused")
     }
 
-    /// Whether a UDP datagram from `from` to `addr:port` gets the responder's answer.
+    /// Whether a UDP datagram from `from` to `addr:port` gets the responder's answer, over up
+    /// to two datagrams. UDP has no retransmission and the responder forks a shell per
+    /// datagram, so on a loaded machine one answer can come late; "no answer"
+    /// therefore means two datagrams went unanswered for two seconds each.
     pub fn udp(&self, from: &str, addr: &str, port: u16) -> bool {
+        (0..2).any(|_| self.udp_once(from, addr, port))
+    }
+
+    fn udp_once(&self, from: &str, addr: &str, port: u16) -> bool {
         let out = Command::new("ip")
             .args([
                 "netns",
                 "exec",
                 &self.ns(from),
                 "socat",
-                "-T1",
+                // after stdin's end socat waits -t for the answer (0.5 s by default)
+                "-t2",
+                "-T2",
                 "-",
                 &format!("UDP:{}:{port}", Self::target(addr)),
             ])
