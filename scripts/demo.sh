@@ -42,7 +42,10 @@ fleet_up "$PREFIX" web db bastion
 
 "$bin/dog-operator" keygen --out "$work/operator.key" --public-out "$work/operator.pub" >/dev/null
 say "starting dog-operator --from-dir $work/fleet"
+# The demo's agents are trusted on first use; a real VM fleet pins each agent's keys in its Host
+# (`dog-agent --print-keys`, docs/operations.md "Admitting agents").
 "$bin/dog-operator" run --from-dir "$work/fleet" --signing-key "$work/operator.key" \
+  --trust-on-first-use \
   --topology-prefix "$PREFIX" --keepalive-interval 2 --resync-after 4 \
   --metrics-addr 127.0.0.1:0 --log-format json >"$work/operator.log" 2>&1 &
 pids+=($!)

@@ -50,6 +50,18 @@ pub struct Config {
     #[arg(long, env = "DOG_OPERATOR_NAME", default_value = "dog-operator")]
     pub operator_name: String,
 
+    /// Kubernetes: a projected ServiceAccount token (dog's own audience) that proves to the
+    /// operator which node this agent runs on. Read again for every heartbeat (the kubelet
+    /// rotates it). Without one, the operator admits this agent only if an administrator
+    /// pinned its keys or the operator trusts on first use.
+    #[arg(long, env = "DOG_IDENTITY_TOKEN_FILE")]
+    pub identity_token_file: Option<PathBuf>,
+
+    /// Print this agent's public keys as the `spec.keys` of its Host (creating the keys in the
+    /// state directory if there are none yet) and exit: how an administrator pre-pins a VM.
+    #[arg(long, env = "DOG_PRINT_KEYS")]
+    pub print_keys: bool,
+
     /// Directory for the agent's keys and last applied state.
     #[arg(long, env = "DOG_STATE_DIR", default_value = "/var/lib/dog-agent")]
     pub state_dir: PathBuf,

@@ -6,6 +6,24 @@ use dog_agent::config::Config;
 use dog_agent::runtime::Agent;
 use tracing::Instrument;
 
+/// `--print-keys`: the Host's `spec.keys` for this agent, as YAML.
+fn print_keys(cfg: &Config) -> std::process::ExitCode {
+    match dog_protocol::keys::AgentKeys::load_or_create(&cfg.state_dir) {
+        Ok((keys, _)) => {
+            println!(
+                "keys:\n  signing: {}\n  encryption: {}",
+                keys.signing.public().to_base64(),
+                keys.encryption.public().to_base64()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dog-agent: agent keys in {}: {e}", cfg.state_dir.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // Before any thread allocates: one malloc arena (see `limit_malloc_arenas`).
     dog_agent::runtime::limit_malloc_arenas();
@@ -24,6 +42,9 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let cfg = Config::parse();
+    if cfg.print_keys {
+        return print_keys(&cfg);
+    }
     let host = cfg.resolved_hostname().unwrap_or_else(|_| "?".into());
     dog_protocol::telemetry::init_logging_with(cfg.log_format, &cfg.log_level, &[("host", &host)]);
     let span = tracing::info_span!("agent", host = %host);

@@ -122,6 +122,9 @@ impl Agent {
         let hostname = cfg
             .resolved_hostname()
             .context("cannot determine the host name (set --hostname / NODE_NAME)")?;
+        if let Err(why) = dog_protocol::names::check_dns1123(&hostname) {
+            anyhow::bail!("host name {hostname:?} (--hostname / NODE_NAME) is not a DNS-1123 subdomain: {why}; the operator admits no other");
+        }
         let (keys, created) = AgentKeys::load_or_create(&cfg.state_dir)
             .with_context(|| format!("agent keys in {}", cfg.state_dir.display()))?;
         if created.signing || created.encryption {
@@ -377,6 +380,23 @@ impl Agent {
         }
     }
 
+    /// The identity token as the kubelet last wrote it; a missing or unreadable file is
+    /// logged and the heartbeat goes without (the operator then decides by its pins).
+    fn identity_token(&self) -> Option<String> {
+        let path = self.cfg.identity_token_file.as_ref()?;
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                warn!(file = %path.display(), "the identity token file is empty");
+                None
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read the identity token");
+                None
+            }
+        }
+    }
+
     async fn send_heartbeat(&mut self) -> bool {
         let hb = Heartbeat {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -388,6 +408,7 @@ impl Agent {
             live_hashes: self.live_hashes().await,
             drift: self.drift.clone(),
             mode: self.protocol_mode(),
+            identity_token: self.identity_token(),
         };
         let ok = self
             .publish(&AgentMessage::Heartbeat(hb), "heartbeat")

@@ -2,7 +2,7 @@
 //!
 //! Keep this in lock-step with the code: each entry names the module that makes the call. The
 //! Helm chart's ClusterRole/Role must cover exactly this (a test checks the chart against it).
-//! Leases live in the operator's own namespace (a Role is enough); Events for the
+//! Leases and the agents' Pods live in the operator's own namespace (a Role is enough); Events for the
 //! cluster-scoped dog objects are written to the `default` namespace.
 
 /// (apiGroup, resource, verbs). `""` is the core group.
@@ -34,6 +34,10 @@ pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     ),
     // events.rs: kube-runtime's Recorder creates events and patches repeated ones (series).
     ("events.k8s.io", "events", &["create", "patch"]),
+    // identity.rs: an agent's ServiceAccount token is reviewed, and the Pod it is bound to
+    // (in the agents' namespace, the release's) read for its node.
+    ("authentication.k8s.io", "tokenreviews", &["create"]),
+    ("", "pods", &["get"]),
 ];
 
 /// Verbs granted for `(group, resource)`, if any.

@@ -5,6 +5,7 @@
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Interface};
 use crate::events::{EventSink, KubeEventSink};
+use crate::identity::{AgentAccount, IdentityVerifier, TokenReviewVerifier};
 use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::OperatorMetrics;
 use crate::nodes::NodeSync;
@@ -115,7 +116,19 @@ pub async fn run(
             .collect();
         let (link, deliveries) = OperatorLink::start(broker.clone())?;
         let store_for_snapshot = store.clone();
+        let verifier: Arc<dyn IdentityVerifier> = Arc::new(TokenReviewVerifier::new(
+            client.clone(),
+            args.admission
+                .agent_service_account
+                .clone()
+                .unwrap_or_else(|| AgentAccount {
+                    namespace: args.namespace.clone(),
+                    name: "dog-agent".into(),
+                }),
+            args.admission.identity_audience.clone(),
+        ));
         let runtime = Runtime::new(Parts {
+            verifier: Some(verifier),
             args,
             sealer,
             link: link.clone(),

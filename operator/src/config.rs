@@ -61,6 +61,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub firewall: FirewallArgs,
 
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+
     /// Namespace of the leader-election Lease (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "dog-system")]
     pub namespace: String,
@@ -76,6 +79,43 @@ pub struct RunArgs {
     /// `info,dog_agent=debug`. `RUST_LOG`, when set, wins.
     #[arg(long, env = "DOG_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// Who may become a host (docs/operations.md, "Admitting agents").
+#[derive(Args, Debug, Clone)]
+pub struct AdmissionArgs {
+    /// Pin the keys of the first heartbeat of a host that has no pin and no identity token
+    /// (trust on first use). Off: such an agent is refused until an administrator pins its keys
+    /// in `spec.keys` of its Host, or (Kubernetes) it presents its ServiceAccount token.
+    #[arg(long, env = "DOG_TRUST_ON_FIRST_USE", action = clap::ArgAction::Set, default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub trust_on_first_use: bool,
+    /// No first-use registration of a new host name once this many hosts are known.
+    #[arg(long, env = "DOG_MAX_HOSTS", default_value = "10000")]
+    pub max_hosts: usize,
+    /// First heartbeats of unpinned hosts considered per minute (beyond the burst).
+    #[arg(long, env = "DOG_REGISTRATIONS_PER_MINUTE", default_value = "120")]
+    pub registrations_per_minute: u32,
+    /// First heartbeats of unpinned hosts considered at once.
+    #[arg(long, env = "DOG_REGISTRATION_BURST", default_value = "60")]
+    pub registration_burst: u32,
+    /// Kubernetes mode: the ServiceAccount (`namespace/name`) whose Pod-bound tokens identify
+    /// agents (default: `<--namespace>/dog-agent`).
+    #[arg(long, env = "DOG_AGENT_SERVICE_ACCOUNT")]
+    pub agent_service_account: Option<crate::identity::AgentAccount>,
+    /// Kubernetes mode: the audience of the agents' identity tokens.
+    #[arg(long, env = "DOG_IDENTITY_AUDIENCE", default_value = "dogfw.io")]
+    pub identity_audience: String,
+}
+
+impl AdmissionArgs {
+    pub fn policy(&self) -> crate::admission::AdmissionPolicy {
+        crate::admission::AdmissionPolicy {
+            trust_on_first_use: self.trust_on_first_use,
+            max_hosts: self.max_hosts,
+            per_minute: self.registrations_per_minute,
+            burst: self.registration_burst.max(1),
+        }
+    }
 }
 
 /// What every host's chains start with: the failsafe ports and the cluster profile. Shared by

@@ -184,8 +184,9 @@ pub struct HostSpec {
         pattern = ADDRESS_PATTERN
     )))]
     pub addresses: Vec<String>,
-    /// Keys pre-pinned by an administrator. When absent, the operator pins the keys of the
-    /// agent's first heartbeat (trust on first use) into `status.pinnedKeys`.
+    /// Keys pinned by an administrator (`dog-agent --print-keys` prints them): the host's pin;
+    /// an agent with other keys is refused. When absent, the operator pins the keys of an agent
+    /// it admitted (its ServiceAccount token, or trust on first use) into `status.pinnedKeys`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<AgentKeys>,
     /// The Node this Host mirrors, when the operator created it from one.

@@ -1,5 +1,6 @@
 //! dog-operator: compiles dog's custom resources into per-host firewalls and publishes them.
 pub mod access;
+pub mod admission;
 pub mod cluster;
 pub mod compile;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod crdgen;
 pub mod events;
 pub mod explain;
 pub mod fromdir;
+pub mod identity;
 pub mod leader;
 pub mod lifecycle;
 pub mod listing;

@@ -129,6 +129,8 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
             // the only replica there is: always the active one
             metrics.leader.set(1);
             let runtime = Runtime::new(Parts {
+                // no Kubernetes, no authority on tokens: admins pin, or --trust-on-first-use
+                verifier: None,
                 args,
                 sealer,
                 link: link.clone(),

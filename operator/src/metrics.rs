@@ -15,6 +15,7 @@ pub struct OperatorMetrics {
     pub hosts: IntGaugeVec,
     pub hosts_drifted: IntGauge,
     pub rejected: IntCounterVec,
+    pub hosts_registered: IntCounterVec,
     pub safety_valve_frozen: IntGauge,
     pub leader: IntGauge,
     pub apply_failures: IntCounter,
@@ -57,6 +58,10 @@ impl OperatorMetrics {
                 Opts::new("dog_operator_rejected_messages_total", "Agent messages refused, by reason"),
                 &["reason"],
             )?,
+            hosts_registered: IntCounterVec::new(
+                Opts::new("dog_operator_hosts_registered_total", "Hosts whose agent keys were pinned on a first heartbeat, by how the agent was admitted (service_account, first_use)"),
+                &["how"],
+            )?,
             safety_valve_frozen: IntGauge::new(
                 "dog_operator_safety_valve_frozen",
                 "1 while lifecycle transitions are frozen because no agent at all was heard",
@@ -85,6 +90,7 @@ impl OperatorMetrics {
             Box::new(m.hosts.clone()),
             Box::new(m.hosts_drifted.clone()),
             Box::new(m.rejected.clone()),
+            Box::new(m.hosts_registered.clone()),
             Box::new(m.safety_valve_frozen.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.apply_failures.clone()),
@@ -101,6 +107,15 @@ impl OperatorMetrics {
         // every reason is exposed from the start, so a rate() alert sees the first rejection
         for r in dog_protocol::envelope::Rejection::ALL {
             m.rejected.with_label_values(&[r.reason()]);
+        }
+        for r in crate::admission::Refusal::REASONS {
+            m.rejected.with_label_values(&[r]);
+        }
+        for how in [
+            crate::admission::Admitted::ServiceAccount,
+            crate::admission::Admitted::FirstUse,
+        ] {
+            m.hosts_registered.with_label_values(&[how.label()]);
         }
         for state in ["New", "Active", "Inactive", "Retired"] {
             m.hosts.with_label_values(&[state]).set(0);

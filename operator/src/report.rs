@@ -27,6 +27,8 @@ pub struct HostView {
     pub apply_error: Option<String>,
     /// A key offered that differs from the pinned one (refused).
     pub key_conflict: Option<String>,
+    /// Why the last agent that came for this host without a pin was not admitted.
+    pub not_admitted: Option<String>,
     /// The agent only observes: it applies nothing and reports what it would change.
     pub observe: bool,
     /// Observe mode: changes that would bring the host to the desired rules.
@@ -120,6 +122,12 @@ pub fn host_status(compiled: &Compiled, name: &str, view: &HostView) -> HostStat
     let active = view.state == HostState::Active;
     conditions.push(match (&view.key_conflict, &view.apply_error, active) {
         (Some(k), _, _) => cond("Ready", false, "KeyChanged", k.clone()),
+        (_, _, false) if view.not_admitted.is_some() => cond(
+            "Ready",
+            false,
+            "NotAdmitted",
+            view.not_admitted.clone().unwrap_or_default(),
+        ),
         (_, Some(e), _) => cond("Ready", false, "ApplyFailed", e.clone()),
         (_, _, true) => cond(
             "Ready",

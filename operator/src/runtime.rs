@@ -10,10 +10,12 @@
 //! YAML files (`local.rs`); only the snapshot source, the status sink, the event sink and the
 //! registrar of agent-only hosts differ.
 
+use crate::admission::{Admission, Admitted, Evidence, Refusal};
 use crate::compile::{CompileOptions, Compiled, Compiler, HostOutcome, Snapshot};
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
 use crate::events::{DogEvent, EventSink};
+use crate::identity::IdentityVerifier;
 use crate::lifecycle::{self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange};
 use crate::metrics::OperatorMetrics;
 use crate::publish::{self, Publish, PublishState};
@@ -21,7 +23,7 @@ use crate::report::{self, HostView};
 use crate::status::StatusSink;
 use dog_protocol::broker::{Deliveries, Delivery, MessageMeta, OperatorLink};
 use dog_protocol::envelope::{Opened, Opener, Sealer};
-use dog_protocol::keys::pinning::{Pin, PinOutcome, Pins};
+use dog_protocol::keys::pinning::{Pin, Pins};
 use dog_protocol::keys::{EncryptionPublicKey, SigningPublicKey};
 use dog_protocol::messages::{
     AgentMessage, Heartbeat, Keepalive, Outcome, Request, RequestKind, Response,
@@ -43,6 +45,8 @@ use uuid::Uuid;
 const REQUEST_TTL_SECS: u64 = 600;
 /// Publishes in flight at once (confirms are awaited concurrently).
 const PUBLISH_CONCURRENCY: usize = 64;
+/// Refused heartbeats kept per declared host (distinct keys).
+const REFUSED_KEPT: usize = 4;
 /// Statuses are written at most this often: a burst of agent responses must not turn into a
 /// status pass (over every host) per response.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
@@ -83,6 +87,9 @@ struct HostRt {
     /// The host mirrors a Kubernetes Node that no longer exists: it stays Retired, however
     /// lively its agent is, until the Node comes back.
     node_gone: bool,
+    /// The last heartbeats refused for want of a pin (declared hosts only), one per key,
+    /// newest last, at most [`REFUSED_KEPT`]: an impostor's must not push out the real one.
+    refused_heartbeats: Vec<(Opened, Heartbeat)>,
 }
 
 impl HostRt {
@@ -112,6 +119,14 @@ pub struct Runtime {
     status: Arc<dyn StatusSink>,
     events: Arc<dyn EventSink>,
     registrar: Arc<dyn Registrar>,
+    admission: Admission,
+    verifier: Option<Arc<dyn IdentityVerifier>>,
+    /// `spec.keys` of Hosts as last turned into pins.
+    admin_pins: BTreeMap<String, AgentKeys>,
+    /// Set when `admin_pins` changed: refused heartbeats may now be taken.
+    admin_pins_changed: bool,
+    /// Started with the runtime: the monotonic clock of the admission rate limit.
+    started: Instant,
     metrics: OperatorMetrics,
     health: Health,
     lifecycle: LifecycleConfig,
@@ -130,6 +145,8 @@ pub struct Runtime {
 
 pub struct Parts {
     pub args: RunArgs,
+    /// The authority on agent identity tokens (Kubernetes mode), if any.
+    pub verifier: Option<Arc<dyn IdentityVerifier>>,
     pub sealer: Sealer,
     pub link: OperatorLink,
     pub deliveries: Deliveries,
@@ -179,6 +196,7 @@ impl Runtime {
     pub fn new(parts: Parts) -> Self {
         let Parts {
             args,
+            verifier,
             sealer,
             link,
             deliveries,
@@ -245,7 +263,6 @@ impl Runtime {
         });
         let opener = Opener::for_operator(args.operator_name.clone(), pins);
         Runtime {
-            args,
             compiler,
             publish: PublishState::default(),
             fleet,
@@ -259,6 +276,11 @@ impl Runtime {
             status,
             events,
             registrar,
+            admission: Admission::new(args.admission.policy()),
+            verifier,
+            admin_pins: BTreeMap::new(),
+            admin_pins_changed: false,
+            started: Instant::now(),
             metrics,
             health,
             lifecycle,
@@ -270,6 +292,7 @@ impl Runtime {
             needs_publish: false,
             needs_status: true,
             last_status: None,
+            args,
         }
     }
 
@@ -331,6 +354,52 @@ impl Runtime {
 
     /// The snapshot as the compiler should see it: the source's objects, agent-registered
     /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
+    /// Keys an administrator pinned in `spec.keys` are the host's pin, whatever an agent
+    /// sent before: a changed `spec.keys` re-pins (and clears a key conflict).
+    fn sync_admin_pins(&mut self, snap: &Snapshot) {
+        for (name, host) in &snap.hosts {
+            let Some(keys) = &host.spec.keys else {
+                continue;
+            };
+            if self.admin_pins.get(name) == Some(keys) {
+                continue;
+            }
+            let parsed = (
+                SigningPublicKey::from_base64(&keys.signing, "spec.keys.signing"),
+                EncryptionPublicKey::from_base64(&keys.encryption, "spec.keys.encryption"),
+            );
+            let (s, e) = match parsed {
+                (Ok(s), Ok(e)) => (s, e),
+                (Err(err), _) | (_, Err(err)) => {
+                    warn!(host = %name, error = %err, "ignoring unreadable keys in Host spec");
+                    continue;
+                }
+            };
+            if let dog_protocol::envelope::Trust::Agents(pins) = self.opener.trust_mut() {
+                pins.set(
+                    name.clone(),
+                    Pin {
+                        signing: s.fingerprint(),
+                        encryption: Some(e.fingerprint()),
+                    },
+                );
+            }
+            info!(host = %name, fingerprint = %s.fingerprint(), "pinned agent keys from the Host's spec.keys");
+            let rt = self.fleet.entry(name.clone()).or_default();
+            if rt.encryption_key.as_ref() != Some(&e) {
+                rt.encryption_key = Some(e);
+                self.publish.forget(name);
+            }
+            rt.view.key_conflict = None;
+            rt.view.not_admitted = None;
+            rt.view.pinned_keys = Some(keys.clone());
+            rt.view.key_fingerprint = Some(s.fingerprint());
+            self.admin_pins.insert(name.clone(), keys.clone());
+            self.admin_pins_changed = true;
+            self.needs_status = true;
+        }
+    }
+
     fn effective_snapshot(&mut self) -> Snapshot {
         let mut snap = (self.source.snapshot)();
         // A Host whose Node was deleted is Retired (once: the Node sync records the Event) and
@@ -380,6 +449,7 @@ impl Runtime {
         self.needs_compile = false;
         let started = Instant::now();
         let snap = self.effective_snapshot();
+        self.sync_admin_pins(&snap);
         let changes = self.compiler.update(snap);
         self.metrics
             .compile_duration
@@ -398,6 +468,10 @@ impl Runtime {
 
     async fn reconcile(&mut self) {
         self.compile_if_needed();
+        if std::mem::take(&mut self.admin_pins_changed) {
+            self.retry_refused_heartbeats().await;
+            self.compile_if_needed();
+        }
         let status_due =
             self.needs_status && self.last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
         if !self.needs_publish && !status_due {
@@ -769,14 +843,88 @@ impl Runtime {
         }
     }
 
+    /// Whether the host of a first heartbeat (no pin) is admitted: the pure checks, then the
+    /// authority on its identity token, then the decision (crate::admission).
+    async fn admit(&mut self, hb: &Heartbeat) -> Result<Admitted, Refusal> {
+        let host = &hb.hostname;
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        self.admission.precheck(host, now_ms)?;
+        let evidence = match (&hb.identity_token, &self.verifier) {
+            (Some(token), Some(verifier)) => match verifier.node_of(token).await {
+                Ok(node) => Evidence::Node(node),
+                Err(why) => Evidence::Refused(why),
+            },
+            _ => Evidence::None,
+        };
+        let known =
+            self.compiler.snapshot().hosts.contains_key(host) || self.registered.contains_key(host);
+        let hosts = self.compiler.snapshot().hosts.len() + self.registered.len();
+        self.admission.decide(host, &evidence, known, hosts)
+    }
+
     async fn on_heartbeat(&mut self, opened: &Opened, hb: Heartbeat, now: Timestamp) {
         let host = hb.hostname.clone();
-        match self.opener.pin_heartbeat(opened, &hb) {
-            Ok(outcome) => {
-                if matches!(outcome, PinOutcome::NewPin(_) | PinOutcome::Completed(_)) {
-                    info!(host = %host, fingerprint = %hb.signing_key.fingerprint(), "pinned agent keys (trust on first use)");
+        if opened.first_use {
+            match self.admit(&hb).await {
+                Ok(how) => {
+                    self.metrics
+                        .hosts_registered
+                        .with_label_values(&[how.label()])
+                        .inc();
+                    info!(host = %host, fingerprint = %hb.signing_key.fingerprint(), admitted = how.label(), "pinned agent keys");
+                }
+                Err(refusal) => {
+                    self.reject(refusal.reason(), &refusal.to_string(), Some(&host));
+                    // a declared host says why its agent is not admitted, and its heartbeat
+                    // is kept until an admin pins the keys (the agent sends no other); an
+                    // invented name leaves no trace but the counter and the log line
+                    if self.compiler.snapshot().hosts.contains_key(&host) {
+                        let rt = self.fleet.entry(host.clone()).or_default();
+                        rt.view.not_admitted = Some(refusal.to_string());
+                        let kept = &mut rt.refused_heartbeats;
+                        kept.retain(|(_, old)| old.signing_key != hb.signing_key);
+                        if kept.len() >= REFUSED_KEPT {
+                            kept.remove(0);
+                        }
+                        kept.push((opened.clone(), hb));
+                        self.needs_status = true;
+                    }
+                    return;
                 }
             }
+        }
+        self.accept_heartbeat(opened, hb, now).await;
+    }
+
+    /// Heartbeats of declared hosts that were refused for want of a pin, and whose keys an
+    /// admin has pinned since: taken as if they arrived now.
+    async fn retry_refused_heartbeats(&mut self) {
+        let now = Timestamp::now();
+        let mut ready = Vec::new();
+        for (name, rt) in &mut self.fleet {
+            let Some(pinned) = self.admin_pins.get(name) else {
+                continue;
+            };
+            if let Some(i) = rt
+                .refused_heartbeats
+                .iter()
+                .position(|(_, hb)| hb.signing_key.to_base64() == pinned.signing)
+            {
+                ready.push((name.clone(), rt.refused_heartbeats.swap_remove(i)));
+                rt.refused_heartbeats.clear();
+            }
+        }
+        for (name, (opened, hb)) in ready {
+            info!(host = %name, "taking the heartbeat its agent sent before it was pinned");
+            self.accept_heartbeat(&opened, hb, now).await;
+        }
+    }
+
+    /// A heartbeat from an admitted or pinned sender.
+    async fn accept_heartbeat(&mut self, opened: &Opened, hb: Heartbeat, now: Timestamp) {
+        let host = hb.hostname.clone();
+        match self.opener.pin_heartbeat(opened, &hb) {
+            Ok(_) => {}
             Err(e) => {
                 let rt = self.fleet.entry(host.clone()).or_default();
                 if rt.view.key_conflict.is_none() {
@@ -826,6 +974,7 @@ impl Runtime {
         rt.view.key_fingerprint = Some(hb.signing_key.fingerprint());
         rt.view.pinned_keys = Some(keys);
         rt.view.key_conflict = None;
+        rt.view.not_admitted = None;
         rt.view.agent_version = Some(hb.agent_version.clone());
         rt.view.observe = hb.mode == dog_protocol::messages::Mode::Observe;
         rt.view.applied_revision = hb.applied_revision;

@@ -23,8 +23,9 @@ fn expected_calls() -> Vec<Call> {
     use Scope::*;
     let mut calls = Vec::new();
     for (group, resource, verbs) in dog_operator::access::API_ACCESS {
-        // the Lease lives in the operator's namespace; everything else is cluster-wide
-        let scope = if *resource == "leases" {
+        // the Lease and the agents' Pods live in the operator's namespace; everything else
+        // is cluster-wide
+        let scope = if *resource == "leases" || *resource == "pods" {
             ReleaseNamespace
         } else {
             Cluster

@@ -621,7 +621,8 @@ pub enum Trust {
     /// Agent side: messages from `operator` signed by any key of the set (rotation window).
     Operator { operator: String, keys: TrustedKeys },
     /// Operator side: messages from agents whose signing key matches the host's pin; with
-    /// `pins.tofu`, a heartbeat from an unpinned host is accepted (see [`Opened::first_use`]).
+    /// `pins.open_first_heartbeats`, a heartbeat from an unpinned host is opened for the
+    /// caller's admission decision (see [`Opened::first_use`]).
     Agents(Pins),
 }
 
@@ -651,8 +652,9 @@ pub struct Opened {
     pub sender_key: SigningPublicKey,
     /// The plaintext payload (JSON).
     pub payload: Vec<u8>,
-    /// Operator side: the sender had no pin and this heartbeat was accepted on first use; pin
-    /// it with [`Opener::pin_heartbeat`].
+    /// Operator side: the sender has no pin; this heartbeat is only signed by the key it
+    /// carries. The caller decides whether to admit the host, and then pins it with
+    /// [`Opener::pin_heartbeat`].
     pub first_use: bool,
 }
 

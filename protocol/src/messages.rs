@@ -52,6 +52,8 @@ pub mod limits {
     pub const DELTAS: usize = 65_536;
     /// Timing entries of one response.
     pub const TIMINGS: usize = 32;
+    /// An identity token (a JWT; Kubernetes' own are around 1 KiB).
+    pub const IDENTITY_TOKEN: usize = 16 * 1024;
 }
 
 /// A field that exceeds its limit. `field` is a path such as `interfaces[3].addresses`.
@@ -146,6 +148,10 @@ pub struct Heartbeat {
     pub drift: DriftSummary,
     #[serde(default)]
     pub mode: Mode,
+    /// Kubernetes: the agent's projected ServiceAccount token (dog's own audience), which the
+    /// operator has the API server check before it pins the keys of a host it has no pin for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_token: Option<String>,
 }
 
 /// Sent by the agent on an interval.
@@ -374,6 +380,11 @@ impl Heartbeat {
             limits::AGENT_VERSION,
         )?;
         check(|| "hostname".into(), self.hostname.len(), limits::HOSTNAME)?;
+        check(
+            || "identity_token".into(),
+            self.identity_token.as_ref().map_or(0, String::len),
+            limits::IDENTITY_TOKEN,
+        )?;
         check(
             || "interfaces".into(),
             self.interfaces.len(),
@@ -631,6 +642,7 @@ mod tests {
             live_hashes: None,
             drift: DriftSummary::default(),
             mode: Mode::Enforce,
+            identity_token: None,
         };
         let err = hb.validate().unwrap_err();
         assert_eq!(err.field, "interfaces[0].addresses");

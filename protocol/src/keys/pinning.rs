@@ -1,6 +1,7 @@
-//! The operator's pins of agent keys (SPEC §5): a host's keys are pinned on its first
-//! heartbeat (trust on first use) unless an admin pinned them beforehand; a different key for
-//! a pinned host is refused with [`PinError::KeyChanged`] until an admin removes the pin.
+//! The operator's pins of agent keys (SPEC §5): a host's keys are pinned by an admin
+//! beforehand, or on a first heartbeat that the operator admitted (its ServiceAccount token
+//! checked, or trust on first use where enabled); a different key for a pinned host is
+//! refused with [`PinError::KeyChanged`] until an admin removes the pin.
 //!
 //! A pin holds key *fingerprints* (see [`super::fingerprint`]), so an admin can pre-pin a host
 //! from the fingerprints the agent logs on first start. The full public keys come with each
@@ -51,7 +52,7 @@ pub enum PinError {
         pinned_fp: String,
         offered_fp: String,
     },
-    #[error("host {host} has no pinned key and trust on first use is disabled")]
+    #[error("host {host} has no pinned key")]
     NotPinned { host: String },
     #[error("heartbeat of {host} is inconsistent with its envelope: {detail}")]
     Inconsistent { host: String, detail: String },
@@ -69,19 +70,20 @@ pub enum PinOutcome {
     Completed(Pin),
 }
 
-/// Pins by host name, with the trust-on-first-use switch.
+/// Pins by host name, and whether the first heartbeat of an unpinned host is opened at all.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pins {
     pins: BTreeMap<String, Pin>,
-    /// Pin unknown hosts on their first heartbeat (default for the operator: on).
-    pub tofu: bool,
+    /// Open the first heartbeat of an unpinned host (as [`PinOutcome::NewPin`]) so that the
+    /// caller can decide whether to admit it; otherwise it is refused (`NotPinned`).
+    pub open_first_heartbeats: bool,
 }
 
 impl Pins {
-    pub fn new(tofu: bool) -> Self {
+    pub fn new(open_first_heartbeats: bool) -> Self {
         Pins {
             pins: BTreeMap::new(),
-            tofu,
+            open_first_heartbeats,
         }
     }
 
@@ -109,7 +111,7 @@ impl Pins {
         encryption: Option<&EncryptionPublicKey>,
     ) -> Result<PinOutcome, PinError> {
         let Some(pin) = self.pins.get(host) else {
-            if !self.tofu {
+            if !self.open_first_heartbeats {
                 return Err(PinError::NotPinned {
                     host: host.to_string(),
                 });

@@ -115,6 +115,7 @@ pub fn heartbeat(a: &Agent) -> AgentMessage {
         live_hashes: Some(firewall(&a.name).hashes()),
         drift: DriftSummary::default(),
         mode: Mode::Enforce,
+        identity_token: None,
     })
 }
 

@@ -5,6 +5,8 @@
 //! Everything a test creates is named with a unique prefix and removed on drop (processes,
 //! namespaces, broker queues), also when the test fails.
 
+pub mod attacker;
+
 use dog_operator::local::StatusFile;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -176,16 +178,23 @@ impl Fleet {
 
     /// The operator in `--from-dir` mode on [`Fleet::resources`].
     pub fn start_operator(&mut self) {
-        let mut mode = vec![std::ffi::OsString::from("--from-dir")];
-        mode.push(self.resources().into_os_string());
-        self.spawn_operator(&mode, &[]);
+        self.start_operator_with(&[]);
     }
 
-    /// The operator in `--from-dir` mode with further flags (e.g. `--cni flannel`).
+    /// The operator in `--from-dir` mode, trusting agents on first use (a fleet of VMs whose
+    /// keys nobody pre-pinned), with further flags (e.g. `--cni flannel`).
     pub fn start_operator_with(&mut self, extra: &[&str]) {
+        let mut flags = vec!["--trust-on-first-use"];
+        flags.extend_from_slice(extra);
+        self.start_operator_exactly(&flags);
+    }
+
+    /// The operator in `--from-dir` mode with exactly these flags (no trust on first use
+    /// unless they say so).
+    pub fn start_operator_exactly(&mut self, flags: &[&str]) {
         let mut mode = vec![std::ffi::OsString::from("--from-dir")];
         mode.push(self.resources().into_os_string());
-        mode.extend(extra.iter().map(Into::into));
+        mode.extend(flags.iter().map(Into::into));
         self.spawn_operator(&mode, &[]);
     }
 
@@ -320,16 +329,56 @@ impl Fleet {
         while self.agents.len() <= i {
             self.agents.push(None);
         }
+        let log = self.dir.path().join(format!("agent-{node}.log"));
+        let state = self.dir.path().join("state").join(node);
+        let child = self.agent_command(program, head, &self.host(node), &state, &log);
+        self.agents[i] = Some(child);
+    }
+
+    /// A second, rogue agent in `node`'s namespace that claims to be `claims` (a host name),
+    /// with keys of its own (`extra`: further flags). Its log is `impostor-<tag>.log` (see
+    /// [`Self::log_of`]); it stops with the fleet.
+    pub fn start_impostor(&mut self, node: &str, claims: &str, tag: &str, extra: &[&str]) {
+        let mut head: Vec<String> = vec!["--netns".into(), self.ns(node)];
+        head.extend([
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", Self::free_port()),
+        ]);
+        head.extend(extra.iter().map(|s| s.to_string()));
+        let log = self.dir.path().join(format!("impostor-{tag}.log"));
+        let state = self
+            .dir
+            .path()
+            .join("state")
+            .join(format!("impostor-{tag}"));
+        let program = bin("dog-agent").display().to_string();
+        let child = self.agent_command(&program, &head, claims, &state, &log);
+        self.extra.push(child);
+    }
+
+    /// What a process of the fleet logged so far (`agent-web`, `impostor-x`, `operator`).
+    pub fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn agent_command(
+        &self,
+        program: &str,
+        head: &[String],
+        hostname: &str,
+        state: &Path,
+        log: &Path,
+    ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join(format!("agent-{node}.log")))
+            .open(log)
             .expect("log");
-        let child = Command::new(program)
+        Command::new(program)
             .args(head)
-            .args(["--hostname", &self.host(node)])
+            .args(["--hostname", hostname])
             .arg("--state-dir")
-            .arg(self.dir.path().join("state").join(node))
+            .arg(state)
             .arg("--operator-public-keys")
             .arg(self.dir.path().join("operator.pub"))
             .args(["--topology-prefix", &self.prefix])
@@ -345,8 +394,7 @@ impl Fleet {
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("spawn dog-agent");
-        self.agents[i] = Some(child);
+            .expect("spawn dog-agent")
     }
 
     pub fn kill_agent(&mut self, node: &str, signal: &str) {

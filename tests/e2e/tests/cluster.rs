@@ -36,6 +36,20 @@ fn create_node(api: &ApiServer, fleet: &Fleet, node: &str, role: &str) {
     ]);
 }
 
+/// The audience the operator asks TokenReview for by default.
+const AUDIENCE: &str = "dogfw.io";
+
+/// Starts the agent of `node` as the DaemonSet pod there would run: with the token of a Pod
+/// of the agents' ServiceAccount bound to that Node, in a file (`extra`: further flags).
+fn start_cluster_agent(api: &ApiServer, fleet: &mut Fleet, node: &str, extra: &[&str]) {
+    let token = api.agent_pod_token(&fleet.host(node), AUDIENCE);
+    let file = fleet.dir.path().join(format!("token-{node}"));
+    std::fs::write(&file, token).expect("token file");
+    let mut flags = vec!["--identity-token-file", file.to_str().unwrap_or_default()];
+    flags.extend_from_slice(extra);
+    fleet.start_agent_with(node, &flags);
+}
+
 fn host(api: &ApiServer, name: &str) -> Option<Value> {
     api.get_json("hosts.dogfw.io", name, None)
 }
@@ -151,8 +165,8 @@ fn start_web_db(api: &ApiServer, fleet: &mut Fleet, operator_flags: &[&str], age
         panic!("applying the resources: {e}");
     }
     fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, operator_flags);
-    fleet.start_agent_with("web", agent_flags);
-    fleet.start_agent_with("db", agent_flags);
+    start_cluster_agent(api, fleet, "web", agent_flags);
+    start_cluster_agent(api, fleet, "db", agent_flags);
     if agent_flags.contains(&"observe") {
         return;
     }
@@ -180,7 +194,7 @@ fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
     }
     fleet.start_cluster_operator(&kubeconfig, CHART_NAMESPACE, &[]);
     for node in ["web", "db", "spare"] {
-        fleet.start_agent(node);
+        start_cluster_agent(api, fleet, node, &[]);
     }
     for h in [&web, &db, &spare] {
         wait_until(&format!("Host {h} Active and InSync"), 90, || {
@@ -514,4 +528,98 @@ fn retired_retention(api: &ApiServer, fleet: &mut Fleet) {
     assert!(reasons.iter().any(|r| r == "HostDeleted"), "{reasons:?}");
     // the rest of the fleet is untouched
     assert!(active_in_sync(api, &web));
+}
+
+#[test]
+fn agents_prove_their_node_with_their_service_account_token() {
+    with_cluster(&["web", "db", "spare"], service_account_identity);
+}
+
+/// No trust on first use: every agent is admitted by its Pod-bound ServiceAccount token, for
+/// its own Node only. A stolen token, another account's token, a token for the API server and
+/// no token at all admit nobody.
+fn service_account_identity(api: &ApiServer, fleet: &mut Fleet) {
+    start_web_db(api, fleet, &[], &[]);
+    create_node(api, fleet, "spare", "web");
+    let spare = fleet.host("spare");
+    let rejected = |f: &Fleet, reason: &str| {
+        f.operator_metric(&format!(
+            "dog_operator_rejected_messages_total{{reason=\"{reason}\"}}"
+        ))
+        .unwrap_or(0.0)
+    };
+    let token_file = |f: &Fleet, name: &str, token: &str| {
+        let p = f.dir.path().join(format!("token-{name}"));
+        std::fs::write(&p, token).expect("token file");
+        p.display().to_string()
+    };
+    // root on web holds web's token and claims spare, which has no agent yet
+    let web_token = std::fs::read_to_string(fleet.dir.path().join("token-web")).expect("token");
+    let stolen = token_file(fleet, "stolen", &web_token);
+    fleet.start_impostor("web", &spare, "stolen", &["--identity-token-file", &stolen]);
+    fleet.start_impostor("web", &spare, "none", &[]);
+    let _ = api.kubectl(&[
+        "-n",
+        CHART_NAMESPACE,
+        "create",
+        "serviceaccount",
+        "intruder",
+    ]);
+    let other = api.kubectl_ok(&[
+        "-n",
+        CHART_NAMESPACE,
+        "create",
+        "token",
+        "intruder",
+        "--audience",
+        AUDIENCE,
+    ]);
+    let other = token_file(fleet, "other", other.trim());
+    fleet.start_impostor("web", &spare, "other", &["--identity-token-file", &other]);
+    let for_api = api.kubectl_ok(&["-n", CHART_NAMESPACE, "create", "token", "dog-agent"]);
+    let for_api = token_file(fleet, "for-api", for_api.trim());
+    fleet.start_impostor(
+        "web",
+        &spare,
+        "for-api",
+        &["--identity-token-file", &for_api],
+    );
+    wait_until("every impostor refused", 60, || {
+        rejected(fleet, "wrong_node") >= 1.0
+            && rejected(fleet, "not_pinned") >= 1.0
+            && rejected(fleet, "identity_refused") >= 2.0
+    });
+    let log = operator_log(fleet);
+    assert!(log.contains("its identity token belongs to node"), "{log}");
+    for tag in ["stolen", "none", "other", "for-api"] {
+        assert!(
+            !fleet
+                .log_of(&format!("impostor-{tag}"))
+                .contains("applied firewall"),
+            "impostor {tag} got rules"
+        );
+    }
+    assert!(
+        host(api, &spare).is_none_or(|h| h["status"]["pinnedKeys"].is_null()),
+        "spare was pinned to an impostor"
+    );
+
+    // the real agent of spare, with its own Pod's token, is admitted
+    start_cluster_agent(api, fleet, "spare", &[]);
+    wait_until("spare Active and InSync", 60, || {
+        active_in_sync(api, &spare)
+    });
+    assert_eq!(
+        fleet.operator_metric("dog_operator_hosts_registered_total{how=\"service_account\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        fleet.operator_metric("dog_operator_hosts_registered_total{how=\"first_use\"}"),
+        Some(0.0)
+    );
+    let db_v4 = fleet.v4("db");
+    fleet.serve_tcp("db", 5432);
+    wait_until("spare (group web) -> db:5432", 30, || {
+        fleet.tcp("spare", &db_v4, 5432)
+    });
 }

@@ -499,8 +499,39 @@ impl ApiServer {
         self.service_account_kubeconfig(CHART_NAMESPACE, "dog-operator")
     }
 
-    /// Deletes every dog object, Node and leader Lease, so that an operator starts on an
-    /// empty cluster (the caller holds [`exclusive`]).
+    /// What the kubelet gives the agent's DaemonSet pod on `node`: a Pod of the chart's
+    /// `dog-agent` ServiceAccount bound to the node (created here; nothing runs it), and a
+    /// token for that Pod with dog's audience, as the chart's projected volume requests it.
+    /// Returns the token (needs [`Self::chart_operator_kubeconfig`] first, for the account).
+    pub fn agent_pod_token(&self, node: &str, audience: &str) -> String {
+        let pod = format!("dog-agent-{node}");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {CHART_NAMESPACE}, labels: {{app.kubernetes.io/component: agent}}}}\nspec:\n  nodeName: {node}\n  serviceAccountName: dog-agent\n  automountServiceAccountToken: false\n  containers: [{{name: agent, image: dog-agent}}]\n"
+        );
+        if let Err(e) = self.apply(&yaml, &[]) {
+            panic!("creating Pod {pod}: {e}");
+        }
+        self.kubectl_ok(&[
+            "-n",
+            CHART_NAMESPACE,
+            "create",
+            "token",
+            "dog-agent",
+            "--audience",
+            audience,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+            "--duration",
+            "1h",
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// Deletes every dog object, Node, agent Pod and leader Lease, so that an operator starts
+    /// on an empty cluster (the caller holds [`exclusive`]).
     pub fn reset(&self) {
         self.kubectl_ok(&[
             "delete",
@@ -508,6 +539,15 @@ impl ApiServer {
             "--all",
         ]);
         let _ = self.kubectl(&["-n", CHART_NAMESPACE, "delete", "leases", "--all"]);
+        let _ = self.kubectl(&[
+            "-n",
+            CHART_NAMESPACE,
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=0",
+            "--force",
+        ]);
     }
 }
 

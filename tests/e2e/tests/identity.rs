@@ -1,0 +1,235 @@
+//! Who may become a host, against the real operator and broker (`--from-dir` mode; the
+//! Kubernetes identity is in cluster.rs): an agent with only a broker credential is believed
+//! about nothing. Without trust on first use only an administrator's pin admits an agent; a
+//! pinned host cannot be taken over; invented names never become Hosts; with trust on first
+//! use the cap and the rate limit hold.
+
+use dog_e2e::attacker::Attacker;
+use dog_e2e::{require_root, Fleet};
+
+const GROUPS: &str = r#"
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {name: web}
+spec: {profile: web, selector: {matchLabels: {role: web}}}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Group
+metadata: {name: db}
+spec: {profile: db, selector: {matchLabels: {role: db}}}
+"#;
+
+const PROFILES: &str = r#"
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {name: web}
+spec: {}
+---
+apiVersion: dogfw.io/v1alpha1
+kind: Profile
+metadata: {name: db}
+spec:
+  defaultInbound: DROP
+  inbound:
+    - {name: pg-web, action: ACCEPT, peer: {kind: Group, name: web}, protocol: tcp, ports: ["5432"]}
+"#;
+
+/// The Host documents of the fleet; `keys` holds `(node, spec.keys YAML)` pins.
+fn hosts(nodes: &[(&str, &str)], keys: &[(&str, String)]) -> String {
+    nodes
+        .iter()
+        .map(|(node, role)| {
+            let spec = keys
+                .iter()
+                .find(|(n, _)| n == node)
+                .map(|(_, k)| format!("spec:\n  {}", k.trim().replace('\n', "\n  ")))
+                .unwrap_or_else(|| "spec: {}".into());
+            format!(
+                "apiVersion: dogfw.io/v1alpha1\nkind: Host\nmetadata: {{name: \"{{p}}-{node}\", labels: {{role: {role}}}}}\n{spec}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// `dog-agent --print-keys` for the node's state directory (what an admin pastes).
+fn print_keys(f: &Fleet, node: &str) -> String {
+    let out = std::process::Command::new(dog_e2e::bin("dog-agent"))
+        .arg("--state-dir")
+        .arg(f.dir.path().join("state").join(node))
+        .arg("--print-keys")
+        .output()
+        .expect("dog-agent --print-keys");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn ready_reason(f: &Fleet, node: &str) -> Option<(String, String)> {
+    let st = f.status();
+    let h = st.hosts.get(&f.host(node))?;
+    h.conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+}
+
+fn rejected(f: &Fleet, reason: &str) -> f64 {
+    f.operator_metric(&format!(
+        "dog_operator_rejected_messages_total{{reason=\"{reason}\"}}"
+    ))
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn without_trust_on_first_use_only_pinned_agents_become_hosts() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db", "bastion"]);
+    let roles = [("web", "web"), ("db", "db"), ("bastion", "bastion")];
+    let db_keys = print_keys(&f, "db");
+    f.write("hosts.yaml", &hosts(&roles, &[("db", db_keys.clone())]));
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.start_operator_exactly(&[]);
+    f.start_agent("web");
+    f.start_agent("db");
+    let (web, db) = (f.host("web"), f.host("db"));
+
+    // db was pinned by the admin: it runs its rules. web was not: it is refused, and says why.
+    f.wait_status("db in sync", 60, |st| Fleet::in_sync(st, &db));
+    f.wait("web refused as not pinned", 30, || {
+        ready_reason(&f, "web").is_some_and(|(r, m)| {
+            r == "NotAdmitted" && m.contains("spec.keys") && m.contains("--trust-on-first-use")
+        })
+    });
+    assert!(rejected(&f, "not_pinned") >= 1.0);
+    assert!(!f.log_of("agent-web").contains("applied firewall"));
+
+    // Attack: with a broker credential and keys of its own, someone on bastion claims the
+    // pinned db and the declared, still unpinned web; and invents hosts.
+    f.start_impostor("bastion", &db, "db", &[]);
+    f.start_impostor("bastion", &web, "web", &[]);
+    f.wait("the db impostor refused (key_changed)", 30, || {
+        rejected(&f, "key_changed") >= 1.0
+    });
+    let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
+    let invented_invalid = [
+        "../../etc/passwd".to_string(),
+        "a\nnewline".into(),
+        "with space".into(),
+        "ünïcode".into(),
+        "UPPER".into(),
+        "x".repeat(253),
+    ];
+    for name in &invented_invalid {
+        attacker.heartbeat_as(name, None, &["198.51.100.7/32"]);
+    }
+    for i in 0..20 {
+        attacker.heartbeat_as(&format!("{}-invented-{i}", f.prefix), None, &["10.0.0.0/8"]);
+    }
+    f.wait("every invented name refused", 30, || {
+        rejected(&f, "invalid_hostname") >= invented_invalid.len() as f64
+            && rejected(&f, "not_pinned") >= 21.0
+    });
+    let st = f.status();
+    let mut names: Vec<&String> = st.hosts.keys().collect();
+    names.sort();
+    let bastion = f.host("bastion");
+    let mut want = vec![&bastion, &db, &web];
+    want.sort();
+    assert_eq!(names, want, "only the declared hosts have a status");
+    assert_eq!(
+        f.operator_metric("dog_operator_hosts_registered_total{how=\"first_use\"}"),
+        Some(0.0)
+    );
+    for tag in ["db", "web"] {
+        assert!(
+            !f.log_of(&format!("impostor-{tag}"))
+                .contains("applied firewall"),
+            "the {tag} impostor got rules"
+        );
+    }
+    // db is untouched: same pin, still in sync
+    let st = f.wait_status("db still in sync", 30, |st| Fleet::in_sync(st, &db));
+    let pinned = st.hosts[&db].pinned_keys.clone().expect("db pinned");
+    assert!(
+        db_keys.contains(&pinned.signing),
+        "db's pin changed: {pinned:?}"
+    );
+
+    // The admin pins web: the real web agent gets its rules (no restart needed), and web's
+    // group now opens db:5432 to it.
+    let web_keys = print_keys(&f, "web");
+    f.write(
+        "hosts.yaml",
+        &hosts(&roles, &[("db", db_keys), ("web", web_keys.clone())]),
+    );
+    f.wait_status("web in sync once pinned", 60, |st| Fleet::in_sync(st, &web));
+    let pinned = f.status().hosts[&web]
+        .pinned_keys
+        .clone()
+        .expect("web pinned");
+    assert!(
+        web_keys.contains(&pinned.signing),
+        "web pinned to the impostor: {pinned:?}"
+    );
+    f.serve_tcp("db", 5432);
+    let db4 = f.v4("db");
+    f.wait("web -> db:5432 open", 30, || f.tcp("web", &db4, 5432));
+    assert!(!f.tcp("bastion", &db4, 5432), "bastion must stay dropped");
+}
+
+#[test]
+fn trust_on_first_use_is_capped_rate_limited_and_checks_names() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    // 2 declared hosts, room for 1 more; 4 first heartbeats at once, then 1 a minute
+    f.start_operator_exactly(&[
+        "--trust-on-first-use",
+        "--max-hosts",
+        "3",
+        "--registration-burst",
+        "4",
+        "--registrations-per-minute",
+        "1",
+    ]);
+    f.start_agent("web");
+    f.start_agent("db");
+    f.wait_status("both declared hosts in sync", 60, |st| f.all_in_sync(st));
+    let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
+    attacker.heartbeat_as("Not_A_Name", None, &[]);
+    f.wait("an invalid name refused", 30, || {
+        rejected(&f, "invalid_hostname") >= 1.0
+    });
+    let first = format!("{}-new-1", f.prefix);
+    attacker.heartbeat_as(&first, None, &[]);
+    f.wait_status("the first new host registered", 30, |st| {
+        st.hosts.contains_key(&first)
+    });
+    attacker.heartbeat_as(&format!("{}-new-2", f.prefix), None, &[]);
+    f.wait("the cap refuses a fourth host", 30, || {
+        rejected(&f, "too_many_hosts") >= 1.0
+    });
+    for i in 3..10 {
+        attacker.heartbeat_as(&format!("{}-new-{i}", f.prefix), None, &[]);
+    }
+    f.wait("the rate limit refuses the rest", 30, || {
+        rejected(&f, "registration_rate") >= 6.0
+    });
+    assert_eq!(
+        f.operator_metric("dog_operator_hosts_registered_total{how=\"first_use\"}"),
+        Some(3.0),
+        "web, db and the first new host"
+    );
+    assert_eq!(f.status().hosts.len(), 3);
+}
