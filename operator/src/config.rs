@@ -151,6 +151,33 @@ pub struct FirewallArgs {
     /// The agents' metrics port, kept open for Prometheus (0 for none). Only with a CNI.
     #[arg(long, env = "DOG_AGENT_METRICS_PORT", default_value = "10291")]
     pub agent_metrics_port: u16,
+    /// Ranges (comma-separated CIDRs) within which every agent's reported addresses are
+    /// believed. Empty (the default): a reported address counts only inside its Host's or
+    /// Groups' `spec.trustReportedAddresses`; `spec.addresses` (and a Node's) always count.
+    #[arg(long, env = "DOG_TRUST_REPORTED_ADDRESSES", default_value = "", value_parser = parse_nets)]
+    pub trust_reported_addresses: NetList,
+}
+
+/// A parsed list of CIDRs.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NetList(pub Vec<ipnet::IpNet>);
+
+fn parse_nets(s: &str) -> Result<NetList, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            let n: ipnet::IpNet = t.parse().map_err(|e| format!("`{t}` is not a CIDR: {e}"))?;
+            if n.trunc() != n {
+                return Err(format!(
+                    "`{t}` has host bits set (did you mean {}?)",
+                    n.trunc()
+                ));
+            }
+            Ok(n)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(NetList)
 }
 
 /// A parsed failsafe port list.
@@ -190,12 +217,23 @@ impl RunArgs {
     pub fn failsafe(&self) -> Failsafe {
         self.firewall.failsafe()
     }
+    pub fn compile_options(&self) -> crate::compile::CompileOptions {
+        self.firewall.compile_options()
+    }
     pub fn inactive_after(&self) -> Duration {
         self.inactive_after.unwrap_or(self.keepalive_interval * 3)
     }
 }
 
 impl FirewallArgs {
+    /// What the compiler needs of these flags (shared by `run`, `compile` and `explain`).
+    pub fn compile_options(&self) -> crate::compile::CompileOptions {
+        crate::compile::CompileOptions {
+            failsafe: self.failsafe(),
+            trust_reported_addresses: self.trust_reported_addresses.0.clone(),
+        }
+    }
+
     pub fn failsafe(&self) -> Failsafe {
         Failsafe {
             inbound: self.failsafe_inbound.0.clone(),

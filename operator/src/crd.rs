@@ -184,6 +184,14 @@ pub struct HostSpec {
         pattern = ADDRESS_PATTERN
     )))]
     pub addresses: Vec<String>,
+    /// Ranges within which the addresses the agent reports (`status.interfaces`) are believed.
+    /// A reported address outside these, its Groups' and the operator's
+    /// (`--trust-reported-addresses`) is not used, and the Host says so (`Degraded`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(
+        pattern = ADDRESS_PATTERN
+    )))]
+    pub trust_reported_addresses: Vec<String>,
     /// Keys pinned by an administrator (`dog-agent --print-keys` prints them): the host's pin;
     /// an agent with other keys is refused. When absent, the operator pins the keys of an agent
     /// it admitted (its ServiceAccount token, or trust on first use) into `status.pinnedKeys`.
@@ -371,6 +379,13 @@ pub struct GroupSpec {
         pattern = ADDRESS_PATTERN
     )))]
     pub extra_addresses: Vec<String>,
+    /// Ranges within which the addresses the member hosts' agents report are believed (see
+    /// the Host's `spec.trustReportedAddresses`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(
+        pattern = ADDRESS_PATTERN
+    )))]
+    pub trust_reported_addresses: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -295,12 +295,7 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
     use dog_protocol::ruleset::Family;
     args.firewall.cluster().map_err(anyhow::Error::msg)?;
     let (snap, source, reported) = explain_input(&args)?;
-    let compiled = dog_operator::compile::compile(
-        &snap,
-        &dog_operator::compile::CompileOptions {
-            failsafe: args.firewall.failsafe(),
-        },
-    );
+    let compiled = dog_operator::compile::compile(&snap, &args.firewall.compile_options());
     let Some(fw) = compiled.host_firewall(&args.host) else {
         anyhow::bail!(
             "host `{}` runs no firewall compiled from {source} ({:?})",
@@ -384,9 +379,7 @@ fn load(
     }
     Ok(dog_operator::compile::compile(
         &snap,
-        &dog_operator::compile::CompileOptions {
-            failsafe: firewall.failsafe(),
-        },
+        &firewall.compile_options(),
     ))
 }
 

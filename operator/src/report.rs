@@ -204,6 +204,9 @@ pub fn host_status(compiled: &Compiled, name: &str, view: &HostView) -> HostStat
         ),
         _ => cond("Conflict", false, "NoConflict", ""),
     });
+    let diags = compiled.diagnostics_for(ObjectKind::Host, name);
+    conditions.push(validity(&diags));
+    conditions.push(degradation(&diags));
     HostStatus {
         state: view.state,
         group,

@@ -11,7 +11,7 @@
 //! registrar of agent-only hosts differ.
 
 use crate::admission::{Admission, Admitted, Evidence, Refusal};
-use crate::compile::{CompileOptions, Compiled, Compiler, HostOutcome, Snapshot};
+use crate::compile::{Compiled, Compiler, HostOutcome, Snapshot};
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
 use crate::events::{DogEvent, EventSink};
@@ -258,9 +258,7 @@ impl Runtime {
             retired_after: args.retire_after,
             freeze_after: args.keepalive_interval * args.safety_valve_intervals.max(1),
         };
-        let compiler = Compiler::new(CompileOptions {
-            failsafe: args.failsafe(),
-        });
+        let compiler = Compiler::new(args.compile_options());
         let opener = Opener::for_operator(args.operator_name.clone(), pins);
         Runtime {
             compiler,

@@ -23,6 +23,7 @@ fn opts() -> CompileOptions {
             },
             ..Failsafe::default()
         },
+        trust_reported_addresses: vec![],
     }
 }
 

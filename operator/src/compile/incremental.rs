@@ -485,7 +485,18 @@ impl Compiler {
                 });
             }
             resolutions.insert(hname.clone(), r);
-            host_addrs.insert(hname.clone(), host_addresses(hname, host, &mut diags));
+            let trusted = trusted_ranges(
+                hname,
+                host,
+                &mine,
+                &snap.groups,
+                &self.opts.trust_reported_addresses,
+                &mut diags,
+            );
+            host_addrs.insert(
+                hname.clone(),
+                host_addresses(hname, host, &trusted, &mut diags),
+            );
         }
 
         // ---- group sets
@@ -502,6 +513,18 @@ impl Compiler {
                     .is_some_and(|s| s.state == HostState::Retired);
                 if !retired {
                     nets.extend(host_addrs.get(h).into_iter().flatten().copied());
+                }
+            }
+            for (i, a) in group.spec.trust_reported_addresses.iter().enumerate() {
+                if let Err(m) = parse_entry(a) {
+                    diags.push(Diagnostic {
+                        kind: ObjectKind::Group,
+                        name: gname.clone(),
+                        field: format!("spec.trustReportedAddresses[{i}]"),
+                        reason: "InvalidAddress".into(),
+                        message: format!("{m}; entry ignored"),
+                        severity: Severity::Error,
+                    });
                 }
             }
             for (i, a) in group.spec.extra_addresses.iter().enumerate() {
@@ -954,30 +977,117 @@ fn build_zone(
     (pair, summary, diags)
 }
 
-/// A host's reachable addresses: `spec.addresses` and every reported interface address.
-fn host_addresses(name: &str, host: &Host, diags: &mut Vec<Diagnostic>) -> Vec<IpNet> {
+/// The ranges within which `name`'s reported addresses are believed: its own
+/// `spec.trustReportedAddresses`, its Groups' and the operator's. Entries that do not parse
+/// are reported on their object and trusted for nothing.
+fn trusted_ranges(
+    name: &str,
+    host: &Host,
+    groups: &[String],
+    all_groups: &BTreeMap<String, Group>,
+    operator: &[IpNet],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<IpNet> {
+    let mut out = operator.to_vec();
+    let mut take = |kind: ObjectKind, object: &str, entries: &[String], report: bool| {
+        for (i, text) in entries.iter().enumerate() {
+            match parse_entry(text) {
+                Ok(n) => out.push(n),
+                // a Group's bad entry is reported once, on the Group, by the group-sets pass
+                Err(m) if report => diags.push(Diagnostic {
+                    kind,
+                    name: object.to_string(),
+                    field: format!("spec.trustReportedAddresses[{i}]"),
+                    reason: "InvalidAddress".into(),
+                    message: format!("{m}; entry ignored"),
+                    severity: Severity::Error,
+                }),
+                Err(_) => {}
+            }
+        }
+    };
+    take(
+        ObjectKind::Host,
+        name,
+        &host.spec.trust_reported_addresses,
+        true,
+    );
+    for g in groups {
+        if let Some(group) = all_groups.get(g) {
+            take(
+                ObjectKind::Group,
+                g,
+                &group.spec.trust_reported_addresses,
+                false,
+            );
+        }
+    }
+    out
+}
+
+/// At most this many refused reported addresses are listed per host.
+const UNTRUSTED_LISTED: usize = 8;
+
+/// A host's reachable addresses: `spec.addresses` (from an administrator, or the Node) and the
+/// reported interface addresses that lie within `trusted`. A reported address outside is not
+/// used: a compromised agent must not put addresses it does not own into other hosts' sets.
+fn host_addresses(
+    name: &str,
+    host: &Host,
+    trusted: &[IpNet],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<IpNet> {
     let mut out = Vec::new();
-    let mut take = |field: String, text: &str| match parse_host_address(text) {
-        Ok(Some(n)) => out.push(n),
-        Ok(None) => {}
-        Err(m) => diags.push(Diagnostic {
+    let mut untrusted = Vec::new();
+    let mut invalid = |field: String, m: String| {
+        diags.push(Diagnostic {
             kind: ObjectKind::Host,
             name: name.to_string(),
             field,
             reason: "InvalidAddress".into(),
             message: format!("{m}; address ignored"),
             severity: Severity::Error,
-        }),
+        })
     };
     for (i, a) in host.spec.addresses.iter().enumerate() {
-        take(format!("spec.addresses[{i}]"), a);
+        match parse_host_address(a) {
+            Ok(Some(n)) => out.push(n),
+            Ok(None) => {}
+            Err(m) => invalid(format!("spec.addresses[{i}]"), m),
+        }
     }
     if let Some(st) = &host.status {
         for (i, iface) in st.interfaces.iter().enumerate() {
             for (j, a) in iface.addresses.iter().enumerate() {
-                take(format!("status.interfaces[{i}].addresses[{j}]"), a);
+                match parse_host_address(a) {
+                    Ok(Some(n)) if out.contains(&n) => {}
+                    Ok(Some(n)) if trusted.iter().any(|t| t.contains(&n.addr())) => out.push(n),
+                    Ok(Some(n)) => untrusted.push(n),
+                    Ok(None) => {}
+                    Err(m) => invalid(format!("status.interfaces[{i}].addresses[{j}]"), m),
+                }
             }
         }
+    }
+    if !untrusted.is_empty() {
+        let listed: Vec<String> = untrusted
+            .iter()
+            .take(UNTRUSTED_LISTED)
+            .map(|n| n.addr().to_string())
+            .collect();
+        let more = untrusted.len().saturating_sub(UNTRUSTED_LISTED);
+        diags.push(Diagnostic {
+            kind: ObjectKind::Host,
+            name: name.to_string(),
+            field: "status.interfaces".into(),
+            reason: "UntrustedAddress".into(),
+            message: format!(
+                "reported addresses not used, outside spec.trustReportedAddresses of the Host, its Groups and the operator: {}{}",
+                listed.join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() }
+            ),
+            severity: Severity::Warning,
+        });
     }
     out
 }

@@ -39,6 +39,9 @@ pub struct Snapshot {
 #[derive(Clone, Debug, Default)]
 pub struct CompileOptions {
     pub failsafe: Failsafe,
+    /// Ranges within which every host's reported addresses are believed
+    /// (`--trust-reported-addresses`); empty: only what a Host or its Groups allow.
+    pub trust_reported_addresses: Vec<ipnet::IpNet>,
 }
 
 #[derive(

@@ -132,6 +132,7 @@ mod tests {
                     selector: sel,
                     hosts: hosts.iter().map(|s| s.to_string()).collect(),
                     extra_addresses: vec![],
+                    trust_reported_addresses: vec![],
                 },
             ),
         )

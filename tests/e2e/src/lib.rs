@@ -154,6 +154,11 @@ impl Fleet {
     pub fn v6(&self, node: &str) -> String {
         format!("fd00:d06:{}::{}", self.net, self.index(node))
     }
+    /// The fleet's own networks (IPv4 and IPv6), comma-separated: where the operator believes
+    /// what the agents report (`--trust-reported-addresses`).
+    pub fn networks(&self) -> String {
+        format!("198.18.{n}.0/24,fd00:d06:{n}::/64", n = self.net)
+    }
     pub fn resources(&self) -> PathBuf {
         self.dir.path().join("fleet")
     }
@@ -246,6 +251,8 @@ impl Fleet {
             ])
             .args(["--debounce", "0.1", "--log-format", "json"])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            // the agents' reports are believed inside the fleet's own networks only
+            .args(["--trust-reported-addresses", &self.networks()])
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()

@@ -235,6 +235,7 @@ fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
                 "tcp",
             ])
             .args(["--port", "5432", "--live", "--format", "json"])
+            .args(["--trust-reported-addresses", &fleet.networks()])
             .output()
             .expect("explain");
         assert!(

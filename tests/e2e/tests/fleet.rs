@@ -591,6 +591,8 @@ fn explain_cmd(f: &Fleet, dir: &std::path::Path, args: &[&str]) -> std::process:
         "--host".into(),
         f.host("db"),
         "--live".into(),
+        "--trust-reported-addresses".into(),
+        f.networks(),
     ];
     v.extend(args.iter().map(|a| a.to_string()));
     std::process::Command::new(dog_e2e::bin("dog-operator"))

@@ -233,3 +233,52 @@ fn trust_on_first_use_is_capped_rate_limited_and_checks_names() {
     );
     assert_eq!(f.status().hosts.len(), 3);
 }
+
+#[test]
+fn addresses_an_agent_does_not_own_stay_out_of_other_hosts_sets() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.start_operator();
+    f.start_agent("web");
+    f.start_agent("db");
+    f.wait_status("both hosts in sync", 60, |st| f.all_in_sync(st));
+    // a compromised web claims addresses outside the networks anyone trusts it with
+    for a in ["198.51.100.7/32", "10.0.0.0/8"] {
+        let out = f.exec("web", &["ip", "addr", "add", a, "dev", "eth0"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let web = f.host("web");
+    f.wait("web's Host degraded by untrusted addresses", 30, || {
+        let st = f.status();
+        st.hosts.get(&web).is_some_and(|h| {
+            h.conditions.iter().any(|c| {
+                c.type_ == "Degraded"
+                    && c.status == "True"
+                    && c.reason == "UntrustedAddress"
+                    && c.message.contains("198.51.100.7")
+                    && c.message.contains("10.0.0.0")
+            })
+        })
+    });
+    let sets = String::from_utf8_lossy(&f.exec("db", &["ipset", "list"]).stdout).to_string();
+    assert!(
+        sets.contains(&f.v4("web")),
+        "web's own address is in db's sets:\n{sets}"
+    );
+    assert!(
+        !sets.contains("198.51.100.7") && !sets.contains("10.0.0.0"),
+        "an address web does not own reached db's sets:\n{sets}"
+    );
+    f.serve_tcp("db", 5432);
+    let db4 = f.v4("db");
+    assert!(f.tcp("web", &db4, 5432), "web keeps its access");
+}
