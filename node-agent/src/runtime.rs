@@ -22,7 +22,7 @@ use crate::firewall::Firewall;
 use crate::kernel::{self, Kernel, KernelConfig, KernelError};
 use crate::members::SetContent;
 use crate::metrics::AgentMetrics;
-use crate::state::{AppliedState, StateStore};
+use crate::state::{AppliedState, ReplayState, StateStore};
 use anyhow::Context;
 use dog_protocol::broker::{AgentLink, Deliveries, Delivery, MessageMeta};
 use dog_protocol::envelope::{Opener, Rejection, Sealer};
@@ -92,7 +92,8 @@ pub struct Agent {
     applied: Option<AppliedState>,
     pending: Option<Pending>,
     /// Latest version of each shared set taken.
-    set_versions: HashMap<String, u64>,
+    /// Newest accepted issue time and shared-set versions, persisted (`replay.json`).
+    replay: ReplayState,
     drift_events: VecDeque<DriftEvent>,
     /// Observe mode: changes the last plan would make (reported in keepalives).
     would_change: Option<u64>,
@@ -175,6 +176,22 @@ impl Agent {
             operator_keys,
         );
         opener.set_applied_revision(applied.as_ref().map(|a| a.revision));
+        // what the previous run accepted is refused again (the replay cache starts empty)
+        let replay = match store.load_replay() {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => {
+                // unreadable: refuse everything issued before now rather than nothing
+                error!(error = %e, "the replay state is unreadable; refusing messages issued before this start");
+                ReplayState {
+                    floor: dog_protocol::envelope::ReplayFloor {
+                        issued_at: unix_now(),
+                        ids: Default::default(),
+                    },
+                    set_versions: Default::default(),
+                }
+            }
+        };
+        opener.set_replay_floor(Some(replay.floor.clone()));
         let sealer = Sealer::new(hostname.clone(), keys.signing);
 
         let metrics = AgentMetrics::new().context("metrics")?;
@@ -207,7 +224,7 @@ impl Agent {
             link,
             applied,
             pending: None,
-            set_versions: HashMap::new(),
+            replay,
             drift_events: VecDeque::new(),
             would_change: None,
             drift: DriftSummary::default(),
@@ -377,6 +394,14 @@ impl Agent {
                 warn!(error = %e, "cannot read the live firewall");
                 None
             }
+        }
+    }
+
+    /// Persists what was accepted, before the work it asks for is done: a crash afterwards
+    /// must not let the same message be accepted again.
+    fn save_replay(&self) {
+        if let Err(e) = self.store.save_replay(&self.replay) {
+            warn!(error = %e, "cannot save the replay state");
         }
     }
 
@@ -569,6 +594,13 @@ impl Agent {
                 return;
             }
         };
+        if self
+            .replay
+            .floor
+            .note(opened.header.issued_at, opened.header.id)
+        {
+            self.save_replay();
+        }
         // The sealed body and the JSON payload can be megabytes (a large set): the body is freed
         // before the payload is parsed, the payload before the work starts.
         let id = opened.header.id;
@@ -868,7 +900,7 @@ impl Agent {
             debug!(set = %set.name, version, %why, "shared set ignored");
             text_ok(id, None, None, format!("ignored: {why}"))
         };
-        if let Some(held) = self.set_versions.get(&set.name) {
+        if let Some(held) = self.replay.set_versions.get(&set.name) {
             if version <= *held {
                 return ignored(format!(
                     "version {version} of {} is not newer than {held}",
@@ -883,7 +915,8 @@ impl Agent {
             return ignored(format!("set {} is not used by this host", set.name));
         }
         let mut next = base.clone();
-        self.set_versions.insert(set.name.clone(), version);
+        self.replay.set_versions.insert(set.name.clone(), version);
+        self.save_replay();
         info!(set = %set.name, version, members = set.members.len(), "shared set update");
         let name = set.name.clone();
         // Packed and hashed once; the other sets stay shared with the applied firewall.

@@ -10,6 +10,17 @@ use std::path::{Path, PathBuf};
 
 /// File name of the applied state inside the state directory.
 pub const APPLIED_FILE: &str = "applied.json";
+/// File name of the replay state (what was accepted, so a restart does not accept it again).
+pub const REPLAY_FILE: &str = "replay.json";
+
+/// What the agent accepted, kept across restarts: the newest issue time (and that second's
+/// message ids), and the newest version of each shared set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayState {
+    pub floor: dog_protocol::envelope::ReplayFloor,
+    #[serde(default)]
+    pub set_versions: std::collections::BTreeMap<String, u64>,
+}
 
 /// The firewall the agent last applied successfully, with its revision. On disk the firewall
 /// has the wire format of a `HostFirewall`.
@@ -27,7 +38,7 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a valid applied-state file: {source}")]
+    #[error("{path}: not a valid agent state file: {source}")]
     Parse {
         path: PathBuf,
         #[source]
@@ -52,13 +63,27 @@ impl StateStore {
 
     /// Writes atomically: a 0600 temporary file, fsync, rename over the old one.
     pub fn save(&self, state: &AppliedState) -> Result<(), StateError> {
+        self.write_json(APPLIED_FILE, state)
+    }
+
+    /// Saves the replay state (same way as [`Self::save`]).
+    pub fn save_replay(&self, state: &ReplayState) -> Result<(), StateError> {
+        self.write_json(REPLAY_FILE, state)
+    }
+
+    /// The saved replay state, or `None` when nothing was saved yet.
+    pub fn load_replay(&self) -> Result<Option<ReplayState>, StateError> {
+        self.read_json(REPLAY_FILE)
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, state: &T) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let final_path = self.path();
-        let tmp = self.dir.join(format!(".{APPLIED_FILE}.tmp"));
+        let final_path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
         {
             let f = fs::OpenOptions::new()
                 .write(true)
@@ -97,7 +122,11 @@ impl StateStore {
 
     /// The saved state, or `None` when nothing was saved yet.
     pub fn load(&self) -> Result<Option<AppliedState>, StateError> {
-        let path = self.path();
+        self.read_json(APPLIED_FILE)
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(name);
         let data = match fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -310,3 +310,72 @@ async fn agent_in_observe_mode_reports_what_would_change_and_never_touches_the_k
     );
     h.cleanup().await;
 }
+
+/// Captured shared-set requests, replayed after the agent restarted, are refused: the newest
+/// accepted issue time and the set versions survive the restart (replay.json); a newer
+/// version still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_captured_before_a_restart_are_refused_after_it() {
+    use dog_protocol::ruleset::{Family, IpSet};
+    let Some(mut h) = Harness::new("agent_replay").await else {
+        return;
+    };
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    let fw = test_firewall(&h.host);
+    ok_hashes(
+        &h.request(RequestKind::Apply {
+            revision: 42,
+            firewall: fw.clone(),
+        })
+        .await,
+    );
+    let set = |members: &[&str], version| RequestKind::SharedSet {
+        set: IpSet::new(
+            "dogz4-web",
+            Family::V4,
+            members
+                .iter()
+                .map(|m| format!("{m}/32").parse().expect("net")),
+        ),
+        version,
+    };
+    let members = |h: &Harness| {
+        h.ns.exec(&["ipset", "list", "dogz4-web"])
+            .expect("ipset list")
+    };
+    // the attacker records both updates as they pass through the broker
+    let (old_id, old) = h.seal(set(&["198.18.7.1"], 100));
+    h.publish(old_id, &old).await;
+    ok_hashes(&h.response(old_id, 20).await);
+    let (new_id, new) = h.seal(set(&["198.18.7.2"], 200));
+    h.publish(new_id, &new).await;
+    ok_hashes(&h.response(new_id, 20).await);
+    assert!(members(&h).contains("198.18.7.2"));
+
+    h.kill9();
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    // the captured messages again, as fresh deliveries
+    h.publish(old_id, &old).await;
+    h.publish(new_id, &new).await;
+    // an older version under a new id is ignored too
+    let r = h.request(set(&["198.18.7.3"], 150)).await;
+    assert!(
+        format!("{r:?}").contains("not newer than 200"),
+        "an older version was not ignored: {r:?}"
+    );
+    let listed = members(&h);
+    assert!(
+        listed.contains("198.18.7.2") && !listed.contains("198.18.7.1"),
+        "the set was rolled back:\n{listed}"
+    );
+    assert_eq!(
+        h.metric("dog_agent_rejected_messages_total{reason=\"replayed\"}"),
+        Some(2.0)
+    );
+    // a newer version applies
+    ok_hashes(&h.request(set(&["198.18.7.4"], 300)).await);
+    assert!(members(&h).contains("198.18.7.4"));
+    h.cleanup().await;
+}

@@ -714,6 +714,39 @@ impl Opened {
     }
 }
 
+/// What a receiver accepted before it restarted, for refusing it again afterwards: the newest
+/// issue time it accepted, and the ids accepted in that very second. Envelopes issued before it,
+/// or in that second with one of those ids, are replays (the replay cache does not survive a
+/// restart; this does, persisted next to the applied state).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayFloor {
+    pub issued_at: u64,
+    #[serde(default)]
+    pub ids: BTreeSet<Uuid>,
+}
+
+impl ReplayFloor {
+    /// At most this many ids of one second are kept (an operator sends far fewer per host).
+    pub const IDS: usize = 4096;
+
+    /// Records an accepted envelope; returns whether the floor moved.
+    pub fn note(&mut self, issued_at: u64, id: Uuid) -> bool {
+        if issued_at > self.issued_at {
+            self.issued_at = issued_at;
+            self.ids.clear();
+        }
+        if issued_at == self.issued_at && self.ids.len() < Self::IDS {
+            return self.ids.insert(id);
+        }
+        false
+    }
+
+    /// Whether an envelope issued at `issued_at` with `id` is older than the floor.
+    pub fn refuses(&self, issued_at: u64, id: &Uuid) -> bool {
+        issued_at < self.issued_at || (issued_at == self.issued_at && self.ids.contains(id))
+    }
+}
+
 /// The receiving side: trusted senders, own identity and decryption key, replay cache and the
 /// last applied revision.
 #[derive(Debug)]
@@ -722,6 +755,8 @@ pub struct Opener {
     decryption: Option<EncryptionKey>,
     trust: Trust,
     replay: ReplayCache,
+    /// What the previous run accepted (agent side, loaded at start).
+    floor: Option<ReplayFloor>,
     applied_revision: Option<u64>,
     time: TimePolicy,
 }
@@ -743,6 +778,7 @@ impl Opener {
                 keys,
             },
             replay: ReplayCache::new(65_536),
+            floor: None,
             applied_revision: None,
             time: TimePolicy::default(),
         }
@@ -755,6 +791,7 @@ impl Opener {
             decryption: None,
             trust: Trust::Agents(pins),
             replay: ReplayCache::new(1_048_576),
+            floor: None,
             applied_revision: None,
             time: TimePolicy::default(),
         }
@@ -782,6 +819,11 @@ impl Opener {
     /// with the persisted one). Requests must carry a newer revision.
     pub fn set_applied_revision(&mut self, revision: Option<u64>) {
         self.applied_revision = revision;
+    }
+
+    /// Refuses, as `replayed`, what a previous run accepted (see [`ReplayFloor`]).
+    pub fn set_replay_floor(&mut self, floor: Option<ReplayFloor>) {
+        self.floor = floor;
     }
 
     pub fn replay_cache(&self) -> &ReplayCache {
@@ -881,7 +923,12 @@ impl Opener {
         {
             return Err(Rejection::Expired);
         }
-        if self.replay.contains(&header.id, now) {
+        if self.replay.contains(&header.id, now)
+            || self
+                .floor
+                .as_ref()
+                .is_some_and(|f| f.refuses(header.issued_at, &header.id))
+        {
             return Err(Rejection::Replayed);
         }
         if header.kind == MessageKind::Request {

@@ -611,3 +611,38 @@ fn sealer_refuses_invalid_headers_and_oversized_messages() {
         Err(SealError::Limit(LimitError { ref field, .. })) if field == "hostname"
     ));
 }
+
+#[test]
+fn a_replay_floor_refuses_what_a_previous_run_accepted() {
+    use dog_protocol::envelope::ReplayFloor;
+    let (sealer, mut first_run, a) = operator_and_agent("node-1");
+    let key = a.encryption.public();
+    let seal = |r: &Request, at: u64| sealer.request("node-1", &key, r, at, TTL).unwrap();
+    let status = || Request {
+        id: Uuid::new_v4(),
+        request: RequestKind::Status,
+    };
+    let earlier = seal(&status(), NOW - 5);
+    let same_second = seal(&status(), NOW);
+    let accepted = seal(&status(), NOW);
+    let mut floor = ReplayFloor::default();
+    for bytes in [&earlier, &accepted] {
+        let o = first_run.open(bytes, NOW).expect("accepted");
+        floor.note(o.header.issued_at, o.header.id);
+    }
+    assert_eq!(floor.issued_at, NOW);
+    assert_eq!(floor.ids.len(), 1);
+    // the next run starts with an empty replay cache and this floor
+    let mut next_run = Opener::for_agent(
+        "node-1",
+        a.encryption.clone(),
+        OPERATOR,
+        TrustedKeys::new([sealer.public_key()]),
+    );
+    next_run.set_replay_floor(Some(floor));
+    assert_eq!(next_run.open(&accepted, NOW + 1), Err(Rejection::Replayed));
+    assert_eq!(next_run.open(&earlier, NOW + 1), Err(Rejection::Replayed));
+    // issued in the floor's second but never accepted, or later: fine
+    assert!(next_run.open(&same_second, NOW + 1).is_ok());
+    assert!(next_run.open(&seal(&status(), NOW + 1), NOW + 1).is_ok());
+}
