@@ -128,6 +128,7 @@ impl Agent {
         }
         let (keys, created) = AgentKeys::load_or_create(&cfg.state_dir)
             .with_context(|| format!("agent keys in {}", cfg.state_dir.display()))?;
+        check_state_dir(&cfg.state_dir)?;
         if created.signing || created.encryption {
             info!(
                 dir = %cfg.state_dir.display(),
@@ -1164,6 +1165,32 @@ fn spawn_watchdog(last_turn: Arc<AtomicU64>, health: Health) -> tokio::task::Joi
 }
 
 /// A successful answer carrying a text detail (observe plans, status, ignored updates).
+/// The state directory holds the agent's private keys, its applied state and its replay state:
+/// whoever else can write it can swap any of them. Refused unless it is the agent's own and
+/// writable by nobody else.
+fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md =
+        std::fs::metadata(dir).with_context(|| format!("state directory {}", dir.display()))?;
+    let mode = md.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        anyhow::bail!(
+            "state directory {} is writable by its group or others (mode {mode:o}); `chmod go-w` it: another user could replace the agent's keys or state",
+            dir.display()
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if md.uid() != me {
+        anyhow::bail!(
+            "state directory {} is owned by uid {} but the agent runs as uid {me}",
+            dir.display(),
+            md.uid()
+        );
+    }
+    Ok(())
+}
+
 fn text_ok(
     id: Uuid,
     applied_revision: Option<u64>,

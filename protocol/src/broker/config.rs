@@ -25,6 +25,9 @@ pub struct BrokerConfig {
     pub url: String,
     /// Overrides the user name and password of the URL when set.
     pub credentials: Option<Credentials>,
+    /// A file whose content (one line) is the password, overriding the URL's: a mounted
+    /// Secret instead of a password in a URL or an environment variable. Read at start.
+    pub password_file: Option<std::path::PathBuf>,
     /// TLS settings; only used with an `amqps://` URL.
     pub tls: Option<TlsFiles>,
     /// Connection name shown by `rabbitmqctl list_connections client_properties` and the
@@ -63,6 +66,7 @@ impl BrokerConfig {
         Self {
             url: url.into(),
             credentials: None,
+            password_file: None,
             tls: None,
             connection_name: connection_name.into(),
             heartbeat_secs: Some(30),
@@ -94,6 +98,20 @@ impl BrokerConfig {
             }
             uri.authority.userinfo.username = creds.username.clone();
             uri.authority.userinfo.password = creds.password.clone();
+        }
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| BrokerError::Config {
+                field: "password_file",
+                reason: format!("{}: {e}", path.display()),
+            })?;
+            let password = text.trim_end_matches(['\n', '\r']);
+            if password.is_empty() || password.contains('\n') {
+                return Err(BrokerError::Config {
+                    field: "password_file",
+                    reason: format!("{}: must hold one non-empty line", path.display()),
+                });
+            }
+            uri.authority.userinfo.password = password.to_string();
         }
         if let Some(hb) = self.heartbeat_secs {
             uri.query.heartbeat = Some(hb);
@@ -374,6 +392,29 @@ mod tests {
         assert_eq!(c.redacted_url(), "amqp://127.0.0.1:5672/vh");
         assert!(!format!("{:?}", c.credentials).contains("pw"));
     }
+
+    #[test]
+    fn the_password_file_overrides_the_url_and_errors_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        let mut c = BrokerConfig::new("amqp://agent-n1:url-pw@127.0.0.1:5672/vh", "t");
+        c.password_file = Some(file.clone());
+        let err = c.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("password_file") && err.contains(&file.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let (uri, _) = c.resolve().unwrap();
+        assert_eq!(uri.authority.userinfo.username, "agent-n1");
+        assert_eq!(uri.authority.userinfo.password, "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(c
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("one non-empty line"));
+    }
 }
 
 /// The broker flags both binaries take (every one also settable by an environment variable).
@@ -386,6 +427,9 @@ pub struct BrokerArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub url: String,
+    /// A file holding the broker password (one line), overriding the URL's (a mounted Secret).
+    #[arg(long = "broker-password-file", env = "DOG_BROKER_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
     /// CA bundle (PEM) to verify the broker's TLS certificate.
     #[arg(long = "broker-ca-file", env = "DOG_BROKER_CA_FILE")]
     pub ca_file: Option<PathBuf>,
@@ -414,6 +458,7 @@ impl BrokerArgs {
         let mut cfg = BrokerConfig::new(self.url.clone(), connection_name);
         cfg.topology_prefix = self.topology_prefix.clone();
         cfg.quorum_queues = !self.classic_queues;
+        cfg.password_file = self.password_file.clone();
         if self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some() {
             cfg.tls = Some(TlsFiles {
                 ca_file: self.ca_file.clone(),
