@@ -89,6 +89,22 @@ fn agent_to_operator(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+    // a forged keepalive under a key pinned for no host, on an operator open to first
+    // heartbeats: refused before the signature check (compare with verify_1024)
+    g.bench_function("refuse_forged_keepalive_1024", |b| {
+        let (stranger, _) = SigningKey::generate().unwrap();
+        let forger = Sealer::new("node-1", stranger);
+        let env = forger
+            .sign_only(
+                &fields(MessageKind::Keepalive, vec!["dog-operator".into()]),
+                &payload,
+            )
+            .unwrap();
+        let mut open = pins.clone();
+        open.open_first_heartbeats = true;
+        let mut o = Opener::for_operator("dog-operator", open);
+        b.iter(|| o.open(black_box(&env), NOW).unwrap_err())
+    });
     g.finish();
 }
 

@@ -714,6 +714,10 @@ impl Opened {
     }
 }
 
+/// The largest envelope accepted from a key pinned for no host (a first heartbeat: at most
+/// 256 interfaces of 64 addresses and an identity token fit well within it).
+pub const MAX_FIRST_HEARTBEAT: usize = 1024 * 1024;
+
 /// What a receiver accepted before it restarted, for refusing it again afterwards: the newest
 /// issue time it accepted, and the ids accepted in that very second. Envelopes issued before it,
 /// or in that second with one of those ids, are replays (the replay cache does not survive a
@@ -871,10 +875,32 @@ impl Opener {
     /// (its id enters the replay cache).
     pub fn open(&mut self, bytes: &[u8], now: u64) -> Result<Opened, Rejection> {
         let frame = parse_frame(bytes)?;
-        // Agent side: never spend a signature check or a parse on an unknown key.
-        if let Trust::Operator { keys, .. } = &self.trust {
-            if !keys.contains(&frame.sender_key) {
-                return Err(Rejection::UnknownSender);
+        // Never spend a signature check or a parse on an unknown key. Agent side: only the
+        // operator's keys. Operator side: a key pinned for no host can only send a first
+        // heartbeat, which is small.
+        match &self.trust {
+            Trust::Operator { keys, .. } => {
+                if !keys.contains(&frame.sender_key) {
+                    return Err(Rejection::UnknownSender);
+                }
+            }
+            Trust::Agents(pins) => {
+                if !pins.knows_signing(&frame.sender_key.fingerprint()) {
+                    if !pins.open_first_heartbeats {
+                        return Err(Rejection::UnknownSender);
+                    }
+                    if bytes.len() > MAX_FIRST_HEARTBEAT {
+                        return Err(Rejection::TooLarge);
+                    }
+                    // and nothing but a heartbeat: a flood of forged keepalives costs a
+                    // small JSON parse each, not a signature check
+                    let kind = serde_json::from_slice::<Header>(frame.header_json)
+                        .map_err(|_| Rejection::Malformed)?
+                        .kind;
+                    if kind != MessageKind::Heartbeat {
+                        return Err(Rejection::UnknownSender);
+                    }
+                }
             }
         }
         if !frame.sender_key.verify(frame.signed, frame.signature) {

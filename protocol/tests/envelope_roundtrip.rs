@@ -272,6 +272,18 @@ fn pre_pinned_hosts_and_disabled_tofu() {
     }
     let s3 = other.sealer_as("node-2");
     let bytes = s3.agent_message(OPERATOR, &forged, NOW, TTL).unwrap();
+    // closed to first heartbeats, a key pinned for no host is refused before its signature
+    assert_eq!(op.open(&bytes, NOW), Err(Rejection::UnknownSender));
+    // open to them (the operator), the pin of node-2 refuses it
+    let mut pins = Pins::new(true);
+    pins.set(
+        "node-2",
+        Pin {
+            signing: a.signing.public().fingerprint(),
+            encryption: None,
+        },
+    );
+    let mut op = Opener::for_operator(OPERATOR, pins);
     assert_eq!(op.open(&bytes, NOW), Err(Rejection::KeyChanged));
 }
 
@@ -645,4 +657,40 @@ fn a_replay_floor_refuses_what_a_previous_run_accepted() {
     // issued in the floor's second but never accepted, or later: fine
     assert!(next_run.open(&same_second, NOW + 1).is_ok());
     assert!(next_run.open(&seal(&status(), NOW + 1), NOW + 1).is_ok());
+}
+
+#[test]
+fn keys_pinned_for_no_host_are_refused_before_their_signature_is_checked() {
+    let stranger = operator_key();
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let mut forged = raw(
+        &stranger,
+        0,
+        &header_json(&stranger, "keepalive", "node-9", OPERATOR),
+        &[],
+        &big,
+    );
+    let n = forged.len();
+    forged[n - 1] ^= 1; // a signature check would say bad_signature
+                        // open to first heartbeats: a big frame from a key nobody pinned is too large for one
+    let mut opener = operator_opener(true);
+    assert_eq!(opener.open(&forged, NOW), Err(Rejection::TooLarge));
+    // closed to first heartbeats: unknown, whatever its size
+    let mut closed = operator_opener(false);
+    assert_eq!(closed.open(&forged, NOW), Err(Rejection::UnknownSender));
+    // a pinned host's key gets its signature checked (and fails it)
+    if let Trust::Agents(pins) = closed.trust_mut() {
+        pins.set(
+            "node-9",
+            Pin {
+                signing: stranger.public().fingerprint(),
+                encryption: None,
+            },
+        );
+    }
+    assert_eq!(closed.open(&forged, NOW), Err(Rejection::BadSignature));
+    if let Trust::Agents(pins) = closed.trust_mut() {
+        pins.remove("node-9");
+    }
+    assert_eq!(closed.open(&forged, NOW), Err(Rejection::UnknownSender));
 }

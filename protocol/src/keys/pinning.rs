@@ -74,6 +74,9 @@ pub enum PinOutcome {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pins {
     pins: BTreeMap<String, Pin>,
+    /// How many hosts each signing fingerprint is pinned for: a message signed by a key in
+    /// no pin can only be a first heartbeat, which is checked cheaply before its signature.
+    signing: std::collections::HashMap<String, usize>,
     /// Open the first heartbeat of an unpinned host (as [`PinOutcome::NewPin`]) so that the
     /// caller can decide whether to admit it; otherwise it is refused (`NotPinned`).
     pub open_first_heartbeats: bool,
@@ -83,18 +86,38 @@ impl Pins {
     pub fn new(open_first_heartbeats: bool) -> Self {
         Pins {
             pins: BTreeMap::new(),
+            signing: Default::default(),
             open_first_heartbeats,
         }
     }
 
     /// Sets (admin pre-pin, or a pin loaded from a Host) or replaces a host's pin.
     pub fn set(&mut self, host: impl Into<String>, pin: Pin) {
-        self.pins.insert(host.into(), pin);
+        *self.signing.entry(pin.signing.clone()).or_default() += 1;
+        if let Some(old) = self.pins.insert(host.into(), pin) {
+            self.forget_signing(&old.signing);
+        }
     }
 
     /// Removes a host's pin (admin action to accept a re-keyed agent).
     pub fn remove(&mut self, host: &str) -> Option<Pin> {
-        self.pins.remove(host)
+        let old = self.pins.remove(host)?;
+        self.forget_signing(&old.signing);
+        Some(old)
+    }
+
+    fn forget_signing(&mut self, fp: &str) {
+        if let Some(n) = self.signing.get_mut(fp) {
+            *n -= 1;
+            if *n == 0 {
+                self.signing.remove(fp);
+            }
+        }
+    }
+
+    /// Whether a signing key (by fingerprint) is pinned for any host.
+    pub fn knows_signing(&self, fingerprint: &str) -> bool {
+        self.signing.contains_key(fingerprint)
     }
 
     pub fn get(&self, host: &str) -> Option<&Pin> {
@@ -161,7 +184,7 @@ impl Pins {
     ) -> Result<PinOutcome, PinError> {
         let outcome = self.check(host, signing, Some(encryption))?;
         if let PinOutcome::NewPin(pin) | PinOutcome::Completed(pin) = &outcome {
-            self.pins.insert(host.to_string(), pin.clone());
+            self.set(host.to_string(), pin.clone());
         }
         Ok(outcome)
     }
