@@ -108,19 +108,62 @@ async fn agent_user_reaches_only_its_own_queue() {
     )
     .await
     .unwrap();
+    let refused = |err: lapin::Error| {
+        let e = err.to_string();
+        assert!(
+            e.contains("ACCESS_REFUSED") || e.contains("ACCESS-REFUSED"),
+            "{e}"
+        );
+    };
+    // each refusal closes its channel: one channel per attempt
     let ch = conn.create_channel().await.unwrap();
-    let err = ch
-        .basic_consume(
+    refused(
+        ch.basic_consume(
             operator.topology().host_queue("node-other").into(),
             "thief".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .expect_err("consuming another host's queue must be refused");
-    assert!(
-        err.to_string().contains("ACCESS_REFUSED") || err.to_string().contains("ACCESS-REFUSED"),
-        "{err}"
+        .expect_err("consuming another host's queue must be refused"),
+    );
+    // the operator's inbox is named apart from the exchange the agent may publish to: the
+    // agent can neither read, purge, delete nor bind to it
+    let inbox = operator.topology().operator_queue();
+    let ch = conn.create_channel().await.unwrap();
+    refused(
+        ch.basic_consume(
+            inbox.as_str().into(),
+            "thief".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("consuming the operator's inbox must be refused"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    refused(
+        ch.queue_purge(inbox.as_str().into(), Default::default())
+            .await
+            .expect_err("purging the operator's inbox must be refused"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    refused(
+        ch.queue_delete(inbox.as_str().into(), Default::default())
+            .await
+            .expect_err("deleting the operator's inbox must be refused"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    refused(
+        ch.queue_bind(
+            inbox.as_str().into(),
+            operator.topology().hosts_exchange().as_str().into(),
+            "#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("binding to the operator's inbox must be refused"),
     );
     let _ = conn.close(200, "done".into()).await;
 

@@ -45,7 +45,11 @@ pub struct BrokerConfig {
     /// messages are dropped when more are waiting, because only the latest desired state
     /// matters. `None` leaves the queue unbounded.
     pub host_queue_max_length: Option<u32>,
-    /// Unacknowledged deliveries the operator accepts at once on `dog.operator`.
+    /// `x-max-length` of the operator's inbox (`dog.operator.inbox`) with
+    /// `x-overflow=reject-publish`: beyond it agents' publishes are refused and retried with
+    /// backoff, so a flood from one sender cannot grow the backlog without bound.
+    pub operator_queue_max_length: u32,
+    /// Unacknowledged deliveries the operator accepts at once on `dog.operator.inbox`.
     pub operator_prefetch: u16,
     /// Unacknowledged deliveries an agent accepts at once on its own queue.
     pub agent_prefetch: u16,
@@ -73,6 +77,7 @@ impl BrokerConfig {
             topology_prefix: "dog".to_string(),
             quorum_queues: true,
             host_queue_max_length: Some(64),
+            operator_queue_max_length: 100_000,
             operator_prefetch: 256,
             agent_prefetch: 4,
             confirm_timeout: Duration::from_secs(10),
@@ -127,6 +132,12 @@ impl BrokerConfig {
             return Err(BrokerError::Config {
                 field: "agent_prefetch",
                 reason: "must be at least 1 (0 would mean unlimited)".into(),
+            });
+        }
+        if self.operator_queue_max_length == 0 {
+            return Err(BrokerError::Config {
+                field: "operator_queue_max_length",
+                reason: "must be at least 1".into(),
             });
         }
         if self.host_queue_max_length == Some(0) {

@@ -172,6 +172,7 @@ impl Inner {
     fn host_shape(&self) -> QueueShape {
         QueueShape {
             max_length: self.config.host_queue_max_length,
+            reject_publish: false,
         }
     }
 
@@ -286,10 +287,25 @@ impl Inner {
                     &conn,
                     &mut topo,
                     &consume_queue,
-                    QueueShape { max_length: None },
+                    QueueShape {
+                        max_length: Some(self.config.operator_queue_max_length),
+                        reject_publish: true,
+                    },
                 )
                 .await?;
                 topology::bind(&topo, &consume_queue, &t.operator_exchange(), "").await?;
+                // on its own channel: an error closes only that one
+                let legacy = conn.create_channel().await?;
+                if let Err(e) = legacy
+                    .queue_delete(
+                        t.legacy_operator_queue().as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await
+                {
+                    debug!(error = %e, "no legacy operator queue to delete");
+                }
+                let _ = legacy.close(200, "done".into()).await;
             }
             Role::Agent { .. } => {
                 self.declare_durable_queue(&conn, &mut topo, &consume_queue, self.host_shape())
@@ -728,8 +744,10 @@ impl OperatorLink {
         let t = &inner.topology;
         let result = async {
             let ch = conn.create_channel().await?;
-            ch.queue_delete(t.operator_queue().into(), QueueDeleteOptions::default())
-                .await?;
+            for queue in [t.operator_queue(), t.legacy_operator_queue()] {
+                ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await?;
+            }
             for exchange in [t.hosts_exchange(), t.sets_exchange(), t.operator_exchange()] {
                 ch.exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                     .await?;

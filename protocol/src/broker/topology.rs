@@ -39,8 +39,15 @@ impl Topology {
         format!("{}.operator", self.prefix)
     }
 
-    /// Queue the operator consumes.
+    /// Queue the operator consumes (named apart from the exchange, so that a permission
+    /// pattern granting agents the exchange grants them nothing on the queue).
     pub fn operator_queue(&self) -> String {
+        format!("{}.operator.inbox", self.prefix)
+    }
+
+    /// The operator's queue before it was named apart from the exchange; an operator deletes
+    /// it on start (it would keep receiving every agent message, unread).
+    pub fn legacy_operator_queue(&self) -> String {
         format!("{}.operator", self.prefix)
     }
 
@@ -53,8 +60,12 @@ impl Topology {
 /// Arguments of a durable queue.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct QueueShape {
-    /// `x-max-length` with `x-overflow=drop-head`.
+    /// `x-max-length`.
     pub max_length: Option<u32>,
+    /// What a full queue does: drop its oldest message (a host queue, where only the newest
+    /// desired state matters), or refuse the new one (the operator's inbox: the publisher
+    /// retries, and nobody's message is pushed out by someone else's).
+    pub reject_publish: bool,
 }
 
 impl QueueShape {
@@ -68,9 +79,14 @@ impl QueueShape {
         }
         if let Some(max) = self.max_length {
             args.insert("x-max-length".into(), AMQPValue::LongLongInt(max.into()));
+            let overflow = if self.reject_publish {
+                "reject-publish"
+            } else {
+                "drop-head"
+            };
             args.insert(
                 "x-overflow".into(),
-                AMQPValue::LongString(LongString::from("drop-head")),
+                AMQPValue::LongString(LongString::from(overflow)),
             );
         }
         args
@@ -163,7 +179,8 @@ mod tests {
         assert_eq!(t.hosts_exchange(), "dog.hosts");
         assert_eq!(t.sets_exchange(), "dog.sets");
         assert_eq!(t.operator_exchange(), "dog.operator");
-        assert_eq!(t.operator_queue(), "dog.operator");
+        assert_eq!(t.operator_queue(), "dog.operator.inbox");
+        assert_eq!(t.legacy_operator_queue(), "dog.operator");
         assert_eq!(t.host_queue("node-1.example"), "dog.host.node-1.example");
     }
 
@@ -171,6 +188,7 @@ mod tests {
     fn bounded_queue_drops_head() {
         let args = QueueShape {
             max_length: Some(8),
+            reject_publish: false,
         }
         .arguments(true);
         let inner = args.inner();
@@ -183,7 +201,20 @@ mod tests {
             inner.get("x-overflow"),
             Some(&AMQPValue::LongString("drop-head".into()))
         );
-        let classic = QueueShape { max_length: None }.arguments(false);
+        let classic = QueueShape {
+            max_length: None,
+            reject_publish: false,
+        }
+        .arguments(false);
         assert!(classic.inner().is_empty());
+        let inbox = QueueShape {
+            max_length: Some(5),
+            reject_publish: true,
+        }
+        .arguments(true);
+        assert_eq!(
+            inbox.inner().get("x-overflow"),
+            Some(&AMQPValue::LongString("reject-publish".into()))
+        );
     }
 }

@@ -99,7 +99,10 @@ impl Cleanup {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_string(),
-            queues: vec![format!("{prefix}.operator")],
+            queues: vec![
+                format!("{prefix}.operator.inbox"),
+                format!("{prefix}.operator"),
+            ],
         }
     }
 
