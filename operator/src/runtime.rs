@@ -790,7 +790,13 @@ impl Runtime {
         match self.opener.open(&d.body, now) {
             Err(r) => {
                 let id = d.message_id.clone().unwrap_or_default();
-                self.reject(r.reason(), &format!("{r} (message id {id})"), None);
+                // who it claims to be, when its signature (by the key it carries) verified
+                let claimed = self.opener.last_sender().map(str::to_string);
+                self.reject(
+                    r.reason(),
+                    &format!("{r} (message id {id})"),
+                    claimed.as_deref(),
+                );
             }
             Ok(opened) => match opened.agent_message() {
                 Err(e) => {

@@ -761,6 +761,8 @@ pub struct Opener {
     replay: ReplayCache,
     /// What the previous run accepted (agent side, loaded at start).
     floor: Option<ReplayFloor>,
+    /// The sender named by the last envelope whose signature verified, accepted or not.
+    last_sender: Option<String>,
     applied_revision: Option<u64>,
     time: TimePolicy,
 }
@@ -783,6 +785,7 @@ impl Opener {
             },
             replay: ReplayCache::new(65_536),
             floor: None,
+            last_sender: None,
             applied_revision: None,
             time: TimePolicy::default(),
         }
@@ -796,6 +799,7 @@ impl Opener {
             trust: Trust::Agents(pins),
             replay: ReplayCache::new(1_048_576),
             floor: None,
+            last_sender: None,
             applied_revision: None,
             time: TimePolicy::default(),
         }
@@ -828,6 +832,13 @@ impl Opener {
     /// Refuses, as `replayed`, what a previous run accepted (see [`ReplayFloor`]).
     pub fn set_replay_floor(&mut self, floor: Option<ReplayFloor>) {
         self.floor = floor;
+    }
+
+    /// The sender the last opened envelope names, once its signature verified (a claim,
+    /// signed by whatever key the envelope carries): for logging a rejection by whom it claims
+    /// to come from.
+    pub fn last_sender(&self) -> Option<&str> {
+        self.last_sender.as_deref()
     }
 
     pub fn replay_cache(&self) -> &ReplayCache {
@@ -874,6 +885,7 @@ impl Opener {
     /// window, replay, revision; then decryption. Only an accepted envelope changes state
     /// (its id enters the replay cache).
     pub fn open(&mut self, bytes: &[u8], now: u64) -> Result<Opened, Rejection> {
+        self.last_sender = None;
         let frame = parse_frame(bytes)?;
         // Never spend a signature check or a parse on an unknown key. Agent side: only the
         // operator's keys. Operator side: a key pinned for no host can only send a first
@@ -912,6 +924,7 @@ impl Opener {
             return Err(Rejection::UnsupportedVersion);
         }
         check_names(&header)?;
+        self.last_sender = Some(header.sender.clone());
         if header.recipients.len() > MAX_RECIPIENTS
             || header.key_id != fingerprint(&frame.sender_key.0)
         {

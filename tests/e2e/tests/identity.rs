@@ -117,6 +117,13 @@ fn without_trust_on_first_use_only_pinned_agents_become_hosts() {
     f.wait("the db impostor refused (key_changed)", 30, || {
         rejected(&f, "key_changed") >= 1.0
     });
+    // the log names the host it claims to be
+    let claimed = format!("\"reason\":\"key_changed\",\"sender\":\"{db}\"");
+    f.wait(
+        "the key_changed rejection logged with its claimed sender",
+        10,
+        || f.log_of("operator").contains(&claimed),
+    );
     let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
     let invented_invalid = [
         "../../etc/passwd".to_string(),
