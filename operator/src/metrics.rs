@@ -20,6 +20,7 @@ pub struct OperatorMetrics {
     pub leader: IntGauge,
     pub apply_failures: IntCounter,
     pub broker_connected: IntGauge,
+    pub inbox_messages: IntGauge,
     pub build_info: IntGaugeVec,
 }
 
@@ -75,6 +76,10 @@ impl OperatorMetrics {
                 "dog_operator_broker_connected",
                 "1 while the operator's broker connection is up (topology declared, consuming)",
             )?,
+            inbox_messages: IntGauge::new(
+                "dog_operator_inbox_messages",
+                "Agent messages waiting in the operator's inbox queue (read every 5 s; -1 until first read)",
+            )?,
             build_info: IntGaugeVec::new(
                 Opts::new("dog_operator_build_info", "Always 1; the running version in its labels"),
                 &["version"],
@@ -95,6 +100,7 @@ impl OperatorMetrics {
             Box::new(m.leader.clone()),
             Box::new(m.apply_failures.clone()),
             Box::new(m.broker_connected.clone()),
+            Box::new(m.inbox_messages.clone()),
             Box::new(m.build_info.clone()),
             // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -104,6 +110,7 @@ impl OperatorMetrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        m.inbox_messages.set(-1);
         // every reason is exposed from the start, so a rate() alert sees the first rejection
         for r in dog_protocol::envelope::Rejection::ALL {
             m.rejected.with_label_values(&[r.reason()]);

@@ -45,6 +45,11 @@ use uuid::Uuid;
 const REQUEST_TTL_SECS: u64 = 600;
 /// Publishes in flight at once (confirms are awaited concurrently).
 const PUBLISH_CONCURRENCY: usize = 64;
+/// How often the inbox depth is read.
+const INBOX_EVERY: Duration = Duration::from_secs(5);
+/// More agent messages than this waiting in the inbox make `/readyz` fail (the operator is
+/// not keeping up; a tenth of the inbox bound).
+const BACKLOG_NOT_READY: u32 = 10_000;
 /// Refused heartbeats kept per declared host (distinct keys).
 const REFUSED_KEPT: usize = 4;
 /// Statuses are written at most this often: a burst of agent responses must not turn into a
@@ -127,6 +132,9 @@ pub struct Runtime {
     admin_pins_changed: bool,
     /// Started with the runtime: the monotonic clock of the admission rate limit.
     started: Instant,
+    /// Agent messages waiting in the inbox when last read, and when that was.
+    inbox_backlog: u32,
+    inbox_checked: Option<Instant>,
     metrics: OperatorMetrics,
     health: Health,
     lifecycle: LifecycleConfig,
@@ -279,6 +287,8 @@ impl Runtime {
             admin_pins: BTreeMap::new(),
             admin_pins_changed: false,
             started: Instant::now(),
+            inbox_backlog: 0,
+            inbox_checked: None,
             metrics,
             health,
             lifecycle,
@@ -336,6 +346,7 @@ impl Runtime {
                 }
                 _ = tick.tick() => {
                     self.on_tick();
+                    self.check_inbox().await;
                     self.collect_retired().await;
                 }
                 _ = status_tick.tick(), if self.needs_status => {}
@@ -755,10 +766,37 @@ impl Runtime {
 
     /// `/readyz` and `dog_operator_broker_connected` follow the broker connection: an
     /// operator that cannot publish is not ready, whatever else works.
+    /// Every [`INBOX_EVERY`]: how many agent messages wait in the inbox (a metric; above
+    /// [`BACKLOG_NOT_READY`] `/readyz` says so).
+    async fn check_inbox(&mut self) {
+        if self
+            .inbox_checked
+            .is_some_and(|t| t.elapsed() < INBOX_EVERY)
+            || !self.link.status().connected
+        {
+            return;
+        }
+        self.inbox_checked = Some(Instant::now());
+        match tokio::time::timeout(Duration::from_secs(2), self.link.inbox_depth()).await {
+            Ok(Ok(n)) => {
+                self.metrics.inbox_messages.set(i64::from(n));
+                self.inbox_backlog = n;
+            }
+            Ok(Err(e)) => debug!(error = %e, "cannot read the inbox depth"),
+            Err(_) => debug!("reading the inbox depth timed out"),
+        }
+        self.report_broker();
+    }
+
     fn report_broker(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(st.connected as i64);
-        if st.connected {
+        if st.connected && self.inbox_backlog > BACKLOG_NOT_READY {
+            self.health.set_not_ready(format!(
+                "intake backlog: {} agent messages waiting in the inbox",
+                self.inbox_backlog
+            ));
+        } else if st.connected {
             self.health.set_ready();
         } else {
             self.health.set_not_ready(format!(

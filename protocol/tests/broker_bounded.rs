@@ -78,6 +78,10 @@ async fn a_full_operator_inbox_refuses_publishes_and_loses_nothing() {
         (3..=6).contains(&confirmed),
         "{confirmed} confirmed before the refusal"
     );
+    // the operator sees its backlog: the inbox at its bound (the broker may count the one
+    // delivered but unacknowledged too)
+    let depth = operator.inbox_depth().await.unwrap();
+    assert!((3..=4).contains(&depth), "inbox depth {depth}");
     // the operator drains: the refused one is published again and arrives, nothing is lost
     let retry = tokio::spawn({
         let meta = MessageMeta::new(format!("k-{refused_at}"), "keepalive");

@@ -663,6 +663,25 @@ impl OperatorLink {
         self.inner.wait_session(0).await.map(|_| ())
     }
 
+    /// How many messages wait in the operator's inbox (a passive declare on the current
+    /// connection; waits for one). Not retried: the caller asks again on its next tick.
+    pub async fn inbox_depth(&self) -> Result<u32, BrokerError> {
+        let session = self.inner.wait_session(0).await?;
+        let name = self.inner.topology.operator_queue();
+        let topo = session.topo(&name).lock().await;
+        let q = topo
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+
     /// Declare `dog.host.<host>` and bind it to `dog.hosts`. Idempotent and cached: later
     /// calls for the same host cost nothing, and the queue is re-declared after reconnects.
     pub async fn declare_host_queue(&self, host: &str) -> Result<(), BrokerError> {

@@ -239,6 +239,10 @@ fn trust_on_first_use_is_capped_rate_limited_and_checks_names() {
         "web, db and the first new host"
     );
     assert_eq!(f.status().hosts.len(), 3);
+    // the operator keeps up: its inbox is read and empty again
+    f.wait("the inbox depth read back as 0", 15, || {
+        f.operator_metric("dog_operator_inbox_messages") == Some(0.0)
+    });
 }
 
 #[test]
