@@ -104,20 +104,53 @@ impl Admitted {
     }
 }
 
+/// A token bucket: `burst` at once, refilled at `per_minute`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBucket {
+    burst: u32,
+    per_minute: u32,
+    tokens: f64,
+    last_ms: Option<u64>,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, per_minute: u32) -> Self {
+        TokenBucket {
+            burst,
+            per_minute,
+            tokens: f64::from(burst),
+            last_ms: None,
+        }
+    }
+
+    /// Spends one token at `now_ms`; false when none is left.
+    pub fn take(&mut self, now_ms: u64) -> bool {
+        let per_ms = f64::from(self.per_minute) / 60_000.0;
+        if let Some(last) = self.last_ms {
+            let refill = now_ms.saturating_sub(last) as f64 * per_ms;
+            self.tokens = (self.tokens + refill).min(f64::from(self.burst));
+        }
+        self.last_ms = Some(now_ms);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// The admission state: the policy and its rate limiter.
 #[derive(Debug, Clone)]
 pub struct Admission {
     policy: AdmissionPolicy,
-    tokens: f64,
-    last_ms: Option<u64>,
+    bucket: TokenBucket,
 }
 
 impl Admission {
     pub fn new(policy: AdmissionPolicy) -> Self {
         Admission {
             policy,
-            tokens: f64::from(policy.burst),
-            last_ms: None,
+            bucket: TokenBucket::new(policy.burst, policy.per_minute),
         }
     }
 
@@ -133,19 +166,12 @@ impl Admission {
             name: printable(host),
             why,
         })?;
-        let per_ms = f64::from(self.policy.per_minute) / 60_000.0;
-        if let Some(last) = self.last_ms {
-            let refill = now_ms.saturating_sub(last) as f64 * per_ms;
-            self.tokens = (self.tokens + refill).min(f64::from(self.policy.burst));
-        }
-        self.last_ms = Some(now_ms);
-        if self.tokens < 1.0 {
+        if !self.bucket.take(now_ms) {
             return Err(Refusal::RateLimited {
                 burst: self.policy.burst,
                 per_minute: self.policy.per_minute,
             });
         }
-        self.tokens -= 1.0;
         Ok(())
     }
 

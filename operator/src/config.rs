@@ -98,6 +98,13 @@ pub struct AdmissionArgs {
     /// First heartbeats of unpinned hosts considered at once.
     #[arg(long, env = "DOG_REGISTRATION_BURST", default_value = "60")]
     pub registration_burst: u32,
+    /// Messages one agent key may send at once (beyond, they are dropped and counted as
+    /// `rate_limited`).
+    #[arg(long, env = "DOG_SENDER_BURST", default_value = "600")]
+    pub sender_burst: u32,
+    /// Messages one agent key may send per minute beyond the burst.
+    #[arg(long, env = "DOG_SENDER_MESSAGES_PER_MINUTE", default_value = "1200")]
+    pub sender_messages_per_minute: u32,
     /// Kubernetes mode: the ServiceAccount (`namespace/name`) whose Pod-bound tokens identify
     /// agents (default: `<--namespace>/dog-agent`).
     #[arg(long, env = "DOG_AGENT_SERVICE_ACCOUNT")]
@@ -108,6 +115,13 @@ pub struct AdmissionArgs {
 }
 
 impl AdmissionArgs {
+    pub fn intake(&self) -> crate::intake::IntakePolicy {
+        crate::intake::IntakePolicy {
+            burst: self.sender_burst.max(1),
+            per_minute: self.sender_messages_per_minute,
+        }
+    }
+
     pub fn policy(&self) -> crate::admission::AdmissionPolicy {
         crate::admission::AdmissionPolicy {
             trust_on_first_use: self.trust_on_first_use,

@@ -10,6 +10,7 @@ pub mod events;
 pub mod explain;
 pub mod fromdir;
 pub mod identity;
+pub mod intake;
 pub mod leader;
 pub mod lifecycle;
 pub mod listing;

@@ -115,7 +115,10 @@ impl OperatorMetrics {
         for r in dog_protocol::envelope::Rejection::ALL {
             m.rejected.with_label_values(&[r.reason()]);
         }
-        for r in crate::admission::Refusal::REASONS {
+        for r in crate::admission::Refusal::REASONS
+            .iter()
+            .chain(&["rate_limited"])
+        {
             m.rejected.with_label_values(&[r]);
         }
         for how in [

@@ -16,6 +16,7 @@ use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
 use crate::events::{DogEvent, EventSink};
 use crate::identity::IdentityVerifier;
+use crate::intake::Intake;
 use crate::lifecycle::{self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange};
 use crate::metrics::OperatorMetrics;
 use crate::publish::{self, Publish, PublishState};
@@ -125,6 +126,7 @@ pub struct Runtime {
     events: Arc<dyn EventSink>,
     registrar: Arc<dyn Registrar>,
     admission: Admission,
+    intake: Intake,
     verifier: Option<Arc<dyn IdentityVerifier>>,
     /// `spec.keys` of Hosts as last turned into pins.
     admin_pins: BTreeMap<String, AgentKeys>,
@@ -283,6 +285,7 @@ impl Runtime {
             events,
             registrar,
             admission: Admission::new(args.admission.policy()),
+            intake: Intake::new(args.admission.intake()),
             verifier,
             admin_pins: BTreeMap::new(),
             admin_pins_changed: false,
@@ -825,6 +828,21 @@ impl Runtime {
 
     async fn on_delivery(&mut self, d: Delivery) {
         let now = unix_now();
+        // each pinned key has its own budget, checked before anything is spent on the message
+        if let Some(key) = dog_protocol::envelope::claimed_signing_key(&d.body) {
+            let fp = key.fingerprint();
+            let pinned = matches!(self.opener.trust(), dog_protocol::envelope::Trust::Agents(p) if p.knows_signing(&fp));
+            let now_ms = self.started.elapsed().as_millis() as u64;
+            if pinned && !self.intake.admit(&fp, now_ms) {
+                self.reject(
+                    "rate_limited",
+                    &format!("more messages under key {fp} than --sender-burst/--sender-messages-per-minute allow; dropped"),
+                    None,
+                );
+                d.acker.ack().await;
+                return;
+            }
+        }
         match self.opener.open(&d.body, now) {
             Err(r) => {
                 let id = d.message_id.clone().unwrap_or_default();

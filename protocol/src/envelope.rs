@@ -527,6 +527,12 @@ fn take_section<'a>(bytes: &'a [u8], pos: &mut usize, cap: usize) -> Result<&'a 
     Ok(data)
 }
 
+/// The key an envelope says it is signed by, from its framing alone (nothing verified): what a
+/// receiver may key a rate limit on before it spends anything on the envelope.
+pub fn claimed_signing_key(bytes: &[u8]) -> Option<SigningPublicKey> {
+    parse_frame(bytes).ok().map(|f| f.sender_key)
+}
+
 fn parse_frame(bytes: &[u8]) -> Result<Frame<'_>, Rejection> {
     if bytes.len() > MAX_ENVELOPE {
         return Err(Rejection::TooLarge);

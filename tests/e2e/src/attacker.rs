@@ -71,6 +71,39 @@ impl Attacker {
     }
 }
 
+impl Attacker {
+    /// `n` keepalives for `host`, validly signed with the agent key stolen from its state
+    /// directory (root on a compromised node can read it). Returns once all are confirmed.
+    pub fn flood_keepalives_as(&self, host: &str, state_dir: &std::path::Path, n: usize) {
+        let (keys, _) = dog_protocol::keys::AgentKeys::load_or_create(state_dir).expect("keys");
+        let sealer = Sealer::new(host, keys.signing);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.rt.block_on(async {
+            for _ in 0..n {
+                let ka = dog_protocol::messages::Keepalive {
+                    interval_secs: 1,
+                    applied_revision: None,
+                    live_hashes: None,
+                    drift: Vec::new(),
+                    mode: Mode::Enforce,
+                    would_change: None,
+                };
+                let bytes = sealer
+                    .agent_message("dog-operator", &AgentMessage::Keepalive(ka), now, 300)
+                    .expect("sealing");
+                let meta = MessageMeta::new(uuid::Uuid::new_v4().to_string(), "keepalive");
+                self.link
+                    .publish_to_operator(&bytes, &meta)
+                    .await
+                    .expect("publish confirmed");
+            }
+        });
+    }
+}
+
 impl Drop for Attacker {
     fn drop(&mut self) {
         self.link.close();

@@ -293,3 +293,50 @@ fn addresses_an_agent_does_not_own_stay_out_of_other_hosts_sets() {
     let db4 = f.v4("db");
     assert!(f.tcp("web", &db4, 5432), "web keeps its access");
 }
+
+#[test]
+fn one_flooding_agent_is_rate_limited_and_the_others_keep_their_state() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.start_operator_with(&[
+        "--sender-burst",
+        "50",
+        "--sender-messages-per-minute",
+        "120",
+    ]);
+    f.start_agent("web");
+    f.start_agent("db");
+    f.wait_status("both hosts in sync", 60, |st| f.all_in_sync(st));
+    // root on web steals web's key and floods the operator with validly signed keepalives
+    let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
+    attacker.flood_keepalives_as(
+        &f.host("web"),
+        &f.dir.path().join("state").join("web"),
+        2000,
+    );
+    f.wait("the flood is rate limited", 30, || {
+        rejected(&f, "rate_limited") >= 1900.0
+    });
+    // db was never limited and still is Active and in sync; the edit of its profile reaches it
+    let db = f.host("db");
+    let st = f.status();
+    assert_eq!(
+        st.hosts[&db].state,
+        dog_operator::crd::HostState::Active,
+        "{:?}",
+        st.hosts[&db]
+    );
+    let rev = st.hosts[&db].applied_revision;
+    f.write(
+        "profiles.yaml",
+        &PROFILES.replace("ports: [\"5432\"]", "ports: [\"5432\", \"5433\"]"),
+    );
+    f.wait_status("db applied the edit", 30, |st| {
+        Fleet::in_sync(st, &db) && st.hosts[&db].applied_revision != rev
+    });
+}
