@@ -364,8 +364,6 @@ impl Runtime {
     // compile, publish, status
     // ----------------------------------------------------------------------------------
 
-    /// The snapshot as the compiler should see it: the source's objects, agent-registered
-    /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
     /// Keys an administrator pinned in `spec.keys` are the host's pin, whatever an agent
     /// sent before: a changed `spec.keys` re-pins (and clears a key conflict).
     fn sync_admin_pins(&mut self, snap: &Snapshot) {
@@ -412,6 +410,8 @@ impl Runtime {
         }
     }
 
+    /// The snapshot as the compiler should see it: the source's objects, agent-registered
+    /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
     fn effective_snapshot(&mut self) -> Snapshot {
         let mut snap = (self.source.snapshot)();
         // A Host whose Node was deleted is Retired (once: the Node sync records the Event) and
@@ -767,8 +767,6 @@ impl Runtime {
         ok
     }
 
-    /// `/readyz` and `dog_operator_broker_connected` follow the broker connection: an
-    /// operator that cannot publish is not ready, whatever else works.
     /// Every [`INBOX_EVERY`]: how many agent messages wait in the inbox (a metric; above
     /// [`BACKLOG_NOT_READY`] `/readyz` says so).
     async fn check_inbox(&mut self) {
@@ -791,6 +789,8 @@ impl Runtime {
         self.report_broker();
     }
 
+    /// `/readyz` and `dog_operator_broker_connected` follow the broker connection (an
+    /// operator that cannot publish is not ready, whatever else works) and the inbox backlog.
     fn report_broker(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(st.connected as i64);
