@@ -68,6 +68,20 @@ fn print_keys(f: &Fleet, node: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// Hosts web and db (declared, not pinned), the operator with exactly `flags`, both agents,
+/// both in sync.
+fn web_and_db(flags: &[&str]) -> Fleet {
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.start_operator_exactly(flags);
+    f.start_agent("web");
+    f.start_agent("db");
+    f.wait_status("both hosts in sync", 60, |st| f.all_in_sync(st));
+    f
+}
+
 fn ready_reason(f: &Fleet, node: &str) -> Option<(String, String)> {
     let st = f.status();
     let h = st.hosts.get(&f.host(node))?;
@@ -196,12 +210,8 @@ fn trust_on_first_use_is_capped_rate_limited_and_checks_names() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
-    f.write("groups.yaml", GROUPS);
-    f.write("profiles.yaml", PROFILES);
     // 2 declared hosts, room for 1 more; 4 first heartbeats at once, then 1 a minute
-    f.start_operator_exactly(&[
+    let f = web_and_db(&[
         "--trust-on-first-use",
         "--max-hosts",
         "3",
@@ -210,9 +220,6 @@ fn trust_on_first_use_is_capped_rate_limited_and_checks_names() {
         "--registrations-per-minute",
         "1",
     ]);
-    f.start_agent("web");
-    f.start_agent("db");
-    f.wait_status("both declared hosts in sync", 60, |st| f.all_in_sync(st));
     let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
     attacker.heartbeat_as("Not_A_Name", None, &[]);
     f.wait("an invalid name refused", 30, || {
@@ -250,14 +257,7 @@ fn addresses_an_agent_does_not_own_stay_out_of_other_hosts_sets() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
-    f.write("groups.yaml", GROUPS);
-    f.write("profiles.yaml", PROFILES);
-    f.start_operator();
-    f.start_agent("web");
-    f.start_agent("db");
-    f.wait_status("both hosts in sync", 60, |st| f.all_in_sync(st));
+    let mut f = web_and_db(&["--trust-on-first-use"]);
     // a compromised web claims addresses outside the networks anyone trusts it with
     for a in ["198.51.100.7/32", "10.0.0.0/8"] {
         let out = f.exec("web", &["ip", "addr", "add", a, "dev", "eth0"]);
@@ -299,19 +299,13 @@ fn one_flooding_agent_is_rate_limited_and_the_others_keep_their_state() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("hosts.yaml", &hosts(&[("web", "web"), ("db", "db")], &[]));
-    f.write("groups.yaml", GROUPS);
-    f.write("profiles.yaml", PROFILES);
-    f.start_operator_with(&[
+    let f = web_and_db(&[
+        "--trust-on-first-use",
         "--sender-burst",
         "50",
         "--sender-messages-per-minute",
         "120",
     ]);
-    f.start_agent("web");
-    f.start_agent("db");
-    f.wait_status("both hosts in sync", 60, |st| f.all_in_sync(st));
     // root on web steals web's key and floods the operator with validly signed keepalives
     let attacker = Attacker::connect(&f.prefix, &format!("{}-attacker", f.prefix));
     attacker.flood_keepalives_as(
