@@ -46,6 +46,8 @@ use uuid::Uuid;
 const REQUEST_TTL_SECS: u64 = 600;
 /// Publishes in flight at once (confirms are awaited concurrently).
 const PUBLISH_CONCURRENCY: usize = 64;
+/// Longest wait for the API server's review of an identity token.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the inbox depth is read.
 const INBOX_EVERY: Duration = Duration::from_secs(5);
 /// More agent messages than this waiting in the inbox make `/readyz` fail (the operator is
@@ -910,10 +912,16 @@ impl Runtime {
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.admission.precheck(host, now_ms)?;
         let evidence = match (&hb.identity_token, &self.verifier) {
-            (Some(token), Some(verifier)) => match verifier.node_of(token).await {
-                Ok(node) => Evidence::Node(node),
-                Err(why) => Evidence::Refused(why),
-            },
+            // bounded: an API server that does not answer must not stall the loop
+            (Some(token), Some(verifier)) => {
+                match tokio::time::timeout(VERIFY_TIMEOUT, verifier.node_of(token)).await {
+                    Ok(Ok(node)) => Evidence::Node(node),
+                    Ok(Err(why)) => Evidence::Refused(why),
+                    Err(_) => Evidence::Refused(format!(
+                        "the API server did not review the token within {VERIFY_TIMEOUT:?}"
+                    )),
+                }
+            }
             _ => Evidence::None,
         };
         let known =
