@@ -398,8 +398,10 @@ impl Agent {
         }
     }
 
-    /// Persists what was accepted, before the work it asks for is done: a crash afterwards
-    /// must not let the same message be accepted again.
+    /// Persists what was accepted once its work is done and before it is acknowledged: after
+    /// a restart the same message is not accepted again. (A crash before this leaves the message
+    /// unacknowledged; its redelivery is then handled as new, which is what its undone work
+    /// needs.)
     fn save_replay(&self) {
         if let Err(e) = self.store.save_replay(&self.replay) {
             warn!(error = %e, "cannot save the replay state");
@@ -595,13 +597,9 @@ impl Agent {
                 return;
             }
         };
-        if self
-            .replay
+        self.replay
             .floor
-            .note(opened.header.issued_at, opened.header.id)
-        {
-            self.save_replay();
-        }
+            .note(opened.header.issued_at, opened.header.id);
         // The sealed body and the JSON payload can be megabytes (a large set): the body is freed
         // before the payload is parsed, the payload before the work starts.
         let id = opened.header.id;
@@ -616,6 +614,8 @@ impl Agent {
             }
             Ok(OperatorMessage::Request(req)) => self.handle(req).await,
         };
+        // once per message, with a shared set's new version: done work is not done again
+        self.save_replay();
         self.answered.insert(digest.clone(), response.clone());
         self.respond_and_ack(&digest, response, d).await;
     }
@@ -917,7 +917,6 @@ impl Agent {
         }
         let mut next = base.clone();
         self.replay.set_versions.insert(set.name.clone(), version);
-        self.save_replay();
         info!(set = %set.name, version, members = set.members.len(), "shared set update");
         let name = set.name.clone();
         // Packed and hashed once; the other sets stay shared with the applied firewall.

@@ -200,11 +200,8 @@ async fn agent_repairs_a_hand_edit_and_reports_it_in_the_next_keepalive() {
     h.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_restarted_after_kill9_reenforces_its_saved_state_and_sigterm_keeps_rules() {
-    let Some(mut h) = Harness::new("agent_restart").await else {
-        return;
-    };
+/// Starts the agent, waits for its heartbeat and applies the test firewall as revision 42.
+async fn started_with_revision_42(h: &mut Harness) -> dog_protocol::ruleset::HostFirewall {
     h.spawn_agent();
     h.heartbeat(30).await;
     let fw = test_firewall(&h.host);
@@ -215,6 +212,15 @@ async fn agent_restarted_after_kill9_reenforces_its_saved_state_and_sigterm_keep
         })
         .await,
     );
+    fw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_after_kill9_reenforces_its_saved_state_and_sigterm_keeps_rules() {
+    let Some(mut h) = Harness::new("agent_restart").await else {
+        return;
+    };
+    let fw = started_with_revision_42(&mut h).await;
 
     // (4) kill -9, hand-edit while it is down, restart: restored without any request
     h.kill9();
@@ -320,16 +326,7 @@ async fn replays_captured_before_a_restart_are_refused_after_it() {
     let Some(mut h) = Harness::new("agent_replay").await else {
         return;
     };
-    h.spawn_agent();
-    h.heartbeat(30).await;
-    let fw = test_firewall(&h.host);
-    ok_hashes(
-        &h.request(RequestKind::Apply {
-            revision: 42,
-            firewall: fw.clone(),
-        })
-        .await,
-    );
+    started_with_revision_42(&mut h).await;
     let set = |members: &[&str], version| RequestKind::SharedSet {
         set: IpSet::new(
             "dogz4-web",

@@ -154,10 +154,6 @@ impl Admission {
         }
     }
 
-    pub fn policy(&self) -> &AdmissionPolicy {
-        &self.policy
-    }
-
     /// The checks made before anyone is asked: the name, then the rate limit (which this
     /// attempt spends from). `Ok` means the caller may consult the authority and then call
     /// [`decide`](Self::decide).

@@ -1,7 +1,8 @@
 //! Fair intake (pure core): each signing key gets its own token bucket, checked on the
 //! envelope's claimed key before anything is spent on it, so one noisy or compromised agent
 //! cannot crowd out the others. Keys pinned for no host are not tracked here (they are
-//! refused cheaply by the opener, and would otherwise grow this map without bound).
+//! refused cheaply by the opener, and would otherwise grow this map without bound); a key
+//! that was re-pinned keeps a few bytes of bucket until the operator restarts.
 
 use crate::admission::TokenBucket;
 use std::collections::HashMap;
@@ -46,15 +47,6 @@ impl Intake {
             .or_insert_with(|| TokenBucket::new(policy.burst, policy.per_minute))
             .take(now_ms)
     }
-
-    /// Drops the bucket of a key no longer pinned.
-    pub fn forget(&mut self, fingerprint: &str) {
-        self.buckets.remove(fingerprint);
-    }
-
-    pub fn tracked(&self) -> usize {
-        self.buckets.len()
-    }
 }
 
 #[cfg(test)]
@@ -73,7 +65,5 @@ mod tests {
         // one more a second
         assert!(i.admit("noisy", 1_000));
         assert!(!i.admit("noisy", 1_001));
-        i.forget("quiet");
-        assert_eq!(i.tracked(), 1);
     }
 }

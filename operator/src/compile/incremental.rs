@@ -485,17 +485,14 @@ impl Compiler {
                 });
             }
             resolutions.insert(hname.clone(), r);
-            let trusted = trusted_ranges(
-                hname,
-                host,
-                &mine,
-                &snap.groups,
-                &self.opts.trust_reported_addresses,
-                &mut diags,
-            );
+            let own = trusted_ranges(hname, host, &mine, &snap.groups, &mut diags);
+            let trusted = Trusted {
+                operator: &self.opts.trust_reported_addresses,
+                own: &own,
+            };
             host_addrs.insert(
                 hname.clone(),
-                host_addresses(hname, host, &trusted, &mut diags),
+                host_addresses(hname, host, trusted, &mut diags),
             );
         }
 
@@ -977,56 +974,58 @@ fn build_zone(
     (pair, summary, diags)
 }
 
-/// The ranges within which `name`'s reported addresses are believed: its own
-/// `spec.trustReportedAddresses`, its Groups' and the operator's. Entries that do not parse
-/// are reported on their object and trusted for nothing.
+/// The ranges, beyond the operator's, within which `name`'s reported addresses are believed:
+/// its own and its Groups' `spec.trustReportedAddresses`. A Host entry that does not parse is
+/// reported on the Host (a Group's by the group-sets pass) and trusts nothing.
 fn trusted_ranges(
     name: &str,
     host: &Host,
     groups: &[String],
     all_groups: &BTreeMap<String, Group>,
-    operator: &[IpNet],
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<IpNet> {
-    let mut out = operator.to_vec();
-    let mut take = |kind: ObjectKind, object: &str, entries: &[String], report: bool| {
-        for (i, text) in entries.iter().enumerate() {
-            match parse_entry(text) {
-                Ok(n) => out.push(n),
-                // a Group's bad entry is reported once, on the Group, by the group-sets pass
-                Err(m) if report => diags.push(Diagnostic {
-                    kind,
-                    name: object.to_string(),
-                    field: format!("spec.trustReportedAddresses[{i}]"),
-                    reason: "InvalidAddress".into(),
-                    message: format!("{m}; entry ignored"),
-                    severity: Severity::Error,
-                }),
-                Err(_) => {}
-            }
-        }
-    };
-    take(
-        ObjectKind::Host,
-        name,
-        &host.spec.trust_reported_addresses,
-        true,
-    );
-    for g in groups {
-        if let Some(group) = all_groups.get(g) {
-            take(
-                ObjectKind::Group,
-                g,
-                &group.spec.trust_reported_addresses,
-                false,
-            );
+    let mut out = Vec::new();
+    for (i, text) in host.spec.trust_reported_addresses.iter().enumerate() {
+        match parse_entry(text) {
+            Ok(n) => out.push(n),
+            Err(m) => diags.push(Diagnostic {
+                kind: ObjectKind::Host,
+                name: name.to_string(),
+                field: format!("spec.trustReportedAddresses[{i}]"),
+                reason: "InvalidAddress".into(),
+                message: format!("{m}; entry ignored"),
+                severity: Severity::Error,
+            }),
         }
     }
+    out.extend(
+        groups
+            .iter()
+            .filter_map(|g| all_groups.get(g))
+            .flat_map(|g| &g.spec.trust_reported_addresses)
+            .filter_map(|t| parse_entry(t).ok()),
+    );
     out
 }
 
 /// At most this many refused reported addresses are listed per host.
 const UNTRUSTED_LISTED: usize = 8;
+
+/// Where a host's reported addresses are believed: the operator's ranges and its own.
+#[derive(Clone, Copy)]
+struct Trusted<'a> {
+    operator: &'a [IpNet],
+    own: &'a [IpNet],
+}
+
+impl Trusted<'_> {
+    fn contains(&self, n: &IpNet) -> bool {
+        self.operator
+            .iter()
+            .chain(self.own)
+            .any(|t| t.contains(&n.addr()))
+    }
+}
 
 /// A host's reachable addresses: `spec.addresses` (from an administrator, or the Node) and the
 /// reported interface addresses that lie within `trusted`. A reported address outside is not
@@ -1034,7 +1033,7 @@ const UNTRUSTED_LISTED: usize = 8;
 fn host_addresses(
     name: &str,
     host: &Host,
-    trusted: &[IpNet],
+    trusted: Trusted<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<IpNet> {
     let mut out = Vec::new();
@@ -1056,12 +1055,15 @@ fn host_addresses(
             Err(m) => invalid(format!("spec.addresses[{i}]"), m),
         }
     }
+    // a reported address that repeats spec.addresses is neither new nor untrusted (compared
+    // with those few only: an agent may report thousands)
+    let from_spec = out.len();
     if let Some(st) = &host.status {
         for (i, iface) in st.interfaces.iter().enumerate() {
             for (j, a) in iface.addresses.iter().enumerate() {
                 match parse_host_address(a) {
-                    Ok(Some(n)) if out.contains(&n) => {}
-                    Ok(Some(n)) if trusted.iter().any(|t| t.contains(&n.addr())) => out.push(n),
+                    Ok(Some(n)) if out[..from_spec].contains(&n) => {}
+                    Ok(Some(n)) if trusted.contains(&n) => out.push(n),
                     Ok(Some(n)) => untrusted.push(n),
                     Ok(None) => {}
                     Err(m) => invalid(format!("status.interfaces[{i}].addresses[{j}]"), m),
