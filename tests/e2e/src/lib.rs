@@ -488,8 +488,13 @@ impl Fleet {
     /// socket listens (`ss` in the namespace shows it), so a check right after cannot race the
     /// listener's start on a loaded machine.
     fn serve(&mut self, node: &str, listen: String, action: &str, proto: &str, port: u16) {
+        self.serve_with(node, &["socat", &listen, action], proto, port);
+    }
+
+    fn serve_with(&mut self, node: &str, command: &[&str], proto: &str, port: u16) {
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(node), "socat", &listen, action])
+            .args(["netns", "exec", &self.ns(node)])
+            .args(command)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -514,12 +519,23 @@ impl Fleet {
         );
     }
 
-    /// Starts a UDP responder in `node` on `port` (both families) answering `pong`.
+    /// Starts a UDP responder in `node` on `port` (both families) answering `pong` to every
+    /// datagram, from one process: no fork per datagram that a loaded machine could delay, and
+    /// no per-peer child that holds the port (socat's UDP-LISTEN does both).
     pub fn serve_udp(&mut self, node: &str, port: u16) {
-        self.serve(
+        let port_text = port.to_string();
+        self.serve_with(
             node,
-            format!("UDP6-LISTEN:{port},fork,reuseaddr,ipv6only=0"),
-            "SYSTEM:echo pong",
+            &[
+                "python3",
+                "-c",
+                "import socket,sys\n\
+                 s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+                 s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n\
+                 s.bind(('::',int(sys.argv[1])))\n\
+                 while True:\n _,a=s.recvfrom(65535)\n s.sendto(b'pong\\n',a)\n",
+                &port_text,
+            ],
             "-u",
             port,
         );
