@@ -25,8 +25,9 @@ RELEASE = "dog"
 NAMESPACE = "dog-system"
 KUBE_VERSION = "v1.24.0"
 # Values manifests/dog.yaml is rendered with: the chart defaults plus a Namespace object, so
-# `kubectl apply -f crds/ -f manifests/dog.yaml` works on an empty cluster.
-MANIFEST_VALUES = {"createNamespace": True}
+# `kubectl apply -f crds/ -f manifests/dog.yaml` works on an empty cluster; its objects are
+# labelled as managed by kubectl, not Helm (Helm would refuse to adopt them otherwise).
+MANIFEST_VALUES = {"createNamespace": True, "managedBy": "kubectl"}
 
 # Helm's install order (pkg/release/util/kind_sorter.go), so the file applies cleanly top-down.
 KIND_ORDER = [
@@ -260,6 +261,37 @@ def cmd_check_schema(_args):
         {"operator": {"retireAfter": "a day"}},
         {"keepaliveInterval": 0},
         {"typoedTopLevel": True},
+        {"operator": {"resources": {"limits": {"memory": "lots"}}}},
+        {"agent": {"resources": {"requests": {"cpus": "1"}}}},
+        {"agent": {"resources": {"limit": {"memory": "1Gi"}}}},
+        {"agent": {"updateStrategy": {"type": "Sometimes"}}},
+        {"agent": {"extraVolumes": [{"hostPath": {"path": "/"}}]}},
+        {"operator": {"extraVolumeMounts": [{"name": "x", "mountPath": "relative"}]}},
+        {"broker": {"port": 70000}},
+    ]
+    # Valid one by one, wrong together: the chart's own checks (`dog.checks`) refuse them at
+    # render time with a message naming the values.
+    clash = [
+        ({"keepaliveInterval": 30, "operator": {"inactiveAfter": "20s"}},
+         "operator.inactiveAfter (20s) must be longer than keepaliveInterval (30)"),
+        ({"keepaliveInterval": "1m", "operator": {"inactiveAfter": 60}},
+         "operator.inactiveAfter (60) must be longer than keepaliveInterval (1m)"),
+        ({"operator": {"inactiveAfter": "2h", "retireAfter": "1h"}},
+         "operator.retireAfter (1h) must be longer than operator.inactiveAfter"),
+        ({"operator": {"failsafe": {"outbound": "udp:53,tcp:53,tcp:6443"}}},
+         "does not allow the broker port (tcp:5671 or tcp:5672)"),
+        ({"broker": {"operatorUrl": "amqp://o:p@mq:5673/%2f", "agentUrl": "amqp://a:p@mq:5673/%2f"}},
+         "does not allow the broker port (tcp:5673)"),
+        ({"broker": {"port": 5671}, "operator": {"failsafe": {"outbound": "udp:53,tcp:5672"}}},
+         "does not allow the broker port (tcp:5671)"),
+    ]
+    fits = [
+        {"operator": {"inactiveAfter": "1m30s"}, "keepaliveInterval": "1m"},
+        {"broker": {"operatorUrl": "amqp://o:p@mq:5673/%2f", "agentUrl": "amqp://a:p@mq:5673/%2f"},
+         "operator": {"failsafe": {"outbound": "udp:53,tcp:5600-5700@10.0.0.0/8"}}},
+        {"broker": {"port": 5671}, "operator": {"failsafe": {"outbound": "udp:53,tcp:5671"}}},
+        {"agent": {"resources": {"requests": {"cpu": "250m", "memory": "64Mi",
+                                              "example.com/dongle": 1}}}},
     ]
     with helm.Chart.load(str(CHART)) as chart:
         chart.validate_schema({})
@@ -269,7 +301,20 @@ def cmd_check_schema(_args):
             except helm.HelmError:
                 continue
             fail(f"values.schema.json accepted bad values {values}")
-    print(f"schema: defaults accepted, {len(bad)} bad value sets refused")
+        for values, message in clash:
+            chart.validate_schema(values)
+            try:
+                chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            except helm.HelmError as e:
+                if message not in str(e):
+                    fail(f"values {values} refused, but not with {message!r}: {e}")
+                continue
+            fail(f"the chart rendered clashing values {values}")
+        for values in fits:
+            chart.validate_schema(values)
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    print(f"schema: defaults accepted, {len(bad)} bad value sets refused, "
+          f"{len(clash)} clashing sets refused at render, {len(fits)} edge cases rendered")
 
 
 def main():

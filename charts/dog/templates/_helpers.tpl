@@ -16,7 +16,7 @@
 app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/managed-by: {{ default .Release.Service .Values.managedBy }}
 app.kubernetes.io/part-of: dog
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
@@ -94,4 +94,60 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     secretName: {{ .clientSecret }}
     defaultMode: 0440
 {{- end }}
+{{- end -}}
+
+{{/* Seconds in a duration value: a number of seconds, or a string such as 90s, 1h30m, 7d. */}}
+{{- define "dog.seconds" -}}
+{{- if kindIs "string" . -}}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "ms" 0.001 "s" 1.0 "sec" 1.0 "m" 60.0 "min" 60.0 "h" 3600.0 "hr" 3600.0 "d" 86400.0 "w" 604800.0 -}}
+{{- $total := 0.0 -}}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?\\s*[a-z]+" . -1 -}}
+{{- $n := regexFind "^[0-9]+(\\.[0-9]+)?" . | float64 -}}
+{{- $u := regexReplaceAll "^[0-9.]+\\s*" . "" -}}
+{{- $total = addf $total (mulf $n (get $units $u)) -}}
+{{- end -}}
+{{- $total -}}
+{{- else -}}
+{{- . | float64 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Values that are valid one by one but not together; values.schema.json cannot compare them.
+Rendered (as nothing) by the operator Deployment, so `helm install` stops with the message.
+*/}}
+{{- define "dog.checks" -}}
+{{- $keepalive := include "dog.seconds" .Values.keepaliveInterval | float64 -}}
+{{- $inactive := mulf $keepalive 3 -}}
+{{- with .Values.operator.inactiveAfter -}}
+{{- $inactive = include "dog.seconds" . | float64 -}}
+{{- if le $inactive $keepalive -}}
+{{- fail (printf "operator.inactiveAfter (%v) must be longer than keepaliveInterval (%v): every host would turn Inactive between two keepalives" . $.Values.keepaliveInterval) -}}
+{{- end -}}
+{{- end -}}
+{{- if le (include "dog.seconds" .Values.operator.retireAfter | float64) $inactive -}}
+{{- fail (printf "operator.retireAfter (%v) must be longer than operator.inactiveAfter (%vs)" .Values.operator.retireAfter $inactive) -}}
+{{- end -}}
+{{- $port := .Values.broker.port -}}
+{{- $url := .Values.broker.agentUrl -}}
+{{- if and (not $port) $url -}}
+{{- $port = regexFind ":[0-9]+$" (regexReplaceAll "/.*$" (regexReplaceAll "^[a-z]+://([^@/]*@)?" $url "") "") | trimPrefix ":" -}}
+{{- if not $port -}}{{- $port = ternary "5671" "5672" (hasPrefix "amqps:" $url) -}}{{- end -}}
+{{- end -}}
+{{- $wanted := ternary (list ($port | toString)) (list "5671" "5672") (not (empty $port)) -}}
+{{- $allowed := false -}}
+{{- range splitList "," .Values.operator.failsafe.outbound -}}
+{{- $entry := trim . -}}
+{{- if regexMatch "^tcp:[0-9]+(-[0-9]+)?(@.*)?$" $entry -}}
+{{- $range := regexReplaceAll "@.*$" (trimPrefix "tcp:" $entry) "" | splitList "-" -}}
+{{- $lo := first $range | int -}}
+{{- $hi := last $range | int -}}
+{{- range $wanted -}}
+{{- if and (ge (int .) $lo) (le (int .) $hi) -}}{{- $allowed = true -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if not $allowed -}}
+{{- fail (printf "operator.failsafe.outbound (%q) does not allow the broker port (tcp:%s): agents would cut themselves off from the operator" .Values.operator.failsafe.outbound (join " or tcp:" $wanted)) -}}
+{{- end -}}
 {{- end -}}
