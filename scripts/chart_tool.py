@@ -9,6 +9,8 @@ Used by scripts/check-k8s.sh; run it through that script (it sets up the venv).
   chart_tool.py update-manifests                      rewrite manifests/dog.yaml
   chart_tool.py check-policy FILE...                  security/shape assertions on rendered YAML
   chart_tool.py check-schema                          values.schema.json refuses bad values
+  chart_tool.py check-alerts --promtool PATH          the alerts: promtool check + unit tests,
+                                                      runbook_url anchors exist in the docs
 """
 import argparse
 import difflib
@@ -317,6 +319,85 @@ def cmd_check_schema(_args):
           f"{len(clash)} clashing sets refused at render, {len(fits)} edge cases rendered")
 
 
+def github_anchor(heading):
+    """The fragment a Markdown renderer gives a heading (GitHub's rule)."""
+    import re
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+def cmd_check_alerts(args):
+    """The rendered PrometheusRule is valid for Prometheus, its unit tests pass, and every alert
+    has a runbook_url whose anchor is a heading of docs/operations.md."""
+    import subprocess
+    import tempfile
+    docs = render({"metrics": {"prometheusRule": {"enabled": True}}})
+    rules = [d for _, d in docs if d["kind"] == "PrometheusRule"]
+    if len(rules) != 1:
+        fail(f"expected one PrometheusRule, rendered {len(rules)}")
+    groups = rules[0]["spec"]["groups"]
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    anchors = {github_anchor(l.lstrip("#")) for l in ops.splitlines() if l.startswith("#")}
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    for r in alerts:
+        url = r.get("annotations", {}).get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        if base != "https://dogfw.io/docs/operations" or anchor not in anchors:
+            fail(f"alert {r['alert']}: runbook_url {url!r} is not a heading of docs/operations.md")
+        if f"`{r['alert']}`" not in ops:
+            fail(f"alert {r['alert']} is not in the Alerts table of docs/operations.md")
+    panels = dashboard_queries(ops)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The dashboard's queries, with its variables at "All", checked as recording rules.
+        queries = Path(tmp) / "dashboard-queries.yaml"
+        queries.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": [
+            {"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(panels)]}]}))
+        p = subprocess.run([args.promtool, "check", "rules", str(queries)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.stderr.write(p.stdout + p.stderr)
+            fail("a dashboard query is not valid PromQL")
+        rules_file = Path(tmp) / "dog-rules.yaml"
+        rules_file.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        test_file = Path(tmp) / "dog.test.yaml"
+        test_file.write_text((ROOT / "tests" / "alerts" / "dog.test.yaml").read_text())
+        for cmd in ([args.promtool, "check", "rules", str(rules_file)],
+                    [args.promtool, "test", "rules", str(test_file)]):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                sys.stderr.write(p.stdout + p.stderr)
+                fail(f"{' '.join(cmd[1:3])} failed")
+    print(f"alerts: {len(alerts)} rules pass promtool check and unit tests; runbook anchors "
+          f"exist; {len(panels)} dashboard queries are valid and filter by cluster, namespace, job")
+
+
+def dashboard_queries(ops):
+    """The dashboard's queries with its variables set to "All". Each dog metric in them is
+    documented and filtered by the cluster, namespace and job variables."""
+    import json
+    import re
+    board = json.loads((CHART / "dashboards" / "dog.json").read_text())
+    names = [v["name"] for v in board["templating"]["list"]]
+    if names != ["datasource", "cluster", "namespace", "job"]:
+        fail(f"dashboard variables are {names}, expected datasource, cluster, namespace, job")
+    selector = '{cluster=~"$cluster", namespace=~"$namespace", job=~"$job"}'
+    queries = [v["query"]["query"] for v in board["templating"]["list"][1:]]
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for m in re.finditer(r"\b(dog_[a-z_]+?)(_bucket)?\b(\{[^}]*\})?", expr):
+                if m.group(3) != selector:
+                    fail(f"dashboard panel {panel['title']!r}: {m.group(0)} lacks {selector}")
+                if f"`{m.group(1)}`" not in ops:
+                    fail(f"dashboard panel {panel['title']!r}: {m.group(1)} is not documented")
+            queries.append(expr)
+    out = []
+    for q in queries:
+        q = re.sub(r"label_values\((.*), *[a-z_]+\)$", r"\1", q)
+        out.append(q.replace("$cluster", ".*").replace("$namespace", ".*").replace("$job", ".*"))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -331,6 +412,9 @@ def main():
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=cmd_check_policy)
     sub.add_parser("check-schema").set_defaults(fn=cmd_check_schema)
+    a = sub.add_parser("check-alerts")
+    a.add_argument("--promtool", required=True)
+    a.set_defaults(fn=cmd_check_alerts)
     args = ap.parse_args()
     try:
         args.fn(args)

@@ -9,8 +9,11 @@
 #     the newest version kubernetes-validate knows (strict: unknown fields are errors)
 #   - the security properties the spec promises (agent caps, non-root operator, RBAC)
 #   - manifests/dog.yaml is exactly the chart rendered with default values
+#   - the alerts pass `promtool check rules` and their unit tests (tests/alerts/dog.test.yaml),
+#     and each has a runbook_url whose anchor is a heading of docs/operations.md
 #
-# Needs python3 (with venv) and PyPI; installs its tools into a venv under target/.
+# Needs python3 (with venv) and PyPI; installs its tools into a venv under target/. promtool
+# comes from scripts/prom-build.sh (Go; cached outside the repository).
 # Idempotent. Exits non-zero on any problem.
 #   scripts/check-k8s.sh            check
 #   scripts/check-k8s.sh --update   rewrite manifests/dog.yaml from the chart, then check
@@ -76,6 +79,10 @@ for v in "${K8S_VERSIONS[@]}"; do
   fi
   grep -iE 'error|fail|warn' "$log" | sed 's/^/  /' || true
 done
+
+say "alerts: promtool check rules and promtool test rules (tests/alerts/dog.test.yaml)"
+PROMTOOL="$(bash "$ROOT/scripts/prom-build.sh")"
+"$PY" "$TOOL" check-alerts --promtool "$PROMTOOL"
 
 say "manifests/dog.yaml is up to date"
 "$PY" "$TOOL" check-manifests

@@ -38,6 +38,8 @@ fi
 [[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null 2>&1 || { echo "go not found: install Go >= 1.24 and re-run" >&2; exit 1; }
 bash "$(dirname "${BASH_SOURCE[0]}")/kube-build.sh" >/dev/null
+# promtool, which checks the live /metrics output and the chart's alerts (same cache).
+bash "$(dirname "${BASH_SOURCE[0]}")/prom-build.sh" >/dev/null
 
 # RabbitMQ: start it if nothing answers on 5672.
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }

@@ -3,6 +3,8 @@
 
 use dog_e2e::{require_root, Fleet};
 use dog_operator::crd::HostState;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 const HOSTS: &str = r#"
 apiVersion: dogfw.io/v1alpha1
@@ -491,6 +493,59 @@ fn operator_readiness_follows_its_broker_connection() {
     f.wait("a connected operator to be ready", 30, || {
         readyz(&f).0 == "200" && f.operator_metric("dog_operator_broker_connected") == Some(1.0)
     });
+}
+
+/// Both scrapes are what Prometheus itself accepts: `promtool check metrics` (format and lint:
+/// names, units, help text) reports nothing on the live output of an operator and an agent
+/// that have applied a firewall.
+#[test]
+fn live_metrics_pass_promtool() {
+    if !require_root() {
+        return;
+    }
+    let f = start(&["web"]);
+    f.wait("the agent to apply", 30, || {
+        f.agent_metric("web", "dog_agent_applies_total{result=\"applied\"}")
+            .is_some_and(|n| n >= 1.0)
+    });
+    let scrapes = [
+        (
+            "operator",
+            f.operator_metrics_port.expect("operator metrics port"),
+        ),
+        ("agent", f.agent_metrics_port("web")),
+    ];
+    for (who, port) in scrapes {
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let scrape = dog_e2e::sh(&["curl", "-sf", "--max-time", "5", &url]);
+        assert!(
+            scrape.status.success() && !scrape.stdout.is_empty(),
+            "{who}: no scrape"
+        );
+        let mut promtool = Command::new(dog_kube_harness::promtool())
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn promtool");
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&scrape.stdout)
+            .expect("feed promtool");
+        let out = promtool.wait_with_output().expect("promtool");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{who}: promtool check metrics: {said}"
+        );
+    }
 }
 
 fn json_lines(path: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {

@@ -33,17 +33,37 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The Kubernetes release pinned in `tests/kubernetes/go.mod`.
-pub fn kube_version() -> String {
-    let gomod = std::fs::read_to_string(repo_root().join("tests/kubernetes/go.mod"))
-        .expect("reading tests/kubernetes/go.mod");
+/// The version of `module` that the Go module in `tests/<dir>` pins.
+fn pinned(dir: &str, module: &str) -> String {
+    let path = repo_root().join("tests").join(dir).join("go.mod");
+    let gomod = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     gomod
         .lines()
         .find_map(|l| {
             let mut w = l.split_whitespace();
-            (w.next() == Some("k8s.io/kubernetes")).then(|| w.next().map(str::to_string))?
+            (w.next() == Some(module)).then(|| w.next().map(str::to_string))?
         })
-        .expect("tests/kubernetes/go.mod requires k8s.io/kubernetes")
+        .unwrap_or_else(|| panic!("{} requires no {module}", path.display()))
+}
+
+/// The Kubernetes release pinned in `tests/kubernetes/go.mod`.
+pub fn kube_version() -> String {
+    pinned("kubernetes", "k8s.io/kubernetes")
+}
+
+/// promtool of the Prometheus release pinned in `tests/prometheus/go.mod`.
+pub fn promtool() -> PathBuf {
+    let p = cache_dir().join(format!(
+        "promtool-{}",
+        pinned("prometheus", "github.com/prometheus/prometheus")
+    ));
+    assert!(
+        p.exists(),
+        "{} not found: run scripts/prom-build.sh (scripts/setup.sh does)",
+        p.display()
+    );
+    p
 }
 
 /// A cached binary (`kube-apiserver` or `kubectl`) of the pinned release.
