@@ -62,6 +62,12 @@ pub struct Config {
     #[arg(long, env = "DOG_PRINT_KEYS")]
     pub print_keys: bool,
 
+    /// Print the iptables backend this agent uses on this node (`nft` or `legacy`: detected
+    /// like kube-proxy does, unless `--iptables-backend` fixes it) and exit. The image's
+    /// `iptables`, `ip6tables` and their -save/-restore run that backend through it.
+    #[arg(long, env = "DOG_PRINT_BACKEND")]
+    pub print_backend: bool,
+
     /// Directory for the agent's keys and last applied state.
     #[arg(long, env = "DOG_STATE_DIR", default_value = "/var/lib/dog-agent")]
     pub state_dir: PathBuf,
@@ -103,6 +109,21 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    /// How the kernel layer runs the tools: namespace, backend, the broker port to keep open.
+    pub fn kernel_config(&self) -> crate::kernel::KernelConfig {
+        use crate::kernel::BackendChoice as Choice;
+        crate::kernel::KernelConfig {
+            netns: self.netns.clone(),
+            backend: match self.iptables_backend {
+                BackendChoice::Auto => Choice::Auto,
+                BackendChoice::Nft => Choice::Nft,
+                BackendChoice::Legacy => Choice::Legacy,
+            },
+            broker_port: Some(self.broker.port()),
+            lock_wait_secs: 5,
+        }
+    }
+
     /// The configured hostname or the kernel's.
     pub fn resolved_hostname(&self) -> std::io::Result<String> {
         if let Some(h) = &self.hostname {

@@ -22,7 +22,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn word(self) -> &'static str {
+    pub fn word(self) -> &'static str {
         match self {
             Backend::Nft => "nft",
             Backend::Legacy => "legacy",

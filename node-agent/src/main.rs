@@ -24,6 +24,20 @@ fn print_keys(cfg: &Config) -> std::process::ExitCode {
     }
 }
 
+/// `--print-backend`: the iptables backend the agent would use here, detected as at start.
+fn print_backend(cfg: &Config) -> std::process::ExitCode {
+    match dog_agent::kernel::Kernel::new(cfg.kernel_config()) {
+        Ok(kernel) => {
+            println!("{}", kernel.backend().word());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dog-agent: cannot detect the iptables backend: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // Before any thread allocates: one malloc arena (see `limit_malloc_arenas`).
     dog_agent::runtime::limit_malloc_arenas();
@@ -44,6 +58,9 @@ async fn run() -> std::process::ExitCode {
     let cfg = Config::parse();
     if cfg.print_keys {
         return print_keys(&cfg);
+    }
+    if cfg.print_backend {
+        return print_backend(&cfg);
     }
     let host = cfg.resolved_hostname().unwrap_or_else(|_| "?".into());
     dog_protocol::telemetry::init_logging_with(cfg.log_format, &cfg.log_level, &[("host", &host)]);

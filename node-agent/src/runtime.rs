@@ -16,10 +16,10 @@
 
 use crate::apply::{ApplyError, ApplyReport, LiveState, Plan};
 use crate::backoff::Backoff;
-use crate::config::{BackendChoice, Config, Mode as ConfigMode};
+use crate::config::{Config, Mode as ConfigMode};
 use crate::drift::DriftReport;
 use crate::firewall::Firewall;
-use crate::kernel::{self, Kernel, KernelConfig, KernelError};
+use crate::kernel::{Kernel, KernelError};
 use crate::members::SetContent;
 use crate::metrics::AgentMetrics;
 use crate::state::{AppliedState, ReplayState, StateStore};
@@ -145,16 +145,7 @@ impl Agent {
             "trusting operator keys"
         );
 
-        let kcfg = KernelConfig {
-            netns: cfg.netns.clone(),
-            backend: match cfg.iptables_backend {
-                BackendChoice::Auto => kernel::BackendChoice::Auto,
-                BackendChoice::Nft => kernel::BackendChoice::Nft,
-                BackendChoice::Legacy => kernel::BackendChoice::Legacy,
-            },
-            broker_port: Some(cfg.broker.port()),
-            lock_wait_secs: 5,
-        };
+        let kcfg = cfg.kernel_config();
         let kernel = blocking(move || Kernel::new(kcfg))
             .await
             .context("cannot run the iptables tools")?;

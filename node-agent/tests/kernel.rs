@@ -11,6 +11,7 @@ use dog_agent::netns::{self, NetNs};
 use dog_protocol::ruleset::{
     Failsafe, FailsafePort, FailsafeProtocol, Family, HostFirewall, RulesDocument,
 };
+use std::path::Path;
 
 fn dog_sets(ns: &NetNs) -> Vec<String> {
     ns.exec(&["ipset", "list", "-n"])
@@ -376,6 +377,41 @@ fn backend_is_detected_like_kube_proxy() {
         .unwrap()
         .backend()
     };
+    // The image's plain `iptables-save` (node-agent/image/iptables-wrapper, linked under
+    // that name) must show the same backend's tables.
+    let links = tempfile::tempdir().unwrap();
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("image/iptables-wrapper");
+    for name in ["iptables-save", "ip6tables-save"] {
+        std::os::unix::fs::symlink(&wrapper, links.path().join(name)).unwrap();
+    }
+    let agent_dir = Path::new(env!("CARGO_BIN_EXE_dog-agent")).parent().unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        links.path().display(),
+        agent_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let plain_save = |ns: &NetNs| {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "env",
+                "-u",
+                "DOG_IPTABLES_BACKEND",
+            ])
+            .arg(format!("PATH={path}"))
+            .args(["iptables-save", "-t", "filter"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
     let ns = NetNs::new().unwrap();
     assert_eq!(auto(&ns), Backend::Nft, "empty → nft");
     ns.exec(&[
@@ -390,6 +426,11 @@ fn backend_is_detected_like_kube_proxy() {
     ])
     .unwrap();
     assert_eq!(auto(&ns), Backend::Legacy, "more legacy rules");
+    let save = plain_save(&ns);
+    assert!(
+        save.contains("-A FORWARD -s 10.244.0.0/16 -j ACCEPT") && !save.contains("Warning"),
+        "plain iptables-save on a legacy node: {save}"
+    );
     ns.exec(&[
         "iptables-nft",
         "-w",
@@ -400,4 +441,8 @@ fn backend_is_detected_like_kube_proxy() {
     ])
     .unwrap();
     assert_eq!(auto(&ns), Backend::Nft, "kubelet canary in nft");
+    assert!(
+        !plain_save(&ns).contains("10.244.0.0/16"),
+        "plain iptables-save on an nft node shows the legacy tables"
+    );
 }
