@@ -612,7 +612,9 @@ pub struct RecentSpec {
     }
 ]))]
 pub struct Rule {
-    /// A short name shown in the rule's comment (and in logs).
+    /// The rule's identity in what it renders to: its comment `dog:<profile>:<in|out>:<name>`,
+    /// its log prefix and its `recent` list. Without a name it is `#` and 8 hex digits of a
+    /// hash of the rule, so inserting or removing another rule never renames it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[A-Za-z0-9_.:-]{1,63}$"))]
     pub name: Option<String>,

@@ -78,7 +78,9 @@ pub struct Explanation {
     pub may_match: Vec<String>,
 }
 
-/// What a set name stands for, e.g. `Group web` (the CLI builds it from the snapshot).
+/// What names in the firewall stand for (the CLI builds it from the snapshot): a set name,
+/// e.g. `Group web`, and a rule's comment head `dog:<profile>:<in|out>:<id>`, e.g.
+/// `Profile db: inbound rule 1 (pg-cap)` (rules are named by identity, not position).
 pub type SetNames = BTreeMap<String, String>;
 
 /// Splits a saved rule line into words, keeping a double-quoted comment as one word.
@@ -211,7 +213,7 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
             continue;
         }
         if rate_dependent {
-            may_match.push(format!("{} ({line})", describe(&comment)));
+            may_match.push(format!("{} ({line})", describe(&comment, names)));
             continue;
         }
         let verdict = match target {
@@ -219,7 +221,7 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
             Some("DROP") => Verdict::Drop,
             Some("REJECT") => Verdict::Reject,
             Some("LOG") => {
-                logged.push(format!("{} ({line})", describe(&comment)));
+                logged.push(format!("{} ({line})", describe(&comment, names)));
                 continue;
             }
             _ => continue,
@@ -227,7 +229,7 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
         return Explanation {
             verdict,
             rule: line.to_string(),
-            reason: describe(&comment),
+            reason: describe(&comment, names),
             via,
             logged,
             may_match,
@@ -244,20 +246,18 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
 }
 
 /// A rule's comment in words.
-fn describe(comment: &str) -> String {
+fn describe(comment: &str, names: &SetNames) -> String {
     let (head, free) = comment.split_once(' ').unwrap_or((comment, ""));
     let parts: Vec<&str> = head.split(':').collect();
     let text = match parts.as_slice() {
+        _ if names.contains_key(head) => names[head].clone(),
         ["dog", "failsafe", what] => format!("failsafe ({what})"),
         ["dog", "cluster", what] => format!("cluster profile ({what})"),
         ["dog", profile, "default"] => format!("Profile {profile}: default action"),
         ["dog", profile, "pods"] => format!("Profile {profile}: podToHost (the node's own pods)"),
-        ["dog", profile, dir, idx, rest @ ..] => {
+        ["dog", profile, dir, id @ ..] => {
             let dir = if *dir == "in" { "inbound" } else { "outbound" };
-            match rest.first() {
-                Some(name) => format!("Profile {profile}: {dir} rule {idx} ({name})"),
-                None => format!("Profile {profile}: {dir} rule {idx}"),
-            }
+            format!("Profile {profile}: {dir} rule {}", id.join(":"))
         }
         _ => format!("rule `{comment}`"),
     };
@@ -275,12 +275,33 @@ mod tests {
     #[test]
     fn words_keep_quoted_comments_whole() {
         assert_eq!(
-            words("-A DOG-INPUT -p tcp -m comment --comment \"dog:web:in:1:http public web\" -j ACCEPT"),
-            ["-A", "DOG-INPUT", "-p", "tcp", "-m", "comment", "--comment", "dog:web:in:1:http public web", "-j", "ACCEPT"]
+            words(
+                "-A DOG-INPUT -p tcp -m comment --comment \"dog:web:in:http public web\" -j ACCEPT"
+            ),
+            [
+                "-A",
+                "DOG-INPUT",
+                "-p",
+                "tcp",
+                "-m",
+                "comment",
+                "--comment",
+                "dog:web:in:http public web",
+                "-j",
+                "ACCEPT"
+            ]
+        );
+        let names = SetNames::from([(
+            "dog:web:in:http".to_string(),
+            "Profile web: inbound rule 1 (http)".to_string(),
+        )]);
+        assert_eq!(
+            describe("dog:web:in:http public web", &names),
+            "Profile web: inbound rule 1 (http): public web"
         );
         assert_eq!(
-            describe("dog:web:in:1:http public web"),
-            "Profile web: inbound rule 1 (http): public web"
+            describe("dog:web:out:#1a2b3c4d", &names),
+            "Profile web: outbound rule #1a2b3c4d"
         );
         assert!(port_in("80,8000:8100", Some(8050)) && !port_in("80,8000:8100", Some(81)));
     }

@@ -312,6 +312,24 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
             names.insert(set_name(SetSource::Zone, z, f), format!("Zone {z}"));
         }
     }
+    for (p, profile) in &snap.profiles {
+        for (dir, word, rules) in [
+            ("in", "inbound", &profile.spec.inbound),
+            ("out", "outbound", &profile.spec.outbound),
+        ] {
+            for (idx, rule) in rules.iter().enumerate() {
+                let id = dog_operator::compile::render::rule_id(rule);
+                let name = rule
+                    .name
+                    .as_ref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                names
+                    .entry(format!("dog:{p}:{dir}:{id}"))
+                    .or_insert_with(|| format!("Profile {p}: {word} rule {idx}{name}"));
+            }
+        }
+    }
     let q = Query {
         direction: args.direction,
         peer: args.peer,

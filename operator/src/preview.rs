@@ -154,21 +154,18 @@ pub fn line_diff(old: &str, new: &str) -> Vec<String> {
     out
 }
 
-/// What changes for `host` between two compiles: rule lines and set members.
+/// What changes for `host` between two compiles: a one-line summary, then rule lines and set
+/// members. Rules are named by identity (`render::rule_id`), so removing one rule shows only
+/// its own lines.
 pub fn host_diff(old: &Compiled, new: &Compiled, host: &str) -> String {
-    let mut s = String::new();
     let (o, n) = (old.hosts.get(host), new.hosts.get(host));
-    let _ = writeln!(
-        s,
-        "# host {host}\n# old: {}\n# new: {}",
-        o.map(outcome_line).unwrap_or_else(|| "unknown".into()),
-        n.map(outcome_line).unwrap_or_else(|| "unknown".into())
-    );
     let fw = |x: Option<&HostOutcome>| match x {
         Some(HostOutcome::Firewall { firewall, .. }) => Some(firewall.clone()),
         _ => None,
     };
     let (fo, fnew) = (fw(o), fw(n));
+    let mut rules = String::new();
+    let mut summary = Vec::new();
     for f in Family::BOTH {
         let t = |x: &Option<std::sync::Arc<crate::compile::CompiledFirewall>>| {
             x.as_ref()
@@ -176,24 +173,27 @@ pub fn host_diff(old: &Compiled, new: &Compiled, host: &str) -> String {
                 .unwrap_or_default()
         };
         let (a, b) = (t(&fo), t(&fnew));
-        let _ = writeln!(s, "\n--- {f} rules (old)\n+++ {f} rules (new)");
-        if a == b {
-            let _ = writeln!(s, "(unchanged)");
-        } else {
-            for l in line_diff(&a, &b) {
-                if !l.starts_with(' ') {
-                    let _ = writeln!(s, "{l}");
-                }
-            }
+        let _ = writeln!(rules, "\n--- {f} rules (old)\n+++ {f} rules (new)");
+        let changed: Vec<String> = line_diff(&a, &b)
+            .into_iter()
+            .filter(|l| !l.starts_with(' '))
+            .collect();
+        if changed.is_empty() {
+            let _ = writeln!(rules, "(unchanged)");
+        }
+        let removed = changed.iter().filter(|l| l.starts_with('-')).count();
+        summary.push(format!("{f} rules -{removed} +{}", changed.len() - removed));
+        for l in changed {
+            let _ = writeln!(rules, "{l}");
         }
     }
-    let _ = writeln!(s, "\n# sets");
+    let mut sets = String::from("\n# sets\n");
     let names: BTreeSet<String> = fo
         .iter()
         .chain(fnew.iter())
         .flat_map(|f| f.sets.keys().cloned())
         .collect();
-    let mut any = false;
+    let (mut added, mut removed, mut touched, mut plus, mut minus) = (0, 0, 0, 0, 0);
     for name in names {
         let so = fo.as_ref().and_then(|f| f.sets.get(&name));
         let sn = fnew.as_ref().and_then(|f| f.sets.get(&name));
@@ -201,28 +201,43 @@ pub fn host_diff(old: &Compiled, new: &Compiled, host: &str) -> String {
         let mn: BTreeSet<_> = sn.map(|x| x.members.iter().collect()).unwrap_or_default();
         match (so, sn) {
             (Some(_), None) => {
-                any = true;
-                let _ = writeln!(s, "- set {name} no longer used");
+                removed += 1;
+                let _ = writeln!(sets, "- set {name} no longer used");
             }
             (None, Some(x)) => {
-                any = true;
-                let _ = writeln!(s, "+ set {name} now used ({} members)", x.members.len());
+                added += 1;
+                let _ = writeln!(sets, "+ set {name} now used ({} members)", x.members.len());
             }
             _ => {}
         }
+        let before = (plus, minus);
         for m in mn.difference(&mo) {
-            any = true;
-            let _ = writeln!(s, "+ {name} {}", member_text(m));
+            plus += 1;
+            let _ = writeln!(sets, "+ {name} {}", member_text(m));
         }
         for m in mo.difference(&mn) {
-            any = true;
-            let _ = writeln!(s, "- {name} {}", member_text(m));
+            minus += 1;
+            let _ = writeln!(sets, "- {name} {}", member_text(m));
+        }
+        if so.is_some() && sn.is_some() && before != (plus, minus) {
+            touched += 1;
         }
     }
-    if !any {
-        let _ = writeln!(s, "(unchanged)");
+    if added + removed + plus + minus == 0 {
+        sets.push_str("(unchanged)\n");
     }
-    s
+    summary.push(format!(
+        "sets +{added} -{removed}, members +{plus} -{minus} in {touched} set(s)"
+    ));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# host {host}: {}\n# old: {}\n# new: {}",
+        summary.join("; "),
+        o.map(outcome_line).unwrap_or_else(|| "unknown".into()),
+        n.map(outcome_line).unwrap_or_else(|| "unknown".into())
+    );
+    s + &rules + &sets
 }
 
 #[cfg(test)]

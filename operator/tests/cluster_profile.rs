@@ -56,7 +56,7 @@ fn cluster_rules_come_before_profile_rules_and_pods_follow_the_profile_choice() 
         pos("--ctstate DNAT"),
         pos("-i cni0 -m comment --comment \"dog:web:pods\" -j ACCEPT"),
     );
-    let first_profile_rule = pos("dog:web:in:0");
+    let first_profile_rule = pos("dog:web:in:blocklist");
     assert!(pos("dog:failsafe:inbound") < overlay);
     assert!(overlay < services && services < pods && pods < first_profile_rule);
 

@@ -170,10 +170,12 @@ pub fn render_profile(
             if !rule.enabled {
                 continue;
             }
+            let id = rule_id(rule);
             let ctx = RuleCtx {
                 profile: profile_name,
                 dir,
                 idx,
+                id: &id,
                 audit,
                 self_group,
             };
@@ -276,9 +278,27 @@ fn reject_target(family: Family) -> String {
 struct RuleCtx<'a> {
     profile: &'a str,
     dir: Direction,
+    /// Position in the spec list: only for messages about the spec (`spec.inbound[3]`).
     idx: usize,
+    /// What the rendered lines call the rule ([`rule_id`]).
+    id: &'a str,
     audit: bool,
     self_group: &'a str,
+}
+
+/// A rule's identity in the lines it renders to (comment, log prefix, `recent` list): its name,
+/// or `#` and 8 hex digits of a hash of its spec when it has none. Not its position, so that
+/// removing or inserting a rule changes only that rule's lines (`compile --diff` shows just
+/// it, and the other rules' `recent` counters survive).
+pub fn rule_id(rule: &crate::crd::Rule) -> String {
+    use sha2::{Digest, Sha256};
+    match &rule.name {
+        Some(n) if !n.is_empty() => n.clone(),
+        _ => {
+            let spec = serde_json::to_vec(rule).unwrap_or_default();
+            format!("#{}", &hex::encode(Sha256::digest(&spec))[..8])
+        }
+    }
 }
 
 struct RenderedRule {
@@ -573,11 +593,7 @@ fn render_rule(
     // ---- assemble
     let words = ctx.dir.peer_words();
     let comment = {
-        let mut c = format!("dog:{}:{}:{}", ctx.profile, ctx.dir.short(), ctx.idx);
-        if let Some(n) = &rule.name {
-            c.push(':');
-            c.push_str(n);
-        }
+        let mut c = format!("dog:{}:{}:{}", ctx.profile, ctx.dir.short(), ctx.id);
         if let Some(t) = rule.comment.as_deref().filter(|t| !t.is_empty()) {
             c.push(' ');
             c.push_str(t);
@@ -593,21 +609,31 @@ fn render_rule(
                 "dog:{}:{}:{} ",
                 truncate(ctx.profile, 12),
                 ctx.dir.short(),
-                ctx.idx
+                ctx.id
             ),
             LOG_PREFIX_MAX,
         )
     });
     let audit_prefix = truncate(
-        &format!("{AUDIT_PREFIX} {}:{} ", ctx.dir.short(), ctx.idx),
+        &format!("{AUDIT_PREFIX} {}:{} ", ctx.dir.short(), ctx.id),
         LOG_PREFIX_MAX,
     );
-    let recent_name = format!(
-        "dog-{}-{}{}",
+    // iptables-save prints a recent list's name unquoted: keep it to characters that need none
+    let recent_name: String = format!(
+        "dog-{}-{}-{}",
         truncate(ctx.profile, 64),
         ctx.dir.short(),
-        ctx.idx
-    );
+        ctx.id
+    )
+    .chars()
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    })
+    .collect();
 
     let mut out: [Vec<String>; 2] = Default::default();
     for family in families {
