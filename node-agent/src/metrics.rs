@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     /// `reason` = [`Rejection::reason`] (and `malformed` for payloads that do not parse).
     pub rejected: IntCounterVec,
     pub broker_connected: IntGauge,
+    pub broker_failures: IntCounter,
     /// `kind` = `heartbeat` | `keepalive` | `response`.
     pub sent: IntCounterVec,
     /// `kind` = request kind (`apply`, `shared_set`, …); `outcome` = `ok` | error kind.
@@ -117,6 +118,13 @@ impl AgentMetrics {
                 IntGauge::new(
                     "dog_agent_broker_connected",
                     "1 while the agent is connected to the broker",
+                )?,
+            ),
+            broker_failures: reg(
+                r,
+                IntCounter::new(
+                    "dog_agent_broker_connection_failures_total",
+                    "Failed broker connection attempts plus lost connections (logged once per minute while one failure repeats)",
                 )?,
             ),
             sent: reg(

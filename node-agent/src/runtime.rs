@@ -334,6 +334,10 @@ impl Agent {
     async fn watch_link(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(i64::from(st.connected));
+        let counted = self.metrics.broker_failures.get();
+        self.metrics
+            .broker_failures
+            .inc_by(st.failures.saturating_sub(counted));
         if st.connected && st.connects != self.heartbeat_for && self.send_heartbeat().await {
             self.heartbeat_for = st.connects;
         }

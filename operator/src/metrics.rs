@@ -20,6 +20,7 @@ pub struct OperatorMetrics {
     pub leader: IntGauge,
     pub apply_failures: IntCounter,
     pub broker_connected: IntGauge,
+    pub broker_failures: IntCounter,
     pub inbox_messages: IntGauge,
     pub build_info: IntGaugeVec,
 }
@@ -76,6 +77,10 @@ impl OperatorMetrics {
                 "dog_operator_broker_connected",
                 "1 while the operator's broker connection is up (topology declared, consuming)",
             )?,
+            broker_failures: IntCounter::new(
+                "dog_operator_broker_connection_failures_total",
+                "Failed broker connection attempts plus lost connections (logged once per minute while one failure repeats)",
+            )?,
             inbox_messages: IntGauge::new(
                 "dog_operator_inbox_messages",
                 "Agent messages waiting in the operator's inbox queue (read every 5 s; -1 until first read)",
@@ -100,6 +105,7 @@ impl OperatorMetrics {
             Box::new(m.leader.clone()),
             Box::new(m.apply_failures.clone()),
             Box::new(m.broker_connected.clone()),
+            Box::new(m.broker_failures.clone()),
             Box::new(m.inbox_messages.clone()),
             Box::new(m.build_info.clone()),
             // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, …

@@ -21,6 +21,7 @@
 mod config;
 mod delivery;
 mod link;
+mod repeats;
 mod topology;
 
 use std::path::PathBuf;

@@ -269,8 +269,9 @@ impl TlsFiles {
 }
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
-/// `[0, min(max, initial * 2^n)]`. The attempt counter resets after a successful
-/// connection (or a successful publish).
+/// `[0, min(max, initial * 2^n)]`. The connection supervisor resets its attempt counter
+/// once a connection has held for 30 s (one that breaks at once keeps backing off); the
+/// retries of one publish count from 0 for each message.
 #[derive(Clone, Copy, Debug)]
 pub struct Backoff {
     pub initial: Duration,

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::config::validate_name_part;
 use super::delivery::{Deliveries, Delivery};
+use super::repeats::{Repeats, STABLE_CONNECTION};
 use super::topology::{self, quorum_refusal, QueueShape, QuorumRefusal, Topology};
 use super::{install_rustls_ring_provider, BrokerConfig, BrokerError, MessageMeta};
 
@@ -34,6 +35,9 @@ pub struct LinkStatus {
     pub connects: u64,
     /// Connections lost so far.
     pub disconnects: u64,
+    /// Connection attempts that failed plus connections lost: what
+    /// `dog_*_broker_connection_failures_total` counts (one log line may stand for many).
+    pub failures: u64,
     /// Why the last connection was lost or the last attempt failed.
     pub last_error: Option<String>,
 }
@@ -45,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) connected: AtomicBool,
     connects: AtomicU64,
     disconnects: AtomicU64,
+    failures: AtomicU64,
     last_error: StdMutex<Option<String>>,
 }
 
@@ -158,6 +163,7 @@ impl Inner {
             connected: self.shared.connected.load(Ordering::SeqCst),
             connects: self.shared.connects.load(Ordering::SeqCst),
             disconnects: self.shared.disconnects.load(Ordering::SeqCst),
+            failures: self.shared.failures.load(Ordering::SeqCst),
             last_error: self.shared.last_error.lock().ok().and_then(|g| g.clone()),
         }
     }
@@ -461,7 +467,7 @@ impl Inner {
                     continue;
                 }
                 Attempt::ConfirmTimeout => {
-                    warn!(exchange, routing_key, message_id = %meta.message_id, timeout = ?self.config.confirm_timeout, "no publisher confirm in time; publishing again");
+                    warn!(exchange, routing_key, message_id = %meta.message_id, timeout_seconds = self.config.confirm_timeout.as_secs_f64(), "no publisher confirm in time; publishing again");
                 }
                 Attempt::SessionFailed(error) => {
                     debug!(exchange, routing_key, message_id = %meta.message_id, %error, "publish failed; waiting for a new connection");
@@ -557,6 +563,7 @@ async fn supervise(
     let url = inner.config.redacted_url();
     let name = inner.config.connection_name.clone();
     let mut attempt = 0u32;
+    let mut repeats = Repeats::default();
     loop {
         if *shutdown.borrow() {
             break;
@@ -568,17 +575,37 @@ async fn supervise(
         };
         match setup {
             Ok(Ok((session, consumer, events))) => {
-                attempt = 0;
+                let connected_at = tokio::time::Instant::now();
                 inner.shared.generation.store(generation, Ordering::SeqCst);
                 inner.shared.connected.store(true, Ordering::SeqCst);
                 inner.shared.connects.fetch_add(1, Ordering::SeqCst);
-                info!(%url, connection_name = %name, generation, "connected to broker, topology declared");
+                if repeats.quiet() {
+                    debug!(%url, connection_name = %name, generation, "connected to broker, topology declared");
+                } else {
+                    info!(%url, connection_name = %name, generation, "connected to broker, topology declared");
+                }
                 inner.session.send_replace(Some(session.clone()));
-                let reason = tokio::select! {
-                    r = forward(consumer, &deliveries, generation, &inner.shared) => Some(r),
-                    r = watch_events(events) => Some(r),
-                    r = next_failure(&mut failures, generation) => Some(r),
-                    _ = shutdown.wait_for(|closed| *closed) => None,
+                let ended = async {
+                    tokio::select! {
+                        r = forward(consumer, &deliveries, generation, &inner.shared) => Some(r),
+                        r = watch_events(events) => Some(r),
+                        r = next_failure(&mut failures, generation) => Some(r),
+                        _ = shutdown.wait_for(|closed| *closed) => None,
+                    }
+                };
+                tokio::pin!(ended);
+                let reason = if repeats.quiet() {
+                    tokio::select! {
+                        r = &mut ended => r,
+                        _ = tokio::time::sleep(STABLE_CONNECTION) => {
+                            info!(%url, connection_name = %name, generation, "broker connection healthy again");
+                            repeats = Repeats::default();
+                            attempt = 0;
+                            ended.await
+                        }
+                    }
+                } else {
+                    ended.await
                 };
                 inner.session.send_replace(None);
                 inner.shared.connected.store(false, Ordering::SeqCst);
@@ -592,7 +619,21 @@ async fn supervise(
                     break;
                 };
                 inner.shared.disconnects.fetch_add(1, Ordering::SeqCst);
-                warn!(%url, connection_name = %name, generation, %reason, "disconnected from broker; reconnecting");
+                inner.shared.failures.fetch_add(1, Ordering::SeqCst);
+                // A connection that fails soon after it came up (a publish to a deleted
+                // exchange, a permission refused) keeps backing off instead of starting over.
+                if connected_at.elapsed() >= STABLE_CONNECTION {
+                    attempt = 0;
+                    repeats = Repeats::default();
+                }
+                match repeats.note(&reason, tokio::time::Instant::now()) {
+                    Some(repeated) => {
+                        warn!(%url, connection_name = %name, generation, %reason, repeated, "disconnected from broker; reconnecting")
+                    }
+                    None => {
+                        debug!(%url, connection_name = %name, generation, %reason, "disconnected from broker again; reconnecting")
+                    }
+                }
                 inner.shared.set_last_error(reason);
                 // The connection may still be open (e.g. only a channel failed): close it so
                 // the broker requeues its unacknowledged deliveries.
@@ -603,13 +644,30 @@ async fn supervise(
                 .await;
             }
             Ok(Err(error)) => {
-                warn!(%url, connection_name = %name, attempt, %error, "broker connection attempt failed");
+                inner.shared.failures.fetch_add(1, Ordering::SeqCst);
+                match repeats.note(&error.to_string(), tokio::time::Instant::now()) {
+                    Some(repeated) => {
+                        warn!(%url, connection_name = %name, attempt, %error, repeated, "broker connection attempt failed")
+                    }
+                    None => {
+                        debug!(%url, connection_name = %name, attempt, %error, "broker connection attempt failed again")
+                    }
+                }
                 inner
                     .shared
                     .set_last_error(format!("connect failed: {error}"));
             }
             Err(_) => {
-                warn!(%url, connection_name = %name, attempt, timeout = ?inner.config.connect_timeout, "broker connection attempt timed out");
+                inner.shared.failures.fetch_add(1, Ordering::SeqCst);
+                let timeout_seconds = inner.config.connect_timeout.as_secs_f64();
+                match repeats.note("connect: timed out", tokio::time::Instant::now()) {
+                    Some(repeated) => {
+                        warn!(%url, connection_name = %name, attempt, timeout_seconds, repeated, "broker connection attempt timed out")
+                    }
+                    None => {
+                        debug!(%url, connection_name = %name, attempt, timeout_seconds, "broker connection attempt timed out again")
+                    }
+                }
                 inner.shared.set_last_error("connect timed out".into());
             }
         }
@@ -665,10 +723,19 @@ impl OperatorLink {
 
     /// How many messages wait in the operator's inbox (a passive declare on the current
     /// connection; waits for one). Not retried: the caller asks again on its next tick.
+    ///
+    /// It first re-declares the exchanges and the inbox binding (idempotent): the operator
+    /// only consumes its inbox, so nothing else would notice that someone deleted
+    /// `dog.operator` and every agent's publishes now fail.
     pub async fn inbox_depth(&self) -> Result<u32, BrokerError> {
         let session = self.inner.wait_session(0).await?;
         let name = self.inner.topology.operator_queue();
         let topo = session.topo(&name).lock().await;
+        let t = &self.inner.topology;
+        topology::declare_exchange(&topo, &t.hosts_exchange(), ExchangeKind::Direct).await?;
+        topology::declare_exchange(&topo, &t.sets_exchange(), ExchangeKind::Direct).await?;
+        topology::declare_exchange(&topo, &t.operator_exchange(), ExchangeKind::Fanout).await?;
+        topology::bind(&topo, &name, &t.operator_exchange(), "").await?;
         let q = topo
             .queue_declare(
                 name.as_str().into(),

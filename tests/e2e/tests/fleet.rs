@@ -476,6 +476,30 @@ fn operator_readiness_follows_its_broker_connection() {
             && body.contains("broker disconnected")
             && f.operator_metric("dog_operator_broker_connected") == Some(0.0)
     });
+    // the failure repeats on every reconnect; the log says so once (no third-party lines, no
+    // "backoff attempts exhausted"), the counter counts every attempt
+    f.wait("a few failed reconnects", 60, || {
+        f.operator_metric("dog_operator_broker_connection_failures_total")
+            .is_some_and(|n| n >= 4.0)
+    });
+    let lines = json_lines(&f.dir.path().join("operator.log"));
+    let loud: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            matches!(
+                l.get("level").and_then(|v| v.as_str()),
+                Some("WARN" | "ERROR")
+            )
+        })
+        .collect();
+    assert_eq!(loud.len(), 1, "{loud:?}");
+    assert!(
+        loud[0]
+            .get("error")
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| e.contains("ACCESS")),
+        "{loud:?}"
+    );
     assert_eq!(f.operator_metric("dog_operator_leader"), Some(1.0));
     assert_eq!(
         f.operator_metric("dog_operator_rejected_messages_total{reason=\"bad_signature\"}"),
@@ -546,6 +570,71 @@ fn live_metrics_pass_promtool() {
             "{who}: promtool check metrics: {said}"
         );
     }
+}
+
+/// The operator's exchange disappears under a running fleet (a broker operator deleted it, a
+/// definitions import dropped it): the agent says so, in a few lines rather than one per
+/// attempt, and its keepalives reach the operator again once the exchange is back.
+#[test]
+fn a_lost_exchange_is_logged_once_not_per_attempt() {
+    if !require_root() {
+        return;
+    }
+    let f = start(&["web"]);
+    let keepalives = || {
+        f.agent_metric("web", "dog_agent_messages_sent_total{kind=\"keepalive\"}")
+            .unwrap_or(0.0)
+    };
+    f.wait("keepalives", 20, || keepalives() >= 2.0);
+    let log = f.dir.path().join("agent-web.log");
+    let before = json_lines(&log).len();
+    let exchange = format!("{}.operator", f.prefix);
+    let delete = dog_e2e::sh(&["rabbitmqctl", "eval", &format!(
+        "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"{exchange}\">>), false, <<\"dog-e2e\">>)."
+    )]);
+    assert!(delete.status.success());
+    // the operator declares it again within its 5 s inbox check; keepalives flow again
+    let sent = keepalives();
+    f.wait("keepalives after the exchange came back", 60, || {
+        keepalives() >= sent + 3.0
+            && f.operator_metric("dog_operator_safety_valve_frozen") == Some(0.0)
+    });
+    let lines = json_lines(&log);
+    let during = &lines[before.min(lines.len())..];
+    let shown = || {
+        during
+            .iter()
+            .map(|l| serde_json::to_string(l).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let loud: Vec<_> = during
+        .iter()
+        .filter(|l| {
+            matches!(
+                l.get("level").and_then(|v| v.as_str()),
+                Some("WARN" | "ERROR")
+            )
+        })
+        .collect();
+    // one line saying the link broke (and perhaps one per reconnect that met the same
+    // failure before the operator healed it), never one per attempt
+    assert!(
+        !loud.is_empty() && loud.len() <= 3,
+        "{} warnings/errors:\n{}",
+        loud.len(),
+        shown()
+    );
+    assert!(during.len() <= 8, "{} lines:\n{}", during.len(), shown());
+    assert!(
+        !during.iter().any(|l| {
+            serde_json::to_string(l)
+                .unwrap_or_default()
+                .contains("backoff attempts exhausted")
+        }),
+        "{}",
+        shown()
+    );
 }
 
 fn json_lines(path: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
