@@ -27,10 +27,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bash scripts/setup.sh
+bash scripts/setup.sh --demo
 say "building dog-operator and dog-agent"
 cargo build --quiet --bins
-bin="$root/target/debug"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 cleanup
 rm -rf "$work"

@@ -35,11 +35,14 @@ fi
 
 # The real Kubernetes API server and kubectl the suite runs (built once from the pinned Go module,
 # cached outside the repository). The tests start etcd and kube-apiserver themselves.
-[[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
-command -v go >/dev/null 2>&1 || { echo "go not found: install Go >= 1.24 and re-run" >&2; exit 1; }
-bash "$(dirname "${BASH_SOURCE[0]}")/kube-build.sh" >/dev/null
-# promtool, which checks the live /metrics output and the chart's alerts (same cache).
-bash "$(dirname "${BASH_SOURCE[0]}")/prom-build.sh" >/dev/null
+# `setup.sh --demo` skips them: the demo needs only the kernel tools and the broker.
+if [ "${1:-}" != "--demo" ]; then
+  [[ -x /usr/local/go/bin/go ]] && PATH="$PATH:/usr/local/go/bin"
+  command -v go >/dev/null 2>&1 || { echo "go not found: install Go >= 1.24 and re-run" >&2; exit 1; }
+  bash "$(dirname "${BASH_SOURCE[0]}")/kube-build.sh" >/dev/null
+  # promtool, which checks the live /metrics output and the chart's alerts (same cache).
+  bash "$(dirname "${BASH_SOURCE[0]}")/prom-build.sh" >/dev/null
+fi
 
 # RabbitMQ: start it if nothing answers on 5672.
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
