@@ -61,4 +61,8 @@ if ! broker_up; then
 fi
 # wait until the node is fully booted (the port opens a little before queues can be declared)
 rabbitmqctl await_startup >/dev/null 2>&1 || true
-log "ready: $(iptables --version), ipset $(ipset --version | awk '{print $2}'), RabbitMQ on 127.0.0.1:5672, etcd $(etcd --version | awk 'NR==1 {print $3}'), kube-apiserver $(awk '$1 == "k8s.io/kubernetes" {print $2}' "$(dirname "${BASH_SOURCE[0]}")/../tests/kubernetes/go.mod")"
+ready="$(iptables --version), ipset $(ipset --version | awk '{print $2}' | tr -d ,), RabbitMQ on 127.0.0.1:5672"
+if [ "${1:-}" != "--demo" ]; then
+  ready="$ready, etcd $(etcd --version | awk 'NR==1 {print $3}'), kube-apiserver $(awk '$1 == "k8s.io/kubernetes" {print $2}' "$(dirname "${BASH_SOURCE[0]}")/../tests/kubernetes/go.mod")"
+fi
+log "ready: $ready"
