@@ -25,7 +25,8 @@ pub enum LogFormat {
 /// `debug,lapin=info`, …); `RUST_LOG`, when set, wins. JSON lines are flat: the event's fields,
 /// the fields of every span it is in (e.g. the agent's `host`) and `timestamp`, `level`,
 /// `message` side by side, numbers as numbers. Colour only on a terminal. The broker client's
-/// own logging is off by default: dog logs every connection failure itself, once per attempt.
+/// own logging is off by default: dog logs connection failures itself (a repeating one once a
+/// minute, with a count).
 pub fn init_logging(format: LogFormat, level: &str) {
     init_logging_with(format, level, &[]);
 }

@@ -722,6 +722,22 @@ fn logs_are_flat_json_lines_a_pipeline_can_read() {
             .is_some_and(|e| e.contains(&format!("cannot listen on {addr}"))),
         "{text}"
     );
+
+    // text for people, but no colour codes in a pipe or a file
+    let out = dog_e2e::sh(&[
+        dog_e2e::bin("dog-operator").to_str().unwrap(),
+        "run",
+        "--from-dir",
+        f.resources().to_str().unwrap(),
+        "--metrics-addr",
+        &addr,
+        "--log-format",
+        "text",
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("cannot listen on"), "{text}");
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a pipe: {text:?}");
 }
 
 /// `dog-operator explain` on `dir` (with the fleet's status file) for the db host.
