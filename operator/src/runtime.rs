@@ -55,6 +55,15 @@ const INBOX_EVERY: Duration = Duration::from_secs(5);
 const BACKLOG_NOT_READY: u32 = 10_000;
 /// Refused heartbeats kept per declared host (distinct keys).
 const REFUSED_KEPT: usize = 4;
+/// A declared host whose agent's identity token was refused has it reviewed again after
+/// 5 s, 10 s, … up to 5 min between reviews, at most this many times (about half an hour),
+/// then only when the agent sends a new heartbeat: the refusal may have been the API
+/// server's (unreachable, a permission not rolled out yet), not the token's.
+const REVIEW_RETRIES: u32 = 10;
+const REVIEW_BACKOFF: dog_protocol::broker::Backoff = dog_protocol::broker::Backoff {
+    initial: Duration::from_secs(5),
+    max: Duration::from_secs(300),
+};
 /// Statuses are written at most this often: a burst of agent responses must not turn into a
 /// status pass (over every host) per response.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
@@ -98,6 +107,9 @@ struct HostRt {
     /// The last heartbeats refused for want of a pin (declared hosts only), one per key,
     /// newest last, at most [`REFUSED_KEPT`]: an impostor's must not push out the real one.
     refused_heartbeats: Vec<(Opened, Heartbeat)>,
+    /// When the newest refused heartbeat's identity token is reviewed again, and how many
+    /// reviews were refused so far (see [`REVIEW_RETRIES`]).
+    review_retry: Option<(Instant, u32)>,
 }
 
 impl HostRt {
@@ -352,6 +364,7 @@ impl Runtime {
                 _ = tick.tick() => {
                     self.on_tick();
                     self.check_inbox().await;
+                    self.retry_token_reviews().await;
                     self.collect_retired().await;
                 }
                 _ = status_tick.tick(), if self.needs_status => {}
@@ -958,7 +971,18 @@ impl Runtime {
                         if kept.len() >= REFUSED_KEPT {
                             kept.remove(0);
                         }
+                        let token = hb.identity_token.is_some();
                         kept.push((opened.clone(), hb));
+                        rt.review_retry = match (&refusal, rt.review_retry) {
+                            (Refusal::IdentityRefused { .. }, prev) if token => {
+                                let refused = prev.map_or(1, |(_, n)| n + 1);
+                                (refused <= REVIEW_RETRIES).then(|| {
+                                    let wait = REVIEW_BACKOFF.ceiling(refused - 1);
+                                    (Instant::now() + wait, refused)
+                                })
+                            }
+                            _ => None,
+                        };
                         self.needs_status = true;
                     }
                     return;
@@ -989,6 +1013,30 @@ impl Runtime {
         for (name, (opened, hb)) in ready {
             info!(host = %name, "taking the heartbeat its agent sent before it was pinned");
             self.accept_heartbeat(&opened, hb, now).await;
+        }
+    }
+
+    /// Declared hosts whose agent's token review was refused and is due again: the newest
+    /// refused heartbeat that carries a token is taken as if it arrived now.
+    async fn retry_token_reviews(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (name, rt) in &mut self.fleet {
+            if rt.review_retry.is_none_or(|(at, _)| at > now) {
+                continue;
+            }
+            match rt
+                .refused_heartbeats
+                .iter()
+                .rposition(|(_, hb)| hb.identity_token.is_some())
+            {
+                Some(i) => due.push((name.clone(), rt.refused_heartbeats.remove(i))),
+                None => rt.review_retry = None,
+            }
+        }
+        for (name, (opened, hb)) in due {
+            debug!(host = %name, "reviewing the identity token of a refused heartbeat again");
+            self.on_heartbeat(&opened, hb, Timestamp::now()).await;
         }
     }
 
@@ -1047,6 +1095,8 @@ impl Runtime {
         rt.view.pinned_keys = Some(keys);
         rt.view.key_conflict = None;
         rt.view.not_admitted = None;
+        rt.review_retry = None;
+        rt.refused_heartbeats.clear();
         rt.view.agent_version = Some(hb.agent_version.clone());
         rt.view.observe = hb.mode == dog_protocol::messages::Mode::Observe;
         rt.view.applied_revision = hb.applied_revision;

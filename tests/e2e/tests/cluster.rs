@@ -624,3 +624,47 @@ fn service_account_identity(api: &ApiServer, fleet: &mut Fleet) {
         fleet.tcp("spare", &db_v4, 5432)
     });
 }
+
+#[test]
+fn a_token_review_refused_by_the_api_server_is_tried_again() {
+    with_cluster(&["web", "db", "spare"], token_review_retried);
+}
+
+/// The agent's token is good but the API server refuses to review it for a while (here: the
+/// operator's permission to create TokenReviews is not rolled out yet). The operator reviews
+/// the heartbeat it kept again, with backoff, and admits the host once the permission is
+/// there, without the agent having to send anything new.
+fn token_review_retried(api: &ApiServer, fleet: &mut Fleet) {
+    start_web_db(api, fleet, &[], &[]);
+    create_node(api, fleet, "spare", "web");
+    let spare = fleet.host("spare");
+    let mut role = api
+        .get_json("clusterrole", "dog-operator", None)
+        .expect("the chart's ClusterRole");
+    if let Some(rules) = role["rules"].as_array_mut() {
+        rules.retain(|r| !r.to_string().contains("tokenreviews"));
+    }
+    if let Some(meta) = role["metadata"].as_object_mut() {
+        meta.remove("resourceVersion");
+    }
+    if let Err(e) = api.apply(&role.to_string(), &[]) {
+        panic!("narrowing the ClusterRole: {e}");
+    }
+    start_cluster_agent(api, fleet, "spare", &[]);
+    wait_until("spare's token review refused", 30, || {
+        fleet
+            .operator_metric("dog_operator_rejected_messages_total{reason=\"identity_refused\"}")
+            .is_some_and(|n| n >= 1.0)
+    });
+    assert!(!active_in_sync(api, &spare));
+
+    api.chart_operator_kubeconfig(); // the chart's RBAC again
+    wait_until("spare admitted on a later review", 90, || {
+        active_in_sync(api, &spare)
+    });
+    let heartbeats = fleet
+        .log_of("agent-spare")
+        .matches("sent heartbeat")
+        .count();
+    assert_eq!(heartbeats, 1, "{}", fleet.log_of("agent-spare"));
+}
