@@ -56,7 +56,7 @@ const BACKLOG_NOT_READY: u32 = 10_000;
 /// Refused heartbeats kept per declared host (distinct keys).
 const REFUSED_KEPT: usize = 4;
 /// A declared host whose agent's identity token was refused has it reviewed again after
-/// 5 s, 10 s, … up to 5 min between reviews, at most this many times (about half an hour),
+/// 5 s, 10 s, … up to 5 min between reviews, at most this many times (about 25 minutes),
 /// then only when the agent sends a new heartbeat: the refusal may have been the API
 /// server's (unreachable, a permission not rolled out yet), not the token's.
 const REVIEW_RETRIES: u32 = 10;
@@ -980,6 +980,12 @@ impl Runtime {
                                     let wait = REVIEW_BACKOFF.ceiling(refused - 1);
                                     (Instant::now() + wait, refused)
                                 })
+                            }
+                            // many hosts retrying at once (after an API server outage) may
+                            // meet the registration rate limit: try again later, not never
+                            (Refusal::RateLimited { .. }, Some((_, refused))) => {
+                                let wait = REVIEW_BACKOFF.ceiling(refused);
+                                Some((Instant::now() + wait, refused))
                             }
                             _ => None,
                         };

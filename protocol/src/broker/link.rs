@@ -726,7 +726,7 @@ impl OperatorLink {
     ///
     /// It first re-declares the exchanges and the inbox binding (idempotent): the operator
     /// only consumes its inbox, so nothing else would notice that someone deleted
-    /// `dog.operator` and every agent's publishes now fail.
+    /// `<prefix>.operator` and every agent's publishes now fail.
     pub async fn inbox_depth(&self) -> Result<u32, BrokerError> {
         let session = self.inner.wait_session(0).await?;
         let name = self.inner.topology.operator_queue();
