@@ -483,15 +483,7 @@ fn operator_readiness_follows_its_broker_connection() {
             .is_some_and(|n| n >= 4.0)
     });
     let lines = json_lines(&f.dir.path().join("operator.log"));
-    let loud: Vec<_> = lines
-        .iter()
-        .filter(|l| {
-            matches!(
-                l.get("level").and_then(|v| v.as_str()),
-                Some("WARN" | "ERROR")
-            )
-        })
-        .collect();
+    let loud = warnings_and_errors(&lines);
     assert_eq!(loud.len(), 1, "{loud:?}");
     assert!(
         loud[0]
@@ -608,15 +600,7 @@ fn a_lost_exchange_is_logged_once_not_per_attempt() {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let loud: Vec<_> = during
-        .iter()
-        .filter(|l| {
-            matches!(
-                l.get("level").and_then(|v| v.as_str()),
-                Some("WARN" | "ERROR")
-            )
-        })
-        .collect();
+    let loud = warnings_and_errors(during);
     // one line saying the link broke (and perhaps one per reconnect that met the same
     // failure before the operator healed it), never one per attempt
     assert!(
@@ -635,6 +619,21 @@ fn a_lost_exchange_is_logged_once_not_per_attempt() {
         "{}",
         shown()
     );
+}
+
+type LogLine = serde_json::Map<String, serde_json::Value>;
+
+/// The lines of level WARN or ERROR.
+fn warnings_and_errors(lines: &[LogLine]) -> Vec<&LogLine> {
+    lines
+        .iter()
+        .filter(|l| {
+            matches!(
+                l.get("level").and_then(|v| v.as_str()),
+                Some("WARN" | "ERROR")
+            )
+        })
+        .collect()
 }
 
 fn json_lines(path: &std::path::Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
