@@ -699,19 +699,22 @@ fn logs_are_flat_json_lines_a_pipeline_can_read() {
     // a fatal start-up error is a JSON line naming what failed
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
-    let out = dog_e2e::sh(&[
-        dog_e2e::bin("dog-operator").to_str().unwrap(),
-        "run",
-        "--from-dir",
-        f.resources().to_str().unwrap(),
-        "--metrics-addr",
-        &addr,
-        "--log-format",
-        "json",
-    ]);
-    assert!(!out.status.success());
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // the operator's output when it cannot start, in `format`
+    let fails_to_start = |format: &str| {
+        let out = dog_e2e::sh(&[
+            dog_e2e::bin("dog-operator").to_str().unwrap(),
+            "run",
+            "--from-dir",
+            f.resources().to_str().unwrap(),
+            "--metrics-addr",
+            &addr,
+            "--log-format",
+            format,
+        ]);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let text = fails_to_start("json");
     let fatal: serde_json::Value = serde_json::from_str(text.trim().lines().last().unwrap_or(""))
         .unwrap_or_else(|e| panic!("the fatal error is not a JSON line ({e}): {text}"));
     assert_eq!(fatal["level"], "ERROR", "{text}");
@@ -723,18 +726,7 @@ fn logs_are_flat_json_lines_a_pipeline_can_read() {
     );
 
     // text for people, but no colour codes in a pipe or a file
-    let out = dog_e2e::sh(&[
-        dog_e2e::bin("dog-operator").to_str().unwrap(),
-        "run",
-        "--from-dir",
-        f.resources().to_str().unwrap(),
-        "--metrics-addr",
-        &addr,
-        "--log-format",
-        "text",
-    ]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = fails_to_start("text");
     assert!(text.contains("cannot listen on"), "{text}");
     assert!(!text.contains('\u{1b}'), "ANSI escapes in a pipe: {text:?}");
 }
