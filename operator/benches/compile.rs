@@ -1,11 +1,14 @@
 //! Compiler at fleet scale: 5,000 hosts, 500 groups, 500 profiles × 20 rules and zones
 //! totalling 1,000,000 addresses (one 500k blocklist used by every profile, 999 small zones).
-//! (a) full compile, (b) recompile after one entry of one small zone changes.
+//! (a) full compile, (b) recompile after one entry of one small zone changes, (c) the same
+//! fleet shape at 20,000 hosts and 2,000 groups (10 hosts per group) for the growth, and
+//! (d) resolving every host's groups at that size by the index against checking every group.
 //! Prints the process's peak RSS (VmHWM) at the end.
 //!
 //! `cargo bench -p dog-operator --bench compile`
 
 use criterion::{criterion_group, Criterion};
+use dog_operator::compile::resolve::{groups_of, GroupIndex};
 use dog_operator::compile::{compile, CompileOptions, Compiler, Snapshot};
 use dog_operator::crd::*;
 use std::collections::BTreeMap;
@@ -19,9 +22,18 @@ const SMALL_ZONES: usize = 999;
 const SMALL_ZONE_SIZE: usize = 500;
 const BLOCKLIST: usize = 1_000_000 - SMALL_ZONES * SMALL_ZONE_SIZE;
 
+fn group_name(g: usize) -> String {
+    format!("g{g:04}")
+}
+
 fn fleet() -> Snapshot {
+    fleet_sized(HOSTS, GROUPS)
+}
+
+/// `hosts` hosts spread over `groups` groups (one profile each) and the zones above.
+fn fleet_sized(hosts: usize, groups: usize) -> Snapshot {
     let mut s = Snapshot::default();
-    for h in 0..HOSTS {
+    for h in 0..hosts {
         let name = format!("host-{h:05}");
         let mut host = Host::new(
             &name,
@@ -35,18 +47,18 @@ fn fleet() -> Snapshot {
         );
         host.metadata.labels = Some(BTreeMap::from([(
             "group".to_string(),
-            format!("g{:03}", h % GROUPS),
+            group_name(h % groups),
         )]));
         s.hosts.insert(name, host);
     }
-    for g in 0..GROUPS {
-        let name = format!("g{g:03}");
+    for g in 0..groups {
+        let name = group_name(g);
         s.groups.insert(
             name.clone(),
             Group::new(
                 &name,
                 GroupSpec {
-                    profile: Some(format!("p{g:03}")),
+                    profile: Some(format!("p{g:04}")),
                     selector: Some(HostSelector {
                         match_labels: BTreeMap::from([("group".to_string(), name.clone())]),
                         match_expressions: vec![],
@@ -99,8 +111,8 @@ fn fleet() -> Snapshot {
             ),
         );
     }
-    for p in 0..GROUPS {
-        let name = format!("p{p:03}");
+    for p in 0..groups {
+        let name = format!("p{p:04}");
         let mut inbound = vec![Rule {
             name: Some("blocklist".into()),
             action: Action::Drop,
@@ -113,7 +125,7 @@ fn fleet() -> Snapshot {
         }];
         for r in 1..RULES {
             let (kind, peer_name) = match r % 4 {
-                0 => (PeerKind::Group, Some(format!("g{:03}", (p + r) % GROUPS))),
+                0 => (PeerKind::Group, Some(group_name((p + r) % groups))),
                 1 => (
                     PeerKind::Zone,
                     Some(format!("z{:03}", (p * 7 + r) % SMALL_ZONES)),
@@ -208,6 +220,31 @@ fn bench(c: &mut Criterion) {
             let ch = compiler.upsert_zone(z);
             assert!(!ch.full && !ch.hosts.is_empty());
             black_box(ch)
+        })
+    });
+
+    let big = fleet_sized(4 * HOSTS, 4 * GROUPS);
+    g.sample_size(10).measurement_time(Duration::from_secs(30));
+    g.bench_function("full_20k_hosts_2k_groups", |b| {
+        b.iter(|| black_box(compile(&big, &opts)))
+    });
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    g.bench_function("memberships_20k_index", |b| {
+        b.iter(|| {
+            let index = GroupIndex::new(&big.groups);
+            let n: usize = big.hosts.values().map(|h| index.groups_of(h).len()).sum();
+            assert_eq!(n, big.hosts.len());
+            black_box(n)
+        })
+    });
+    g.bench_function("memberships_20k_every_group", |b| {
+        b.iter(|| {
+            let n: usize = big
+                .hosts
+                .values()
+                .map(|h| groups_of(h, &big.groups).len())
+                .sum();
+            black_box(n)
         })
     });
     g.finish();

@@ -7,7 +7,7 @@
 
 use super::addresses::{parse_entry, parse_host_address};
 use super::render::{render_profile, RefProblem, RenderedProfile};
-use super::resolve::{groups_of, resolve, Resolution};
+use super::resolve::{resolve, GroupIndex, Resolution};
 use super::setname::{set_name, SetSource};
 use super::{
     CompileOptions, Compiled, CompiledFirewall, Diagnostic, GroupSummary, HostOutcome, ObjectKind,
@@ -443,6 +443,7 @@ impl Compiler {
         let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut resolutions: BTreeMap<String, Resolution> = BTreeMap::new();
         let mut host_addrs: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+        let index = GroupIndex::new(&snap.groups);
         for (hname, host) in &snap.hosts {
             if let Some(pin) = &host.spec.group {
                 if !snap.groups.contains_key(pin) {
@@ -456,7 +457,7 @@ impl Compiler {
                     });
                 }
             }
-            let mine = groups_of(host, &snap.groups);
+            let mine = index.groups_of(host);
             for g in &mine {
                 members.entry(g.clone()).or_default().push(hname.clone());
             }

@@ -1,7 +1,7 @@
 //! Host → Group resolution: pins, explicit member lists and label selectors.
 
 use crate::crd::{Group, Host, HostSelector, SelectorOperator};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Does `selector` select a host with `labels`? Kubernetes LabelSelector semantics; an empty
 /// selector (no labels, no expressions) selects every host, an absent one (handled by the
@@ -55,6 +55,85 @@ pub fn groups_of(host: &Host, groups: &BTreeMap<String, Group>) -> Vec<String> {
         .collect()
 }
 
+/// The groups that could contain a host, indexed once per snapshot: resolving a host then
+/// costs its labels plus its candidate groups, not every group (20,000 hosts × 2,000 groups
+/// was 40 million selector checks). A group is filed under one thing every member must have:
+/// a name it lists, one `matchLabels` pair, the pairs of one `In` expression, or one `Exists`
+/// key; a selector with none of those (empty, or only `NotIn`/`DoesNotExist`) is a candidate
+/// for every host. Candidates are then checked with [`is_member`], so the answer is exactly
+/// [`groups_of`]'s.
+pub struct GroupIndex<'a> {
+    groups: &'a BTreeMap<String, Group>,
+    by_host: HashMap<&'a str, Vec<&'a str>>,
+    by_label: HashMap<(&'a str, &'a str), Vec<&'a str>>,
+    by_key: HashMap<&'a str, Vec<&'a str>>,
+    everyone: Vec<&'a str>,
+}
+
+impl<'a> GroupIndex<'a> {
+    pub fn new(groups: &'a BTreeMap<String, Group>) -> Self {
+        let mut ix = GroupIndex {
+            groups,
+            by_host: HashMap::new(),
+            by_label: HashMap::new(),
+            by_key: HashMap::new(),
+            everyone: Vec::new(),
+        };
+        for (name, g) in groups {
+            for h in &g.spec.hosts {
+                ix.by_host.entry(h.as_str()).or_default().push(name);
+            }
+            let Some(sel) = &g.spec.selector else {
+                continue;
+            };
+            let is = |op| move |r: &&crate::crd::SelectorRequirement| r.operator == op;
+            if let Some((k, v)) = sel.match_labels.iter().next() {
+                ix.by_label.entry((k, v)).or_default().push(name);
+            } else if let Some(r) = sel.match_expressions.iter().find(is(SelectorOperator::In)) {
+                // `In` with no values selects nothing: filed nowhere
+                for v in &r.values {
+                    ix.by_label.entry((&r.key, v)).or_default().push(name);
+                }
+            } else if let Some(r) = sel
+                .match_expressions
+                .iter()
+                .find(is(SelectorOperator::Exists))
+            {
+                ix.by_key.entry(&r.key).or_default().push(name);
+            } else {
+                ix.everyone.push(name);
+            }
+        }
+        ix
+    }
+
+    /// [`groups_of`], from the index.
+    pub fn groups_of(&self, host: &Host) -> Vec<String> {
+        if host.spec.group.is_some() {
+            return groups_of(host, self.groups);
+        }
+        let mut candidates: Vec<&str> = self.everyone.clone();
+        let name = host.metadata.name.as_deref().unwrap_or_default();
+        candidates.extend(self.by_host.get(name).into_iter().flatten());
+        for (k, v) in host.metadata.labels.iter().flatten() {
+            candidates.extend(
+                self.by_label
+                    .get(&(k.as_str(), v.as_str()))
+                    .into_iter()
+                    .flatten(),
+            );
+            candidates.extend(self.by_key.get(k.as_str()).into_iter().flatten());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
+            .into_iter()
+            .filter(|g| self.groups.get(*g).is_some_and(|g| is_member(g, host)))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// How a host's group memberships resolve to the firewall it runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
@@ -90,6 +169,76 @@ pub fn resolve(member_of: &[String], groups: &BTreeMap<String, Group>) -> Resolu
                 Resolution::Conflict {
                     groups: with_profile.iter().map(|(g, _)| (*g).clone()).collect(),
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+    use crate::crd::{GroupSpec, HostSpec, SelectorRequirement};
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a"), Just("b"), Just("c")].prop_map(str::to_string)
+    }
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![Just("role"), Just("site"), Just("tier")].prop_map(str::to_string)
+    }
+    fn operator() -> impl Strategy<Value = SelectorOperator> {
+        prop_oneof![
+            Just(SelectorOperator::In),
+            Just(SelectorOperator::NotIn),
+            Just(SelectorOperator::Exists),
+            Just(SelectorOperator::DoesNotExist),
+        ]
+    }
+    fn selector() -> impl Strategy<Value = Option<HostSelector>> {
+        let req = (key(), operator(), prop::collection::vec(value(), 0..3)).prop_map(
+            |(key, operator, values)| SelectorRequirement {
+                key,
+                operator,
+                values,
+            },
+        );
+        prop::option::of(
+            (
+                prop::collection::btree_map(key(), value(), 0..3),
+                prop::collection::vec(req, 0..3),
+            )
+                .prop_map(|(match_labels, match_expressions)| HostSelector {
+                    match_labels,
+                    match_expressions,
+                }),
+        )
+    }
+    fn host_name() -> impl Strategy<Value = String> {
+        (0u8..6).prop_map(|i| format!("h{i}"))
+    }
+
+    proptest! {
+        /// The index answers exactly what checking every group answers.
+        #[test]
+        fn the_index_agrees_with_checking_every_group(
+            groups in prop::collection::vec((selector(), prop::collection::vec(host_name(), 0..3)), 0..12),
+            hosts in prop::collection::vec((host_name(), prop::collection::btree_map(key(), value(), 0..3), prop::option::of(0usize..14)), 1..8),
+        ) {
+            let groups: BTreeMap<String, Group> = groups
+                .into_iter()
+                .enumerate()
+                .map(|(i, (selector, hosts))| {
+                    let name = format!("g{i:02}");
+                    let spec = GroupSpec { selector, hosts, ..Default::default() };
+                    (name.clone(), Group::new(&name, spec))
+                })
+                .collect();
+            let index = GroupIndex::new(&groups);
+            for (name, labels, pin) in hosts {
+                let spec = HostSpec { group: pin.map(|i| format!("g{i:02}")), ..Default::default() };
+                let mut h = Host::new(&name, spec);
+                h.metadata.labels = Some(labels);
+                prop_assert_eq!(index.groups_of(&h), groups_of(&h, &groups), "{:?}", h);
             }
         }
     }
