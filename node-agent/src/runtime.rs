@@ -334,10 +334,7 @@ impl Agent {
     async fn watch_link(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(i64::from(st.connected));
-        let counted = self.metrics.broker_failures.get();
-        self.metrics
-            .broker_failures
-            .inc_by(st.failures.saturating_sub(counted));
+        dog_protocol::telemetry::count_up_to(&self.metrics.broker_failures, st.failures);
         if st.connected && st.connects != self.heartbeat_for && self.send_heartbeat().await {
             self.heartbeat_for = st.connects;
         }

@@ -809,10 +809,7 @@ impl Runtime {
     fn report_broker(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(st.connected as i64);
-        let counted = self.metrics.broker_failures.get();
-        self.metrics
-            .broker_failures
-            .inc_by(st.failures.saturating_sub(counted));
+        dog_protocol::telemetry::count_up_to(&self.metrics.broker_failures, st.failures);
         if st.connected && self.inbox_backlog > BACKLOG_NOT_READY {
             self.health.set_not_ready(format!(
                 "intake backlog: {} agent messages waiting in the inbox",

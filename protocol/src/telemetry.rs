@@ -13,6 +13,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tracing_subscriber::EnvFilter;
 
+/// Raises `counter` to `total`, a running count kept elsewhere (e.g. [`LinkStatus::failures`]
+/// of the broker link); a counter never goes down.
+///
+/// [`LinkStatus::failures`]: crate::broker::LinkStatus::failures
+pub fn count_up_to(counter: &prometheus::IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// JSON lines when stdout is not a terminal, text otherwise.

@@ -1,6 +1,6 @@
 //! Host → Group resolution: pins, explicit member lists and label selectors.
 
-use crate::crd::{Group, Host, HostSelector, SelectorOperator};
+use crate::crd::{Group, Host, HostSelector, SelectorOperator, SelectorRequirement};
 use std::collections::{BTreeMap, HashMap};
 
 /// Does `selector` select a host with `labels`? Kubernetes LabelSelector semantics; an empty
@@ -86,7 +86,7 @@ impl<'a> GroupIndex<'a> {
             let Some(sel) = &g.spec.selector else {
                 continue;
             };
-            let is = |op| move |r: &&crate::crd::SelectorRequirement| r.operator == op;
+            let is = |op| move |r: &&SelectorRequirement| r.operator == op;
             if let Some((k, v)) = sel.match_labels.iter().next() {
                 ix.by_label.entry((k, v)).or_default().push(name);
             } else if let Some(r) = sel.match_expressions.iter().find(is(SelectorOperator::In)) {

@@ -15,7 +15,6 @@ use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, Event,
-    ExchangeKind,
 };
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, info, warn};
@@ -284,11 +283,7 @@ impl Inner {
         let consume_queue = self.consume_queue();
         match &self.role {
             Role::Operator => {
-                topology::declare_exchange(&topo, &t.hosts_exchange(), ExchangeKind::Direct)
-                    .await?;
-                topology::declare_exchange(&topo, &t.sets_exchange(), ExchangeKind::Direct).await?;
-                topology::declare_exchange(&topo, &t.operator_exchange(), ExchangeKind::Fanout)
-                    .await?;
+                topology::declare_operator_exchanges(&topo, t).await?;
                 self.declare_durable_queue(
                     &conn,
                     &mut topo,
@@ -732,9 +727,7 @@ impl OperatorLink {
         let name = self.inner.topology.operator_queue();
         let topo = session.topo(&name).lock().await;
         let t = &self.inner.topology;
-        topology::declare_exchange(&topo, &t.hosts_exchange(), ExchangeKind::Direct).await?;
-        topology::declare_exchange(&topo, &t.sets_exchange(), ExchangeKind::Direct).await?;
-        topology::declare_exchange(&topo, &t.operator_exchange(), ExchangeKind::Fanout).await?;
+        topology::declare_operator_exchanges(&topo, t).await?;
         topology::bind(&topo, &name, &t.operator_exchange(), "").await?;
         let q = topo
             .queue_declare(

@@ -152,6 +152,17 @@ pub(crate) async fn declare_exchange(
         .await
 }
 
+/// The three exchanges the operator owns: host queues, shared sets, and the agents' fanout to
+/// the operator's inbox. Declared on connect and again with every inbox check.
+pub(crate) async fn declare_operator_exchanges(
+    channel: &Channel,
+    t: &Topology,
+) -> Result<(), lapin::Error> {
+    declare_exchange(channel, &t.hosts_exchange(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, &t.sets_exchange(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, &t.operator_exchange(), ExchangeKind::Fanout).await
+}
+
 pub(crate) async fn bind(
     channel: &Channel,
     queue: &str,
