@@ -44,9 +44,12 @@ if [ "${1:-}" != "--demo" ]; then
   bash "$(dirname "${BASH_SOURCE[0]}")/prom-build.sh" >/dev/null
 fi
 
-# RabbitMQ: start it if nothing answers on 5672.
+# RabbitMQ: start it if nothing answers on 5672, with the management API on 15672 (the
+# operator provisions each node's own broker user through it).
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+management_up() { (exec 3<>/dev/tcp/127.0.0.1/15672) 2>/dev/null; }
 if ! broker_up; then
+  rabbitmq-plugins --offline enable rabbitmq_management >/dev/null
   log "starting rabbitmq-server"
   if command -v systemctl >/dev/null 2>&1 && systemctl is-system-running >/dev/null 2>&1; then
     systemctl start rabbitmq-server || rabbitmq-server -detached
@@ -61,7 +64,15 @@ if ! broker_up; then
 fi
 # wait until the node is fully booted (the port opens a little before queues can be declared)
 rabbitmqctl await_startup >/dev/null 2>&1 || true
-ready="$(iptables --version), ipset $(ipset --version | awk '{print $2}' | tr -d ,), RabbitMQ on 127.0.0.1:5672"
+if ! management_up; then
+  rabbitmq-plugins enable rabbitmq_management >/dev/null
+  for _ in $(seq 1 60); do
+    management_up && break
+    sleep 1
+  done
+  management_up || { echo "the RabbitMQ management API did not come up on 127.0.0.1:15672" >&2; exit 1; }
+fi
+ready="$(iptables --version), ipset $(ipset --version | awk '{print $2}' | tr -d ,), RabbitMQ on 127.0.0.1:5672 (management on 15672)"
 if [ "${1:-}" != "--demo" ]; then
   ready="$ready, etcd $(etcd --version | awk 'NR==1 {print $3}'), kube-apiserver $(awk '$1 == "k8s.io/kubernetes" {print $2}' "$(dirname "${BASH_SOURCE[0]}")/../tests/kubernetes/go.mod")"
 fi

@@ -57,6 +57,13 @@ pub struct Config {
     #[arg(long, env = "DOG_IDENTITY_TOKEN_FILE")]
     pub identity_token_file: Option<PathBuf>,
 
+    /// The broker user of `--broker-url` is the shared bootstrap user: ask the operator for
+    /// this node's own broker user (sent encrypted once the host is admitted), keep it in the
+    /// state directory and log in with it from then on. Falls back to the bootstrap user when
+    /// the broker refuses the saved one.
+    #[arg(long, env = "DOG_BROKER_BOOTSTRAP")]
+    pub broker_bootstrap: bool,
+
     /// Print this agent's public keys as the `spec.keys` of its Host (creating the keys in the
     /// state directory if there are none yet) and exit: how an administrator pre-pins a VM.
     #[arg(long, env = "DOG_PRINT_KEYS")]

@@ -8,6 +8,7 @@
 pub mod addresses;
 pub mod apply;
 pub mod backoff;
+pub mod broker_user;
 pub mod config;
 pub mod drift;
 pub mod firewall;

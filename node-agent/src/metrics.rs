@@ -23,6 +23,8 @@ pub struct AgentMetrics {
     pub rejected: IntCounterVec,
     pub broker_connected: IntGauge,
     pub broker_failures: IntCounter,
+    /// 1 while the agent is logged in as the bootstrap user (waiting for its own).
+    pub broker_bootstrap: IntGauge,
     /// `kind` = `heartbeat` | `keepalive` | `response`.
     pub sent: IntCounterVec,
     /// `kind` = request kind (`apply`, `shared_set`, …); `outcome` = `ok` | error kind.
@@ -125,6 +127,13 @@ impl AgentMetrics {
                 IntCounter::new(
                     "dog_agent_broker_connection_failures_total",
                     "Failed broker connection attempts plus lost connections (logged once per minute while one failure repeats)",
+                )?,
+            ),
+            broker_bootstrap: reg(
+                r,
+                IntGauge::new(
+                    "dog_agent_broker_bootstrap",
+                    "1 while the agent is logged in as the bootstrap broker user, waiting for the node's own user from the operator",
                 )?,
             ),
             sent: reg(

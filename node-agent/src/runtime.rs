@@ -16,13 +16,14 @@
 
 use crate::apply::{ApplyError, ApplyReport, LiveState, Plan};
 use crate::backoff::Backoff;
+use crate::broker_user::{own_user_refused, Login};
 use crate::config::{Config, Mode as ConfigMode};
 use crate::drift::DriftReport;
 use crate::firewall::Firewall;
 use crate::kernel::{Kernel, KernelError};
 use crate::members::SetContent;
 use crate::metrics::AgentMetrics;
-use crate::state::{AppliedState, ReplayState, StateStore};
+use crate::state::{AppliedState, BrokerUser, ReplayState, StateStore};
 use anyhow::Context;
 use dog_protocol::broker::{AgentLink, Deliveries, Delivery, MessageMeta};
 use dog_protocol::envelope::{Opener, Rejection, Sealer};
@@ -103,6 +104,13 @@ pub struct Agent {
     rejections: RejectionLog,
     /// `LinkStatus::connects` value the last heartbeat was sent for.
     heartbeat_for: u64,
+    /// The broker user the link logs in as.
+    login: Login,
+    /// A login the link moves to after the current delivery (the operator sent the node's
+    /// own user, or the broker refused it).
+    next_login: Option<Login>,
+    /// `LinkStatus::failures` when the link was last seen connected.
+    failures_at_connect: u64,
     /// The saved state was verified (and repaired) at start, or there was none.
     startup_verified: bool,
     /// Unix ms of the loop's last turn, read by the liveness watchdog.
@@ -201,8 +209,13 @@ impl Agent {
 
         // Connecting runs in the background; deliveries wait until `run`, after the saved
         // state has been verified and repaired below.
-        let (link, deliveries) =
-            AgentLink::start(bcfg, &hostname).context("broker configuration")?;
+        let login = Login::at_start(cfg.broker_bootstrap, store.load_broker_user());
+        let (link, deliveries) = login
+            .start(&cfg.broker, &hostname)
+            .context("broker configuration")?;
+        metrics
+            .broker_bootstrap
+            .set(i64::from(login == Login::Bootstrap));
         let mut agent = Agent {
             hostname,
             kernel: Arc::new(kernel),
@@ -224,6 +237,9 @@ impl Agent {
             answered: AnswerCache::new(ANSWER_CACHE),
             rejections: RejectionLog::default(),
             heartbeat_for: 0,
+            login,
+            next_login: None,
+            failures_at_connect: 0,
             startup_verified: false,
             last_turn: Arc::new(AtomicU64::new(unix_ms())),
             metrics_addr,
@@ -315,6 +331,11 @@ impl Agent {
                     }
                     _ = sleep_until(retry_at) => self.retry_pending().await,
                 }
+                if let Some(login) = self.next_login.take() {
+                    if let Some(fresh) = self.relogin(login).await {
+                        deliveries = fresh;
+                    }
+                }
             };
             watchdog.abort();
             info!(
@@ -334,6 +355,18 @@ impl Agent {
     async fn watch_link(&mut self) {
         let st = self.link.status();
         self.metrics.broker_connected.set(i64::from(st.connected));
+        if st.connected {
+            self.failures_at_connect = st.failures;
+        } else if matches!(self.login, Login::Own(_))
+            && self.next_login.is_none()
+            && own_user_refused(&st, self.failures_at_connect)
+        {
+            warn!(error = st.last_error.as_deref().unwrap_or(""), "the broker refuses this node's own user; forgetting it and asking the operator for a new one");
+            if let Err(e) = self.store.remove_broker_user() {
+                warn!(error = %e, "cannot remove the saved broker user");
+            }
+            self.next_login = Some(Login::Bootstrap);
+        }
         dog_protocol::telemetry::count_up_to(&self.metrics.broker_failures, st.failures);
         if st.connected && st.connects != self.heartbeat_for && self.send_heartbeat().await {
             self.heartbeat_for = st.connects;
@@ -346,6 +379,10 @@ impl Agent {
         } else if !self.startup_verified {
             self.health
                 .set_not_ready("the saved firewall is not verified yet");
+        } else if self.login == Login::Bootstrap {
+            self.health.set_not_ready(
+                "logged in as the bootstrap broker user: waiting for this node's own user from the operator",
+            );
         } else {
             self.health.set_ready();
         }
@@ -429,6 +466,7 @@ impl Agent {
             drift: self.drift.clone(),
             mode: self.protocol_mode(),
             identity_token: self.identity_token(),
+            broker_reply_to: self.link.reply_queue(),
         };
         let ok = self
             .publish(&AgentMessage::Heartbeat(hb), "heartbeat")
@@ -646,6 +684,9 @@ impl Agent {
             RequestKind::Status => self.status(id).await,
             RequestKind::DumpRules => self.dump(id).await,
             RequestKind::Reapply => self.reapply(id).await,
+            RequestKind::BrokerUser { username, password } => {
+                self.take_broker_user(id, username, password.0)
+            }
             RequestKind::Unknown => Response::error(
                 id,
                 ErrorKind::UnknownRequest,
@@ -671,6 +712,51 @@ impl Agent {
             "answered request"
         );
         response
+    }
+
+    /// The operator sent this node's own broker user: kept, and logged in with once the
+    /// request is answered (over the bootstrap link it came on).
+    fn take_broker_user(&mut self, id: Uuid, username: String, password: String) -> Response {
+        if !self.cfg.broker_bootstrap {
+            return Response::error(
+                id,
+                ErrorKind::Refused,
+                "this agent logs in as its configured broker user (no --broker-bootstrap)",
+            );
+        }
+        let user = BrokerUser { username, password };
+        if let Err(e) = self.store.save_broker_user(&user) {
+            error!(error = %e, "cannot keep the node's broker user; staying on the bootstrap user");
+            return Response::error(id, ErrorKind::Internal, e.to_string());
+        }
+        info!(user = %user.username, "received this node's own broker user");
+        let detail = format!("broker user {} kept", user.username);
+        self.next_login = Some(Login::Own(user));
+        text_ok(id, self.applied_revision(), None, detail)
+    }
+
+    /// Closes the link and opens one logged in as `login`; the new link's deliveries, or
+    /// `None` when it cannot start (the old link then stays).
+    async fn relogin(&mut self, login: Login) -> Option<Deliveries> {
+        let (link, deliveries) = match login.start(&self.cfg.broker, &self.hostname) {
+            Ok(started) => started,
+            Err(e) => {
+                error!(error = %e, "cannot start a broker link as {}", login.label());
+                return None;
+            }
+        };
+        let sets = self.link.shared_sets();
+        self.link.close();
+        self.link = link;
+        self.metrics
+            .broker_bootstrap
+            .set(i64::from(login == Login::Bootstrap));
+        self.login = login;
+        // the new link connects from zero: a heartbeat goes out once it is up
+        self.heartbeat_for = 0;
+        self.failures_at_connect = 0;
+        self.sync_bindings(&[], &sets).await;
+        Some(deliveries)
     }
 
     /// The firewall the agent is working towards: the pending retry, else the applied one.
@@ -1387,6 +1473,7 @@ fn request_kind_name(k: &RequestKind) -> &'static str {
         RequestKind::Status => "status",
         RequestKind::DumpRules => "dump_rules",
         RequestKind::Reapply => "reapply",
+        RequestKind::BrokerUser { .. } => "broker_user",
         RequestKind::Unknown => "unknown",
     }
 }

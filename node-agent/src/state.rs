@@ -13,6 +13,26 @@ pub const APPLIED_FILE: &str = "applied.json";
 /// File name of the replay state (what was accepted, so a restart does not accept it again).
 pub const REPLAY_FILE: &str = "replay.json";
 
+/// File name of the node's own broker user, sent by the operator (see [`BrokerUser`]).
+pub const BROKER_USER_FILE: &str = "broker-user.json";
+
+/// The agent's own broker user, provisioned by the operator after it admitted the host. The
+/// agent logs in with it instead of the bootstrap user, so its broker permissions cover its own
+/// queue only. Kept 0600 beside the keys.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct BrokerUser {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BrokerUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUser")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the agent accepted, kept across restarts: the newest issue time (and that second's
 /// message ids), and the newest version of each shared set.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -74,6 +94,26 @@ impl StateStore {
     /// The saved replay state, or `None` when nothing was saved yet.
     pub fn load_replay(&self) -> Result<Option<ReplayState>, StateError> {
         self.read_json(REPLAY_FILE)
+    }
+
+    /// Saves the node's broker user (same way as [`Self::save`]).
+    pub fn save_broker_user(&self, user: &BrokerUser) -> Result<(), StateError> {
+        self.write_json(BROKER_USER_FILE, user)
+    }
+
+    /// The saved broker user, or `None` when the operator has sent none yet.
+    pub fn load_broker_user(&self) -> Result<Option<BrokerUser>, StateError> {
+        self.read_json(BROKER_USER_FILE)
+    }
+
+    /// Forgets the broker user (the broker refused it: the agent asks for a new one).
+    pub fn remove_broker_user(&self) -> Result<(), StateError> {
+        let path = self.dir.join(BROKER_USER_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
     }
 
     fn write_json<T: Serialize>(&self, name: &str, state: &T) -> Result<(), StateError> {
@@ -143,6 +183,26 @@ mod tests {
     use super::*;
     use dog_protocol::ruleset::{Failsafe, Family, HostFirewall, IpSet, RulesDocument};
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_broker_user_is_kept_private_and_can_be_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state"));
+        assert_eq!(store.load_broker_user().unwrap(), None);
+        let user = BrokerUser {
+            username: "dog.node.n1".into(),
+            password: "s3cret".into(),
+        };
+        store.save_broker_user(&user).unwrap();
+        assert_eq!(store.load_broker_user().unwrap(), Some(user.clone()));
+        let path = dir.path().join("state").join(BROKER_USER_FILE);
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!format!("{user:?}").contains("s3cret"));
+        store.remove_broker_user().unwrap();
+        store.remove_broker_user().unwrap();
+        assert_eq!(store.load_broker_user().unwrap(), None);
+    }
 
     #[test]
     fn round_trips_with_private_mode() {

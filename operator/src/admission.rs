@@ -4,6 +4,9 @@
 //! * an administrator's pin (`spec.keys` on the Host) — such a heartbeat never reaches here;
 //! * in Kubernetes mode, the agent's projected ServiceAccount token, checked by the API server
 //!   (TokenReview) and bound to a Pod whose `spec.nodeName` is the host name;
+//! * the broker: a heartbeat published by the host's own broker user `<prefix>.node.<host>`
+//!   (RabbitMQ checks the AMQP `user-id` against the login), which exists only because the
+//!   operator provisioned it for an admitted host or an administrator created it for a VM;
 //! * trust on first use, only when the operator runs with `--trust-on-first-use`, and then
 //!   only for DNS-1123 names, under a cap on the number of hosts and a rate limit on new ones.
 //!
@@ -44,6 +47,8 @@ pub enum Evidence {
     Node(String),
     /// The authority refused the token (why, for the log).
     Refused(String),
+    /// The broker verified that the sender logged in as this host's node user.
+    BrokerUser(String),
 }
 
 /// Why a first heartbeat was not admitted; `reason()` is the metric label.
@@ -61,17 +66,20 @@ pub enum Refusal {
     WrongNode { host: String, node: String },
     #[error("host {host} is not admitted: {max} hosts are known (--max-hosts)")]
     TooManyHosts { host: String, max: usize },
+    #[error("host {host} is not admitted: the message was published by the broker user of host {user_host}")]
+    WrongBrokerUser { host: String, user_host: String },
 }
 
 impl Refusal {
     /// Every `reason()`, for metrics exposed from the start.
-    pub const REASONS: [&'static str; 6] = [
+    pub const REASONS: [&'static str; 7] = [
         "invalid_hostname",
         "registration_rate",
         "not_pinned",
         "identity_refused",
         "wrong_node",
         "too_many_hosts",
+        "wrong_broker_user",
     ];
 
     pub fn reason(&self) -> &'static str {
@@ -82,6 +90,7 @@ impl Refusal {
             Refusal::IdentityRefused { .. } => "identity_refused",
             Refusal::WrongNode { .. } => "wrong_node",
             Refusal::TooManyHosts { .. } => "too_many_hosts",
+            Refusal::WrongBrokerUser { .. } => "wrong_broker_user",
         }
     }
 }
@@ -93,6 +102,8 @@ pub enum Admitted {
     ServiceAccount,
     /// Trust on first use.
     FirstUse,
+    /// Its own broker user published the heartbeat.
+    BrokerUser,
 }
 
 impl Admitted {
@@ -100,6 +111,7 @@ impl Admitted {
         match self {
             Admitted::ServiceAccount => "service_account",
             Admitted::FirstUse => "first_use",
+            Admitted::BrokerUser => "broker_user",
         }
     }
 }
@@ -182,6 +194,11 @@ impl Admission {
     ) -> Result<Admitted, Refusal> {
         match evidence {
             Evidence::Node(node) if node == host => Ok(Admitted::ServiceAccount),
+            Evidence::BrokerUser(of) if of == host => Ok(Admitted::BrokerUser),
+            Evidence::BrokerUser(of) => Err(Refusal::WrongBrokerUser {
+                host: host.to_string(),
+                user_host: of.clone(),
+            }),
             Evidence::Node(node) => Err(Refusal::WrongNode {
                 host: host.to_string(),
                 node: node.clone(),
@@ -292,6 +309,16 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.reason(), "identity_refused");
         assert!(err.to_string().contains("expired"));
+        // a VM's own broker user speaks for that VM, and for no other host
+        assert_eq!(
+            a.decide("vm-1", &Evidence::BrokerUser("vm-1".into()), false, 0),
+            Ok(Admitted::BrokerUser)
+        );
+        let err = a
+            .decide("charlie", &Evidence::BrokerUser("alpha".into()), true, 0)
+            .unwrap_err();
+        assert_eq!(err.reason(), "wrong_broker_user");
+        assert!(err.to_string().contains("alpha"), "{err}");
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub async fn run(
         events.clone(),
     )));
 
+    let broker_users = crate::broker_users::from_args(&args.management, &broker)?;
+
     tokio::pin!(shutdown);
     // A term's loop takes ownership of these; the next term gets them back from it.
     let (mut args, mut sealer) = (args, sealer);
@@ -129,6 +131,7 @@ pub async fn run(
         ));
         let runtime = Runtime::new(Parts {
             verifier: Some(verifier),
+            broker_users: broker_users.clone(),
             args,
             sealer,
             link: link.clone(),

@@ -64,6 +64,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub admission: AdmissionArgs,
 
+    #[command(flatten)]
+    pub management: ManagementArgs,
+
     /// Namespace of the leader-election Lease (Kubernetes mode).
     #[arg(long, env = "POD_NAMESPACE", default_value = "dog-system")]
     pub namespace: String,
@@ -79,6 +82,23 @@ pub struct RunArgs {
     /// `info,dog_agent=debug`. `RUST_LOG`, when set, wins.
     #[arg(long, env = "DOG_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// The management flags (`docs/broker.md`, "Per-node users").
+#[derive(Args, Debug, Clone, Default)]
+pub struct ManagementArgs {
+    /// RabbitMQ management API, e.g. `https://dog-operator:<password>@rabbit.example:15671`.
+    /// With it the operator provisions each admitted host's own broker user for agents that
+    /// start with the bootstrap user (`dog-agent --broker-bootstrap`). The user needs the
+    /// `administrator` tag (creating users and setting permissions).
+    #[arg(long = "broker-management-url", env = "DOG_BROKER_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
+    /// A file holding the management password (one line), overriding the URL's.
+    #[arg(
+        long = "broker-management-password-file",
+        env = "DOG_BROKER_MANAGEMENT_PASSWORD_FILE"
+    )]
+    pub management_password_file: Option<PathBuf>,
 }
 
 /// Who may become a host (docs/operations.md, "Admitting agents").

@@ -1,6 +1,7 @@
 //! dog-operator: compiles dog's custom resources into per-host firewalls and publishes them.
 pub mod access;
 pub mod admission;
+pub mod broker_users;
 pub mod cluster;
 pub mod compile;
 pub mod config;

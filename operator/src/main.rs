@@ -124,6 +124,7 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
                 args.debounce.max(std::time::Duration::from_millis(100)),
                 sink.clone(),
             )?;
+            let broker_users = dog_operator::broker_users::from_args(&args.management, &broker)?;
             let (link, deliveries) = dog_protocol::broker::OperatorLink::start(broker)?;
             tracing::info!(dir = %dir.display(), "running on a resource directory (local mode)");
             // the only replica there is: always the active one
@@ -131,6 +132,7 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
             let runtime = Runtime::new(Parts {
                 // no Kubernetes, no authority on tokens: admins pin, or --trust-on-first-use
                 verifier: None,
+                broker_users,
                 args,
                 sealer,
                 link: link.clone(),

@@ -16,6 +16,8 @@ pub struct OperatorMetrics {
     pub hosts_drifted: IntGauge,
     pub rejected: IntCounterVec,
     pub hosts_registered: IntCounterVec,
+    /// `result` = `ok` | `not_configured` | `management_api` | `publish`.
+    pub broker_users: IntCounterVec,
     pub safety_valve_frozen: IntGauge,
     pub leader: IntGauge,
     pub apply_failures: IntCounter,
@@ -61,8 +63,12 @@ impl OperatorMetrics {
                 &["reason"],
             )?,
             hosts_registered: IntCounterVec::new(
-                Opts::new("dog_operator_hosts_registered_total", "Hosts whose agent keys were pinned on a first heartbeat, by how the agent was admitted (service_account, first_use)"),
+                Opts::new("dog_operator_hosts_registered_total", "Hosts whose agent keys were pinned on a first heartbeat, by how the agent was admitted (service_account, broker_user, first_use)"),
                 &["how"],
+            )?,
+            broker_users: IntCounterVec::new(
+                Opts::new("dog_operator_broker_users_provisioned_total", "Node broker users asked for by bootstrap agents, by result (ok, not_configured, management_api, publish)"),
+                &["result"],
             )?,
             safety_valve_frozen: IntGauge::new(
                 "dog_operator_safety_valve_frozen",
@@ -101,6 +107,7 @@ impl OperatorMetrics {
             Box::new(m.hosts_drifted.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.hosts_registered.clone()),
+            Box::new(m.broker_users.clone()),
             Box::new(m.safety_valve_frozen.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.apply_failures.clone()),
@@ -130,6 +137,7 @@ impl OperatorMetrics {
         for how in [
             crate::admission::Admitted::ServiceAccount,
             crate::admission::Admitted::FirstUse,
+            crate::admission::Admitted::BrokerUser,
         ] {
             m.hosts_registered.with_label_values(&[how.label()]);
         }
@@ -138,6 +146,9 @@ impl OperatorMetrics {
         }
         for result in ["ok", "error"] {
             m.reconciles.with_label_values(&[result]);
+        }
+        for result in ["ok", "not_configured", "management_api", "publish"] {
+            m.broker_users.with_label_values(&[result]);
         }
         Ok(m)
     }

@@ -11,6 +11,7 @@
 //! registrar of agent-only hosts differ.
 
 use crate::admission::{Admission, Admitted, Evidence, Refusal};
+use crate::broker_users::BrokerUsers;
 use crate::compile::{Compiled, Compiler, HostOutcome, Snapshot};
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
@@ -34,7 +35,7 @@ use dog_protocol::telemetry::Health;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -142,6 +143,10 @@ pub struct Runtime {
     admission: Admission,
     intake: Intake,
     verifier: Option<Arc<dyn IdentityVerifier>>,
+    /// The broker's management API, to give admitted hosts their own broker users.
+    broker_users: Option<Arc<dyn BrokerUsers>>,
+    /// Node users sent and not yet answered (request ids).
+    broker_user_requests: HashSet<Uuid>,
     /// `spec.keys` of Hosts as last turned into pins.
     admin_pins: BTreeMap<String, AgentKeys>,
     /// Set when `admin_pins` changed: refused heartbeats may now be taken.
@@ -171,6 +176,8 @@ pub struct Parts {
     pub args: RunArgs,
     /// The authority on agent identity tokens (Kubernetes mode), if any.
     pub verifier: Option<Arc<dyn IdentityVerifier>>,
+    /// The broker's management API (`--broker-management-url`), if any.
+    pub broker_users: Option<Arc<dyn BrokerUsers>>,
     pub sealer: Sealer,
     pub link: OperatorLink,
     pub deliveries: Deliveries,
@@ -221,6 +228,7 @@ impl Runtime {
         let Parts {
             args,
             verifier,
+            broker_users,
             sealer,
             link,
             deliveries,
@@ -301,6 +309,8 @@ impl Runtime {
             admission: Admission::new(args.admission.policy()),
             intake: Intake::new(args.admission.intake()),
             verifier,
+            broker_users,
+            broker_user_requests: HashSet::new(),
             admin_pins: BTreeMap::new(),
             admin_pins_changed: false,
             started: Instant::now(),
@@ -445,6 +455,7 @@ impl Runtime {
                 info!(host = %name, "its Node is gone: retired");
                 rt.view.state = HostState::Retired;
                 self.needs_status = true;
+                revoke_broker_user(&self.broker_users, &self.link, name);
             }
             if rt.node_gone && !gone {
                 info!(host = %name, "its Node is back: active again on the next keepalive");
@@ -829,15 +840,22 @@ impl Runtime {
     // agent messages
     // ----------------------------------------------------------------------------------
 
-    fn reject(&mut self, reason: &'static str, detail: &str, sender: Option<&str>) {
-        self.metrics.rejected.with_label_values(&[reason]).inc();
+    /// Whether a line about `reason` is due: the first one in a minute.
+    fn first_in_minute(&mut self, reason: &'static str) -> bool {
         let now = Instant::now();
-        let log = match self.logged_rejections.get(reason) {
+        let due = match self.logged_rejections.get(reason) {
             Some(at) => now.duration_since(*at) > Duration::from_secs(60),
             None => true,
         };
-        if log {
+        if due {
             self.logged_rejections.insert(reason, now);
+        }
+        due
+    }
+
+    fn reject(&mut self, reason: &'static str, detail: &str, sender: Option<&str>) {
+        self.metrics.rejected.with_label_values(&[reason]).inc();
+        if self.first_in_minute(reason) {
             warn!(reason, sender = sender.unwrap_or("unknown"), detail, "rejected agent message (further ones with this reason are counted, not logged, for a minute)");
         }
     }
@@ -875,18 +893,32 @@ impl Runtime {
                     let sender = opened.header.sender.clone();
                     self.reject("malformed", &e.to_string(), Some(&sender));
                 }
-                Ok(msg) => self.on_message(opened, msg).await,
+                Ok(msg) => self.on_message(opened, msg, d.user_id.as_deref()).await,
             },
         }
         d.acker.ack().await;
     }
 
-    async fn on_message(&mut self, opened: Opened, msg: AgentMessage) {
+    /// `user_id`: the broker user that published the message, as the broker checked it.
+    async fn on_message(&mut self, opened: Opened, msg: AgentMessage, user_id: Option<&str>) {
         let host = opened.header.sender.clone();
         let now = Timestamp::now();
+        // a node's own broker user speaks for that node only, whatever key signed
+        let user_host = user_id.and_then(|u| self.link.topology().host_of_node_user(u));
+        if let Some(of) = user_host.filter(|of| *of != host) {
+            let refusal = Refusal::WrongBrokerUser {
+                host: host.clone(),
+                user_host: of.to_string(),
+            };
+            self.reject(refusal.reason(), &refusal.to_string(), Some(&host));
+            return;
+        }
         self.last_heard_any = Some(now);
         match msg {
-            AgentMessage::Heartbeat(hb) => self.on_heartbeat(&opened, hb, now).await,
+            AgentMessage::Heartbeat(hb) => {
+                let by_own_user = user_host.is_some();
+                self.on_heartbeat(&opened, hb, now, by_own_user).await
+            }
             AgentMessage::Keepalive(ka) => self.on_keepalive(&host, ka, now),
             AgentMessage::Response(r) => self.on_response(&host, r, now),
         }
@@ -921,11 +953,13 @@ impl Runtime {
 
     /// Whether the host of a first heartbeat (no pin) is admitted: the pure checks, then the
     /// authority on its identity token, then the decision (crate::admission).
-    async fn admit(&mut self, hb: &Heartbeat) -> Result<Admitted, Refusal> {
+    /// `by_own_user`: the broker says the host's own broker user published it.
+    async fn admit(&mut self, hb: &Heartbeat, by_own_user: bool) -> Result<Admitted, Refusal> {
         let host = &hb.hostname;
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.admission.precheck(host, now_ms)?;
         let evidence = match (&hb.identity_token, &self.verifier) {
+            _ if by_own_user => Evidence::BrokerUser(host.clone()),
             // bounded: an API server that does not answer must not stall the loop
             (Some(token), Some(verifier)) => {
                 match tokio::time::timeout(VERIFY_TIMEOUT, verifier.node_of(token)).await {
@@ -944,10 +978,16 @@ impl Runtime {
         self.admission.decide(host, &evidence, known, hosts)
     }
 
-    async fn on_heartbeat(&mut self, opened: &Opened, hb: Heartbeat, now: Timestamp) {
+    async fn on_heartbeat(
+        &mut self,
+        opened: &Opened,
+        hb: Heartbeat,
+        now: Timestamp,
+        by_own_user: bool,
+    ) {
         let host = hb.hostname.clone();
         if opened.first_use {
-            match self.admit(&hb).await {
+            match self.admit(&hb, by_own_user).await {
                 Ok(how) => {
                     self.metrics
                         .hosts_registered
@@ -1039,7 +1079,8 @@ impl Runtime {
         }
         for (name, (opened, hb)) in due {
             debug!(host = %name, "reviewing the identity token of a refused heartbeat again");
-            self.on_heartbeat(&opened, hb, Timestamp::now()).await;
+            self.on_heartbeat(&opened, hb, Timestamp::now(), false)
+                .await;
         }
     }
 
@@ -1113,6 +1154,10 @@ impl Runtime {
         }
         self.needs_status = true;
         self.mark_seen(&host, now);
+        if let Some(reply_to) = &hb.broker_reply_to {
+            self.hand_out_broker_user(&host, &hb.encryption_key, reply_to)
+                .await;
+        }
         // An agent that (re)connects gets its full desired state at once, unless it already
         // reported exactly that.
         let expected = report::expected_hashes(self.compiler.compiled(), &host);
@@ -1129,6 +1174,49 @@ impl Runtime {
             _ => self.publish.forget(&host),
         }
         self.needs_publish = true;
+    }
+
+    /// An admitted agent on the bootstrap user asks for its own broker user.
+    async fn hand_out_broker_user(
+        &mut self,
+        host: &str,
+        key: &EncryptionPublicKey,
+        reply_to: &str,
+    ) {
+        let Some(users) = self.broker_users.clone() else {
+            self.metrics
+                .broker_users
+                .with_label_values(&["not_configured"])
+                .inc();
+            if self.first_in_minute("broker_user_not_configured") {
+                warn!(host, "an agent asks for its own broker user, but the operator has no --broker-management-url; it stays on the bootstrap user (further ones are counted, not logged, for a minute)");
+            }
+            return;
+        };
+        let sent = crate::broker_users::hand_out(
+            users.as_ref(),
+            &self.link,
+            &self.sealer,
+            host,
+            key,
+            reply_to,
+            unix_now(),
+        )
+        .await;
+        match sent {
+            Ok(id) => {
+                self.metrics.broker_users.with_label_values(&["ok"]).inc();
+                info!(host, user = %self.link.topology().node_user(host), request = %id, "sent the host its own broker user");
+                self.broker_user_requests.insert(id);
+            }
+            Err(e) => {
+                self.metrics
+                    .broker_users
+                    .with_label_values(&[e.result])
+                    .inc();
+                warn!(host, error = %e.reason, "could not give the host its own broker user; it asks again when it reconnects");
+            }
+        }
     }
 
     fn on_keepalive(&mut self, host: &str, ka: Keepalive, now: Timestamp) {
@@ -1180,6 +1268,18 @@ impl Runtime {
     }
 
     fn on_response(&mut self, host: &str, r: Response, now: Timestamp) {
+        if self.broker_user_requests.remove(&r.request_id) {
+            match &r.result {
+                Outcome::Ok { .. } => {
+                    info!(host, request = %r.request_id, "the agent took its broker user")
+                }
+                Outcome::Error { message, .. } => {
+                    warn!(host, request = %r.request_id, %message, "the agent refused its broker user")
+                }
+            }
+            self.mark_seen(host, now);
+            return;
+        }
         let pending = self.pending.remove(&r.request_id);
         let rt = self.fleet.entry(host.to_string()).or_default();
         match r.result {
@@ -1300,6 +1400,7 @@ impl Runtime {
             let event = DogEvent::host_collected(&name, retention);
             emit(&self.events, self.compiler.snapshot(), event);
             info!(host = %name, retention_secs = retention.as_secs(), "deleted a Host retired past the retention");
+            revoke_broker_user(&self.broker_users, &self.link, &name);
             self.fleet.remove(&name);
             self.registered.remove(&name);
             self.publish.forget(&name);
@@ -1329,6 +1430,21 @@ impl Runtime {
 
 /// Records an Event without holding up the loop (sinks are best effort and log failures). The
 /// object's uid comes from the snapshot, so that `kubectl describe` shows the Event.
+/// Deletes a host's own broker user in the background (its Node is gone, or its Host was
+/// collected): its agent can no longer log in and falls back to the bootstrap user.
+fn revoke_broker_user(users: &Option<Arc<dyn BrokerUsers>>, link: &OperatorLink, host: &str) {
+    let Some(users) = users.clone() else {
+        return;
+    };
+    let user = link.topology().node_user(host);
+    tokio::spawn(async move {
+        match users.remove(&user).await {
+            Ok(()) => info!(user = %user, "deleted the host's broker user"),
+            Err(e) => warn!(user = %user, error = %e, "could not delete the host's broker user"),
+        }
+    });
+}
+
 fn emit(events: &Arc<dyn EventSink>, snap: &Snapshot, event: DogEvent) {
     fn uid_in<K: kube::ResourceExt>(objects: &BTreeMap<String, K>, name: &str) -> Option<String> {
         objects.get(name).and_then(|o| o.uid())

@@ -23,6 +23,7 @@ mod delivery;
 mod link;
 mod repeats;
 mod topology;
+mod users;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,7 @@ pub use config::{Backoff, BrokerArgs, BrokerConfig, Credentials, TlsFiles};
 pub use delivery::{AckOutcome, Acker, Deliveries, Delivery};
 pub use link::{AgentLink, LinkStatus, OperatorLink};
 pub use topology::Topology;
+pub use users::{is_server_named_queue, Permissions, SERVER_NAMED_QUEUE_PREFIX};
 
 /// The AMQP properties the transport carries besides the payload.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -152,6 +152,11 @@ pub struct Heartbeat {
     /// operator has the API server check before it pins the keys of a host it has no pin for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_token: Option<String>,
+    /// An agent logged in as the bootstrap user asks for its own broker user: the operator,
+    /// once it has admitted the host, sends [`RequestKind::BrokerUser`] to this queue (one the
+    /// broker named for the agent's connection, `amq.gen-…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_reply_to: Option<String>,
 }
 
 /// Sent by the agent on an interval.
@@ -289,6 +294,17 @@ pub struct SetDelta {
     pub remove: Vec<IpNet>,
 }
 
+/// A secret that never reaches a log: its `Debug` prints nothing of it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
 /// What a request asks for. Internally tagged by `kind`; unknown kinds become
 /// [`RequestKind::Unknown`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -313,6 +329,13 @@ pub enum RequestKind {
     DumpRules,
     /// Re-apply the last applied state.
     Reapply,
+    /// The agent's own broker user (`<prefix>.node.<host>`), provisioned by the operator once
+    /// the host was admitted; sent encrypted to the agent's bootstrap queue. The agent keeps
+    /// it in its state directory and logs in with it from then on.
+    BrokerUser {
+        username: String,
+        password: Password,
+    },
     /// A kind this reader does not know.
     #[serde(other)]
     Unknown,
@@ -384,6 +407,12 @@ impl Heartbeat {
             || "identity_token".into(),
             self.identity_token.as_ref().map_or(0, String::len),
             limits::IDENTITY_TOKEN,
+        )?;
+        // an AMQP short string; whether it is a broker-generated name the operator checks
+        check(
+            || "broker_reply_to".into(),
+            self.broker_reply_to.as_ref().map_or(0, String::len),
+            255,
         )?;
         check(
             || "interfaces".into(),
@@ -557,6 +586,10 @@ impl Request {
                 Ok(())
             }
             RequestKind::SharedSet { set, .. } => check_set("request.set", set),
+            RequestKind::BrokerUser { username, password } => {
+                check(|| "request.username".into(), username.len(), 255)?;
+                check(|| "request.password".into(), password.0.len(), 255)
+            }
             RequestKind::Status
             | RequestKind::DumpRules
             | RequestKind::Reapply
@@ -643,6 +676,7 @@ mod tests {
             drift: DriftSummary::default(),
             mode: Mode::Enforce,
             identity_token: None,
+            broker_reply_to: None,
         };
         let err = hb.validate().unwrap_err();
         assert_eq!(err.field, "interfaces[0].addresses");

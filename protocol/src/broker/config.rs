@@ -171,6 +171,16 @@ impl BrokerConfig {
         Ok((uri, tls))
     }
 
+    /// The vhost the URL names (`%2f` is `/`), where agents' users get their permissions.
+    pub fn vhost(&self) -> Result<String, BrokerError> {
+        AMQPUri::from_str(&self.url)
+            .map(|uri| uri.vhost)
+            .map_err(|reason| BrokerError::Config {
+                field: "url",
+                reason,
+            })
+    }
+
     /// The URL without user info, for logs.
     pub fn redacted_url(&self) -> String {
         match AMQPUri::from_str(&self.url) {

@@ -20,6 +20,9 @@ pub struct Delivery {
     pub message_id: Option<String>,
     /// AMQP `type`, if the sender set one.
     pub kind: Option<String>,
+    /// AMQP `user-id`: when present, the broker checked that it is the user the publisher
+    /// logged in as (RabbitMQ refuses a publish whose `user-id` is another user's).
+    pub user_id: Option<String>,
     /// The broker delivered this message before (to this or another consumer) without an
     /// acknowledgement; the application may already have processed it.
     pub redelivered: bool,
@@ -37,6 +40,7 @@ impl Delivery {
         Self {
             message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
             kind: props.kind().as_ref().map(|s| s.as_str().to_string()),
+            user_id: props.user_id().as_ref().map(|s| s.as_str().to_string()),
             redelivered: d.redelivered,
             body: d.data,
             acker: Acker {

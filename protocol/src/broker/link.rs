@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeleteOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
@@ -63,7 +63,12 @@ impl Shared {
 #[derive(Debug)]
 enum Role {
     Operator,
-    Agent { host: String },
+    Agent {
+        host: String,
+    },
+    /// An agent logged in as the bootstrap user: it consumes a queue the broker names for its
+    /// connection (exclusive), where the operator sends the agent its own user.
+    Bootstrap,
 }
 
 struct Session {
@@ -104,6 +109,11 @@ struct Inner {
     /// Shared sets the agent's queue is bound to; re-bound after every reconnect.
     bound_sets: StdMutex<BTreeSet<String>>,
     quorum_unsupported: AtomicBool,
+    /// Bootstrap: the name the broker gave this connection's queue.
+    reply_queue: StdMutex<Option<String>>,
+    /// Agents set AMQP `user-id` to their login, which the broker checks: the operator then
+    /// knows which broker user published a message.
+    user_id: Option<String>,
 }
 
 /// Closes the link when the last handle is dropped.
@@ -134,7 +144,11 @@ impl Inner {
         let (uri, tls) = config.resolve()?;
         let prefetch = match role {
             Role::Operator => config.operator_prefetch,
-            Role::Agent { .. } => config.agent_prefetch,
+            Role::Agent { .. } | Role::Bootstrap => config.agent_prefetch,
+        };
+        let user_id = match role {
+            Role::Operator => None,
+            _ => Some(uri.authority.userinfo.username.clone()).filter(|u| !u.is_empty()),
         };
         let (delivery_tx, delivery_rx) = mpsc::channel(usize::from(prefetch));
         let (failures_tx, failures_rx) = mpsc::unbounded_channel();
@@ -151,6 +165,8 @@ impl Inner {
             declared_hosts: StdMutex::new(HashSet::new()),
             bound_sets: StdMutex::new(BTreeSet::new()),
             quorum_unsupported: AtomicBool::new(false),
+            reply_queue: StdMutex::new(None),
+            user_id,
         });
         let guard = CloseOnDrop(inner.shutdown.clone());
         tokio::spawn(supervise(inner.clone(), delivery_tx, failures_rx));
@@ -167,10 +183,12 @@ impl Inner {
         }
     }
 
-    fn consume_queue(&self) -> String {
+    /// The queue this link consumes; `None` for a bootstrap link (the broker names it).
+    fn consume_queue(&self) -> Option<String> {
         match &self.role {
-            Role::Operator => self.topology.operator_queue(),
-            Role::Agent { host } => self.topology.host_queue(host),
+            Role::Operator => Some(self.topology.operator_queue()),
+            Role::Agent { host } => Some(self.topology.host_queue(host)),
+            Role::Bootstrap => None,
         }
     }
 
@@ -280,7 +298,7 @@ impl Inner {
         let events: EventStream = Box::pin(conn.events_listener());
         let mut topo = conn.create_channel().await?;
         let t = &self.topology;
-        let consume_queue = self.consume_queue();
+        let mut consume_queue = self.consume_queue().unwrap_or_default();
         match &self.role {
             Role::Operator => {
                 topology::declare_operator_exchanges(&topo, t).await?;
@@ -312,6 +330,23 @@ impl Inner {
                 self.declare_durable_queue(&conn, &mut topo, &consume_queue, self.host_shape())
                     .await?;
             }
+            Role::Bootstrap => {
+                let queue = topo
+                    .queue_declare(
+                        "".into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                consume_queue = queue.name().as_str().to_string();
+                if let Ok(mut slot) = self.reply_queue.lock() {
+                    *slot = Some(consume_queue.clone());
+                }
+            }
         }
         let mut pool = vec![Mutex::new(topo)];
         for _ in 1..TOPOLOGY_CHANNELS {
@@ -324,7 +359,7 @@ impl Inner {
         let consume = conn.create_channel().await?;
         let prefetch = match self.role {
             Role::Operator => self.config.operator_prefetch,
-            Role::Agent { .. } => self.config.agent_prefetch,
+            Role::Agent { .. } | Role::Bootstrap => self.config.agent_prefetch,
         };
         consume
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -365,6 +400,8 @@ impl Inner {
                     topology::bind(&topo, &consume_queue, &t.sets_exchange(), &set).await?;
                 }
             }
+            // nothing is bound to a bootstrap queue: the operator routes by its name
+            Role::Bootstrap => {}
         }
         let consumer = consume
             .basic_consume(
@@ -385,11 +422,15 @@ impl Inner {
         body: &[u8],
         meta: &MessageMeta,
         host: Option<&str>,
+        unroutable_retries: u32,
     ) -> Result<(), BrokerError> {
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_message_id(meta.message_id.clone().into())
             .with_type(meta.kind.clone().into());
+        if let Some(user) = &self.user_id {
+            properties = properties.with_user_id(user.as_str().into());
+        }
         let mut min_generation = 0;
         let mut retries = 0u32;
         let mut unroutable = 0u32;
@@ -440,7 +481,7 @@ impl Inner {
                     if let Some(host) = host {
                         self.forget_host(host);
                     }
-                    if unroutable > self.config.unroutable_retries {
+                    if unroutable > unroutable_retries {
                         return Err(BrokerError::Unroutable {
                             exchange: exchange.to_string(),
                             routing_key: routing_key.to_string(),
@@ -765,8 +806,9 @@ impl OperatorLink {
     ) -> Result<(), BrokerError> {
         validate_name_part("host", host)?;
         let exchange = self.inner.topology.hosts_exchange();
+        let retries = self.inner.config.unroutable_retries;
         self.inner
-            .publish(&exchange, host, body, meta, Some(host))
+            .publish(&exchange, host, body, meta, Some(host), retries)
             .await
     }
 
@@ -781,9 +823,30 @@ impl OperatorLink {
     ) -> Result<(), BrokerError> {
         validate_name_part("set_name", set_name)?;
         let exchange = self.inner.topology.sets_exchange();
+        let retries = self.inner.config.unroutable_retries;
         self.inner
-            .publish(&exchange, set_name, body, meta, None)
+            .publish(&exchange, set_name, body, meta, None, retries)
             .await
+    }
+
+    /// Publish `body` straight to the queue `queue` (through the default exchange): a node
+    /// user's credential to the bootstrap queue of the agent that asked for it. Only a
+    /// broker-generated name is accepted, and an unroutable message (the agent's connection
+    /// and with it its queue are gone) fails at once: the agent asks again when it reconnects.
+    pub async fn publish_to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+        meta: &MessageMeta,
+    ) -> Result<(), BrokerError> {
+        if !super::users::is_server_named_queue(queue) {
+            return Err(BrokerError::InvalidName {
+                field: "queue",
+                name: queue.to_string(),
+                reason: "must be a name the broker generated (amq.gen-…)",
+            });
+        }
+        self.inner.publish("", queue, body, meta, None, 0).await
     }
 
     /// Delete a host's queue (a retired host) and forget it.
@@ -879,6 +942,40 @@ impl AgentLink {
         ))
     }
 
+    /// A link logged in as the bootstrap user (see `Topology::bootstrap_permissions`): it
+    /// consumes a queue the broker names for this connection only, whose name
+    /// [`AgentLink::reply_queue`] gives for the heartbeat, and publishes to the operator. It
+    /// declares and binds nothing else: shared sets are only remembered until the agent moves
+    /// to its own user.
+    pub fn start_bootstrap(
+        config: BrokerConfig,
+        hostname: &str,
+    ) -> Result<(Self, Deliveries), BrokerError> {
+        validate_name_part("hostname", hostname)?;
+        let (inner, deliveries, guard) = Inner::start(config, Role::Bootstrap)?;
+        Ok((
+            Self {
+                inner,
+                host: hostname.to_string(),
+                _guard: Arc::new(guard),
+            },
+            deliveries,
+        ))
+    }
+
+    /// Bootstrap link, connected: the name of its queue (it changes with every connection).
+    pub fn reply_queue(&self) -> Option<String> {
+        if !matches!(self.inner.role, Role::Bootstrap) || !self.status().connected {
+            return None;
+        }
+        self.inner.reply_queue.lock().ok().and_then(|q| q.clone())
+    }
+
+    /// Whether this link is logged in as the bootstrap user.
+    pub fn is_bootstrap(&self) -> bool {
+        matches!(self.inner.role, Role::Bootstrap)
+    }
+
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
     }
@@ -905,7 +1002,10 @@ impl AgentLink {
     ) -> Result<(), BrokerError> {
         let exchange = self.inner.topology.operator_exchange();
         let host = self.host().to_string();
-        self.inner.publish(&exchange, &host, body, meta, None).await
+        let retries = self.inner.config.unroutable_retries;
+        self.inner
+            .publish(&exchange, &host, body, meta, None, retries)
+            .await
     }
 
     /// Receive messages published to shared set `name` from now on (binding is kept and
@@ -914,6 +1014,9 @@ impl AgentLink {
         validate_name_part("set_name", name)?;
         if let Ok(mut sets) = self.inner.bound_sets.lock() {
             sets.insert(name.to_string());
+        }
+        if self.is_bootstrap() {
+            return Ok(());
         }
         let queue = self.inner.topology.host_queue(self.host());
         let exchange = self.inner.topology.sets_exchange();
@@ -933,6 +1036,9 @@ impl AgentLink {
         validate_name_part("set_name", name)?;
         if let Ok(mut sets) = self.inner.bound_sets.lock() {
             sets.remove(name);
+        }
+        if self.is_bootstrap() {
+            return Ok(());
         }
         let queue = self.inner.topology.host_queue(self.host());
         let exchange = self.inner.topology.sets_exchange();

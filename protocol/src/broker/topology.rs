@@ -24,6 +24,11 @@ impl Topology {
         }
     }
 
+    /// The prefix of every name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Direct exchange routing per-host messages by host name.
     pub fn hosts_exchange(&self) -> String {
         format!("{}.hosts", self.prefix)

@@ -116,6 +116,7 @@ pub fn heartbeat(a: &Agent) -> AgentMessage {
         drift: DriftSummary::default(),
         mode: Mode::Enforce,
         identity_token: None,
+        broker_reply_to: None,
     })
 }
 
