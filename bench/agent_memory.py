@@ -66,7 +66,8 @@ def main():
         fleet(d, host, 0)
         oplog = f"{work}/operator.log"
         procs.append(subprocess.Popen([f"{BIN}/dog-operator", "run", "--from-dir", d, "--signing-key", f"{work}/op.key",
-                                       "--topology-prefix", prefix, "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
+                                       "--topology-prefix", prefix, "--metrics-addr", "127.0.0.1:0", "--log-format", "json",
+                                       "--trust-on-first-use"],
                                       stdout=open(oplog, "w"), stderr=subprocess.STDOUT))
         agent = subprocess.Popen([f"{BIN}/dog-agent", "--hostname", host, "--netns", ns, "--state-dir", f"{work}/state",
                                   "--operator-public-keys", f"{work}/op.pub", "--topology-prefix", prefix,

@@ -135,7 +135,10 @@ def main():
         op = subprocess.Popen([os.path.join(bindir, "dog-operator"), "run", "--from-dir", d,
                                "--signing-key", f"{work}/op.key", "--topology-prefix", prefix,
                                "--keepalive-interval", "30", "--debounce", "0.05",
-                               "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
+                               "--metrics-addr", "127.0.0.1:0", "--log-format", "json",
+                               # the simulated fleet registers all at once
+                               "--trust-on-first-use", "--registration-burst", "100000",
+                               "--registrations-per-minute", "100000"],
                               stdout=oplog, stderr=oplog)
         procs.append(op)
         # DOG_BENCH_KEEP=1 also keeps every agent's log (agent-NNNN.log) for a timeline
