@@ -4,7 +4,13 @@ after applying a small firewall, and after applying one with a 1,000,000-entry s
 by a ConfigMap), both sent by the real operator through the real broker. Kernel memory for the
 set is not the agent's and is not counted (the agent's VmRSS/VmHWM are read from /proc).
 
-Usage (as root, after `cargo build --release --bins`): python3 bench/agent_memory.py
+Then the agent's CPU at rest with that set: keepalives every second, no drift check in the
+window, CPU time of the agent and the tools it ran (utime + stime + cutime + cstime) over
+REST_SECONDS.
+
+Usage (as root, after `cargo build --release --bins`): python3 bench/agent_memory.py [BIN_DIR]
+(BIN_DIR, default target/release, holds dog-agent and dog-operator: an older build measures
+the same way.)
 """
 import os, shutil, signal, subprocess, sys, tempfile, time
 
@@ -12,7 +18,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from broker import delete_queues  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target", "release")
+REST_SECONDS = 20
+
+
+def cpu_seconds(pid):
+    """CPU time of the process and of its reaped children, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def kb(pid, field):
@@ -71,7 +86,8 @@ def main():
                                       stdout=open(oplog, "w"), stderr=subprocess.STDOUT))
         agent = subprocess.Popen([f"{BIN}/dog-agent", "--hostname", host, "--netns", ns, "--state-dir", f"{work}/state",
                                   "--operator-public-keys", f"{work}/op.pub", "--topology-prefix", prefix,
-                                  "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
+                                  "--metrics-addr", "127.0.0.1:0", "--log-format", "json",
+                                  "--keepalive-interval", "1", "--drift-interval", "3600"],
                                  stdout=open(f"{work}/agent.log", "w"), stderr=subprocess.STDOUT)
         procs.append(agent)
         deadline = time.time() + 60
@@ -93,6 +109,11 @@ def main():
         print(f"after the 1,000,000-entry set: applied {took:.1f} s after the file write; "
               f"VmRSS {kb(agent.pid, 'VmRSS') / 1024:.1f} MiB, peak VmHWM {kb(agent.pid, 'VmHWM') / 1024:.1f} MiB "
               f"(goal < 30 MB of its own)")
+        before = cpu_seconds(agent.pid)
+        time.sleep(REST_SECONDS)
+        used = cpu_seconds(agent.pid) - before
+        print(f"at rest with the 1,000,000-entry set, keepalive every 1 s: {used:.2f} CPU-s in "
+              f"{REST_SECONDS} s ({used / REST_SECONDS * 1000:.0f} ms of CPU per keepalive)")
     finally:
         for p in procs:
             p.send_signal(signal.SIGKILL)

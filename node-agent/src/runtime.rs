@@ -111,6 +111,11 @@ pub struct Agent {
     next_login: Option<Login>,
     /// `LinkStatus::failures` when the link was last seen connected.
     failures_at_connect: u64,
+    /// The kernel's hashes as the last verification read them: an apply (which reads back
+    /// what it wrote), a drift check or repair, an observe check. Keepalives and heartbeats
+    /// report these and never read the kernel themselves. `None` before the first one and
+    /// after an apply failed midway (then the next report reads the kernel once).
+    verified: Option<FirewallHashes>,
     /// The saved state was verified (and repaired) at start, or there was none.
     startup_verified: bool,
     /// Unix ms of the loop's last turn, read by the liveness watchdog.
@@ -240,6 +245,7 @@ impl Agent {
             login,
             next_login: None,
             failures_at_connect: 0,
+            verified: None,
             startup_verified: false,
             last_turn: Arc::new(AtomicU64::new(unix_ms())),
             metrics_addr,
@@ -417,6 +423,15 @@ impl Agent {
         Ok(live)
     }
 
+    /// What keepalives and heartbeats report: the last verification's hashes (see
+    /// `verified`), reading the kernel only when there is none.
+    async fn reported_hashes(&mut self) -> Option<FirewallHashes> {
+        if self.verified.is_none() {
+            self.verified = self.live_hashes().await;
+        }
+        self.verified.clone()
+    }
+
     async fn live_hashes(&self) -> Option<FirewallHashes> {
         match self.live().await {
             Ok(l) => Some(l.hashes()),
@@ -462,7 +477,7 @@ impl Agent {
             signing_key: self.signing_key,
             encryption_key: self.encryption_key,
             applied_revision: self.applied_revision(),
-            live_hashes: self.live_hashes().await,
+            live_hashes: self.reported_hashes().await,
             drift: self.drift.clone(),
             mode: self.protocol_mode(),
             identity_token: self.identity_token(),
@@ -486,7 +501,7 @@ impl Agent {
         let ka = Keepalive {
             interval_secs: self.cfg.keepalive_interval.as_secs_f64().ceil().max(1.0) as u64,
             applied_revision: self.applied_revision(),
-            live_hashes: self.live_hashes().await,
+            live_hashes: self.reported_hashes().await,
             drift,
             mode: self.protocol_mode(),
             would_change: self.would_change,
@@ -808,6 +823,7 @@ impl Agent {
             Ok(plan) => {
                 let text = plan_summary(&plan);
                 self.would_change = Some(plan.change_count());
+                self.verified = Some(plan.live.clone());
                 info!(revision, summary = %text, "observe mode: not applying");
                 let old: Vec<String> = self
                     .applied
@@ -829,7 +845,7 @@ impl Agent {
         }
     }
 
-    async fn kernel_apply(&self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {
+    async fn kernel_apply(&mut self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {
         let k = self.kernel.clone();
         let fw = fw.clone();
         let started = Instant::now();
@@ -839,6 +855,10 @@ impl Agent {
             .observe(started.elapsed().as_secs_f64());
         let label = if r.is_ok() { "applied" } else { "failed" };
         self.metrics.applies.with_label_values(&[label]).inc();
+        if r.as_ref().is_err_and(|e| !e.is_refusal()) {
+            // rolled back, or not: the next report reads what the kernel holds
+            self.verified = None;
+        }
         r
     }
 
@@ -871,6 +891,7 @@ impl Agent {
         self.opener.set_applied_revision(Some(revision));
         self.applied = Some(state);
         self.pending = None;
+        self.verified = Some(report.hashes.clone());
         self.startup_verified = true;
         self.drift.drifted.clear();
         self.drift.since = None;
@@ -1098,6 +1119,7 @@ impl Agent {
                 return None;
             }
         };
+        self.verified = Some(report.live.clone());
         if report.is_clean() {
             self.metrics
                 .drift_checks
@@ -1126,7 +1148,8 @@ impl Agent {
             false
         } else {
             match self.kernel_apply_repair(&applied.firewall).await {
-                Ok(_) => {
+                Ok(r) => {
+                    self.verified = Some(r.hashes);
                     self.metrics.drift_repairs.inc();
                     self.drift.repairs += 1;
                     info!(revision = applied.revision, parts = %parts.join(", "), "drift repaired");
@@ -1134,6 +1157,7 @@ impl Agent {
                 }
                 Err(e) => {
                     error!(revision = applied.revision, error = %e, "drift repair failed");
+                    self.verified = None;
                     false
                 }
             }
@@ -1163,6 +1187,7 @@ impl Agent {
         match blocking(move || k.plan_firewall(&fw)).await {
             Ok(plan) => {
                 let n = plan.change_count();
+                self.verified = Some(plan.live.clone());
                 if self.would_change != Some(n) {
                     info!(would_change = n, summary = %plan_summary(&plan), "observe mode: the kernel changed");
                 }

@@ -200,6 +200,63 @@ async fn agent_repairs_a_hand_edit_and_reports_it_in_the_next_keepalive() {
     h.cleanup().await;
 }
 
+/// Keepalives report the hashes the last verification read (the apply's read-back, a drift
+/// check) and never read the kernel themselves: a hand edit made between two drift checks is
+/// seen, and repaired, by the next check, not by keepalives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_report_the_last_verification_without_reading_the_kernel() {
+    let Some(mut h) = Harness::new("agent_ka_verified").await else {
+        return;
+    };
+    h.drift_interval = "3600";
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    let fw = test_firewall(&h.host);
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 7,
+            firewall: fw.clone(),
+        })
+        .await;
+    let (_, applied) = ok_hashes(&r);
+    assert_eq!(applied, fw.hashes());
+
+    h.ns.exec(HAND_EDIT).unwrap();
+    let edited = h.live_rules_hashes().0;
+    assert_ne!(edited, fw.hashes().ipv4_rules);
+    // one keepalive a second: the later ones are sealed after the edit
+    for _ in 0..3 {
+        let AgentMessage::Keepalive(ka) = h
+            .next(10, |m| matches!(m, AgentMessage::Keepalive(_)))
+            .await
+        else {
+            unreachable!()
+        };
+        assert_eq!(ka.live_hashes.as_ref(), Some(&applied));
+    }
+    // a check on demand reads the kernel, repairs it, and the next keepalive says so
+    let r = h.request(RequestKind::Reapply).await;
+    let (_, after) = ok_hashes(&r);
+    assert_eq!(after, fw.hashes());
+    let AgentMessage::Keepalive(ka) = h
+        .next(
+            10,
+            |m| matches!(m, AgentMessage::Keepalive(k) if !k.drift.is_empty()),
+        )
+        .await
+    else {
+        unreachable!()
+    };
+    let ev = ka
+        .drift
+        .iter()
+        .find(|e| e.part == "ipv4_rules")
+        .expect("ipv4 drift event");
+    assert_eq!(ev.found_hash, edited);
+    assert!(ev.repaired);
+    h.cleanup().await;
+}
+
 /// Starts the agent, waits for its heartbeat and applies the test firewall as revision 42.
 async fn started_with_revision_42(h: &mut Harness) -> dog_protocol::ruleset::HostFirewall {
     h.spawn_agent();

@@ -52,6 +52,8 @@ pub struct Harness {
     pub child: Option<Child>,
     pub metrics_port: u16,
     pub extra_args: Vec<String>,
+    /// `--drift-interval` of the agent (seconds).
+    pub drift_interval: &'static str,
     cleaned: bool,
 }
 
@@ -95,6 +97,7 @@ impl Harness {
             child: None,
             metrics_port: free_port(),
             extra_args: Vec::new(),
+            drift_interval: "1",
             cleaned: false,
         })
     }
@@ -135,7 +138,7 @@ impl Harness {
                 "--keepalive-interval",
                 "1",
                 "--drift-interval",
-                "1",
+                self.drift_interval,
                 "--address-interval",
                 "1",
             ])
