@@ -14,63 +14,14 @@ use crate::iptables::{
     RulesPlan,
 };
 use crate::kernel::{Kernel, KernelError};
+use crate::live::LiveState;
 use crate::members::SetContent;
-use dog_protocol::ruleset::{
-    rules_hash, sets_hash, FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX,
-};
+use dog_protocol::ruleset::{FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::{info, info_span, warn};
-
-/// dog's part of the kernel: both filter tables and dog's sets.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LiveState {
-    pub rules_v4: String,
-    pub rules_v6: String,
-    pub filter_v4: FilterState,
-    pub filter_v6: FilterState,
-    pub sets: BTreeMap<String, LiveSet>,
-}
-
-impl LiveState {
-    pub fn filter(&self, family: Family) -> &FilterState {
-        match family {
-            Family::V4 => &self.filter_v4,
-            Family::V6 => &self.filter_v6,
-        }
-    }
-
-    fn set_rules(&mut self, family: Family, text: String) {
-        let parsed = FilterState::parse(&text);
-        match family {
-            Family::V4 => {
-                self.rules_v4 = text;
-                self.filter_v4 = parsed;
-            }
-            Family::V6 => {
-                self.rules_v6 = text;
-                self.filter_v6 = parsed;
-            }
-        }
-    }
-
-    /// Hashes with the protocol's functions, comparable with [`HostFirewall::hashes`]. A set's
-    /// hash was computed from the members read back, or is the desired set's when the members
-    /// read back are identical to it (see [`SaveReader::finish`]).
-    pub fn hashes(&self) -> FirewallHashes {
-        FirewallHashes {
-            ipv4_rules: rules_hash(&self.rules_v4),
-            ipv6_rules: rules_hash(&self.rules_v6),
-            sets: sets_hash(
-                self.sets
-                    .values()
-                    .map(|s| (s.content.name.as_str(), s.content.hash())),
-            ),
-        }
-    }
-}
 
 /// Why an apply did not happen or did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -211,29 +162,6 @@ impl Steps {
             ms,
         });
         out
-    }
-}
-
-/// The last state dog read back or wrote; reused for planning so a small change needs no full
-/// re-read. Dropped on any failure and before verify/repair.
-#[derive(Debug, Default)]
-pub struct StateCache(Mutex<Option<LiveState>>);
-
-impl Clone for StateCache {
-    /// A clone starts without a cache (it re-reads the kernel on first use).
-    fn clone(&self) -> Self {
-        StateCache::default()
-    }
-}
-
-impl StateCache {
-    fn take(&self) -> Option<LiveState> {
-        self.0.lock().map(|mut g| g.take()).unwrap_or(None)
-    }
-    fn put(&self, s: Option<LiveState>) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = s;
-        }
     }
 }
 

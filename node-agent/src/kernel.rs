@@ -147,7 +147,7 @@ pub struct Kernel {
     netns: Option<std::sync::Arc<std::fs::File>>,
     backend: Backend,
     pub(crate) config: KernelConfig,
-    pub(crate) cache: crate::apply::StateCache,
+    pub(crate) cache: crate::live::StateCache,
 }
 
 impl Kernel {

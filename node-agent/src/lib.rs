@@ -15,6 +15,7 @@ pub mod firewall;
 pub mod ipset;
 pub mod iptables;
 pub mod kernel;
+pub mod live;
 pub mod members;
 pub mod metrics;
 pub mod netns;

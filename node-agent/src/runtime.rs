@@ -14,13 +14,14 @@
 //! The pure helpers (answer cache, drift events, rejection log pacing, key file parsing,
 //! summaries) are at the bottom with their unit tests.
 
-use crate::apply::{ApplyError, ApplyReport, LiveState, Plan};
+use crate::apply::{ApplyError, ApplyReport, Plan};
 use crate::backoff::Backoff;
 use crate::broker_user::{own_user_refused, Login};
 use crate::config::{Config, Mode as ConfigMode};
 use crate::drift::DriftReport;
 use crate::firewall::Firewall;
 use crate::kernel::{Kernel, KernelError};
+use crate::live::LiveState;
 use crate::members::SetContent;
 use crate::metrics::AgentMetrics;
 use crate::state::{AppliedState, BrokerUser, ReplayState, StateStore};

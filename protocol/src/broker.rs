@@ -22,6 +22,7 @@ mod config;
 mod delivery;
 mod link;
 mod repeats;
+mod state;
 mod topology;
 mod users;
 

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use tokio::sync::mpsc;
 
-use super::link::Shared;
+use super::state::Shared;
 
 /// One message taken from a queue. Acknowledge it with [`Acker::ack`] after the work it
 /// asks for is done; until then the broker keeps it and redelivers it after a reconnect.

@@ -2,7 +2,7 @@
 //! detect failures, reconnect with backoff; and the confirmed publish loop.
 
 use std::collections::{BTreeSet, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use futures::StreamExt;
@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::config::validate_name_part;
 use super::delivery::{Deliveries, Delivery};
 use super::repeats::{Repeats, STABLE_CONNECTION};
+use super::state::Shared;
 use super::topology::{self, quorum_refusal, QueueShape, QuorumRefusal, Topology};
 use super::{install_rustls_ring_provider, BrokerConfig, BrokerError, MessageMeta};
 
@@ -39,25 +40,6 @@ pub struct LinkStatus {
     pub failures: u64,
     /// Why the last connection was lost or the last attempt failed.
     pub last_error: Option<String>,
-}
-
-/// State read by ackers and status queries.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub(crate) generation: AtomicU64,
-    pub(crate) connected: AtomicBool,
-    connects: AtomicU64,
-    disconnects: AtomicU64,
-    failures: AtomicU64,
-    last_error: StdMutex<Option<String>>,
-}
-
-impl Shared {
-    fn set_last_error(&self, reason: String) {
-        if let Ok(mut guard) = self.last_error.lock() {
-            *guard = Some(reason);
-        }
-    }
 }
 
 #[derive(Debug)]
