@@ -1,0 +1,604 @@
+//! The operator's reconcile loop: the thin shell that connects the pure pieces.
+//!
+//! ```text
+//! snapshot changes ─▶ compile ─▶ publish::plan ─▶ seal ─▶ broker (confirmed)
+//! agent messages   ─▶ open ─▶ fleet view (pins, hashes, lifecycle) ─▶ report ─▶ status sink
+//! 1 s tick         ─▶ lifecycle::evaluate, resync of hosts whose hashes stay wrong
+//! ```
+//!
+//! The same loop runs against the Kubernetes API (`cluster.rs`) and against a directory of
+//! YAML files (`local.rs`); only the snapshot source, the status sink, the event sink and the
+//! registrar of agent-only hosts differ.
+//!
+//! This file holds the state, start-up, the select loop and compiling; the impl of
+//! [`Runtime`] goes on in `agents` (agent messages and admission), `outbox` (publishing),
+//! `reports` (statuses, metrics, readiness) and `ticks` (lifecycle and collection).
+
+use crate::admission::{Admission, Admitted, Evidence, Refusal};
+use crate::broker_users::BrokerUsers;
+use crate::compile::{Compiled, Compiler, HostOutcome, Snapshot};
+use crate::config::RunArgs;
+use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
+use crate::events::{DogEvent, EventSink};
+use crate::identity::IdentityVerifier;
+use crate::intake::Intake;
+use crate::lifecycle::{self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange};
+use crate::metrics::OperatorMetrics;
+use crate::publish::{self, Publish, PublishState};
+use crate::report::{self, HostView};
+use crate::status::StatusSink;
+use dog_protocol::broker::{Deliveries, Delivery, MessageMeta, OperatorLink};
+use dog_protocol::envelope::{Opened, Opener, Sealer};
+use dog_protocol::keys::pinning::{Pin, Pins};
+use dog_protocol::keys::{EncryptionPublicKey, SigningPublicKey};
+use dog_protocol::messages::{
+    AgentMessage, Heartbeat, Keepalive, Outcome, Request, RequestKind, Response,
+};
+use dog_protocol::ruleset::FirewallHashes;
+use dog_protocol::telemetry::Health;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+mod agents;
+mod outbox;
+mod reports;
+mod ticks;
+
+/// How long a request stays valid on the broker (an agent that comes back later gets its full
+/// state again after its heartbeat).
+const REQUEST_TTL_SECS: u64 = 600;
+/// Publishes in flight at once (confirms are awaited concurrently).
+const PUBLISH_CONCURRENCY: usize = 64;
+/// Longest wait for the API server's review of an identity token.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the inbox depth is read.
+const INBOX_EVERY: Duration = Duration::from_secs(5);
+/// More agent messages than this waiting in the inbox make `/readyz` fail (the operator is
+/// not keeping up; a tenth of the inbox bound).
+const BACKLOG_NOT_READY: u32 = 10_000;
+/// Refused heartbeats kept per declared host (distinct keys).
+const REFUSED_KEPT: usize = 4;
+/// A declared host whose agent's identity token was refused has it reviewed again after
+/// 5 s, 10 s, … up to 5 min between reviews, at most this many times (about 25 minutes),
+/// then only when the agent sends a new heartbeat: the refusal may have been the API
+/// server's (unreachable, a permission not rolled out yet), not the token's.
+const REVIEW_RETRIES: u32 = 10;
+const REVIEW_BACKOFF: dog_protocol::broker::Backoff = dog_protocol::broker::Backoff {
+    initial: Duration::from_secs(5),
+    max: Duration::from_secs(300),
+};
+/// Statuses are written at most this often: a burst of agent responses must not turn into a
+/// status pass (over every host) per response.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+
+/// Creates the Host object for an agent that registered itself (a VM, not a Kubernetes Node),
+/// and deletes a Host retired for longer than the retention.
+pub trait Registrar: Send + Sync {
+    fn register<'a>(
+        &'a self,
+        name: &'a str,
+        keys: &'a AgentKeys,
+        interfaces: &'a [Interface],
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Deletes the Host (gone already counts as done).
+    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// Whether this mode deletes Hosts at all (`--from-dir` mode does not: its Hosts are
+    /// files an administrator owns).
+    fn collects(&self) -> bool {
+        true
+    }
+}
+
+/// Where the loop reads the resources from.
+pub struct Source {
+    /// Bumped (coalesced) whenever the resources changed.
+    pub changes: watch::Receiver<u64>,
+    /// The current resources.
+    pub snapshot: Box<dyn Fn() -> Snapshot + Send + Sync>,
+}
+
+/// What the operator knows of one host at run time.
+#[derive(Clone, Debug, Default)]
+struct HostRt {
+    view: HostView,
+    encryption_key: Option<EncryptionPublicKey>,
+    last_seen: Option<Timestamp>,
+    mismatch_since: Option<Instant>,
+    /// The host mirrors a Kubernetes Node that no longer exists: it stays Retired, however
+    /// lively its agent is, until the Node comes back.
+    node_gone: bool,
+    /// The last heartbeats refused for want of a pin (declared hosts only), one per key,
+    /// newest last, at most [`REFUSED_KEPT`]: an impostor's must not push out the real one.
+    refused_heartbeats: Vec<(Opened, Heartbeat)>,
+    /// When the newest refused heartbeat's identity token is reviewed again, and how many
+    /// reviews were refused so far (see [`REVIEW_RETRIES`]).
+    review_retry: Option<(Instant, u32)>,
+}
+
+impl HostRt {
+    /// Whether the operator can (and should) send to this host: its encryption key is
+    /// known, it is not retired, and its keys are not in conflict.
+    fn reachable(&self) -> bool {
+        self.encryption_key.is_some()
+            && self.view.state != HostState::Retired
+            && self.view.key_conflict.is_none()
+    }
+}
+
+pub struct Runtime {
+    args: RunArgs,
+    compiler: Compiler,
+    publish: PublishState,
+    fleet: BTreeMap<String, HostRt>,
+    /// Hosts that registered through a heartbeat and are not (yet) in the source.
+    registered: BTreeMap<String, Host>,
+    /// Outstanding requests: id → (host, revision).
+    pending: HashMap<Uuid, (String, Option<u64>)>,
+    sealer: Sealer,
+    opener: Opener,
+    link: OperatorLink,
+    deliveries: Deliveries,
+    source: Source,
+    status: Arc<dyn StatusSink>,
+    events: Arc<dyn EventSink>,
+    registrar: Arc<dyn Registrar>,
+    admission: Admission,
+    intake: Intake,
+    verifier: Option<Arc<dyn IdentityVerifier>>,
+    /// The broker's management API, to give admitted hosts their own broker users.
+    broker_users: Option<Arc<dyn BrokerUsers>>,
+    /// Node users sent and not yet answered (request ids).
+    broker_user_requests: HashSet<Uuid>,
+    /// `spec.keys` of Hosts as last turned into pins.
+    admin_pins: BTreeMap<String, AgentKeys>,
+    /// Set when `admin_pins` changed: refused heartbeats may now be taken.
+    admin_pins_changed: bool,
+    /// Started with the runtime: the monotonic clock of the admission rate limit.
+    started: Instant,
+    /// Agent messages waiting in the inbox when last read, and when that was.
+    inbox_backlog: u32,
+    inbox_checked: Option<Instant>,
+    metrics: OperatorMetrics,
+    health: Health,
+    lifecycle: LifecycleConfig,
+    valve: SafetyValve,
+    last_heard_any: Option<Timestamp>,
+    /// Rejection reasons already logged in the current minute (logged once, counted always).
+    logged_rejections: HashMap<&'static str, Instant>,
+    /// Conditions last written per object (`Kind/name`), so transition times survive passes
+    /// even where the source does not hand status back (local mode).
+    last_conditions: HashMap<String, Vec<crate::crd::Condition>>,
+    needs_compile: bool,
+    needs_publish: bool,
+    needs_status: bool,
+    last_status: Option<Instant>,
+}
+
+pub struct Parts {
+    pub args: RunArgs,
+    /// The authority on agent identity tokens (Kubernetes mode), if any.
+    pub verifier: Option<Arc<dyn IdentityVerifier>>,
+    /// The broker's management API (`--broker-management-url`), if any.
+    pub broker_users: Option<Arc<dyn BrokerUsers>>,
+    pub sealer: Sealer,
+    pub link: OperatorLink,
+    pub deliveries: Deliveries,
+    pub source: Source,
+    pub status: Arc<dyn StatusSink>,
+    pub events: Arc<dyn EventSink>,
+    pub registrar: Arc<dyn Registrar>,
+    pub metrics: OperatorMetrics,
+    pub health: Health,
+    /// Host statuses as last written (by this or a previous operator): pins, revisions and
+    /// reported hashes, so a restart or a takeover sends nothing when nothing changed.
+    pub seed: BTreeMap<String, HostStatus>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn to_crd_interfaces(ifs: &[dog_protocol::messages::Interface]) -> Vec<Interface> {
+    ifs.iter()
+        .map(|i| Interface {
+            name: i.name.clone(),
+            addresses: i.addresses.iter().map(|a| a.addr().to_string()).collect(),
+        })
+        .collect()
+}
+
+fn crd_hashes_to_wire(h: &crate::crd::FirewallHashes) -> FirewallHashes {
+    FirewallHashes {
+        ipv4_rules: h.ipv4_rules.clone(),
+        ipv6_rules: h.ipv6_rules.clone(),
+        sets: h.sets.clone(),
+    }
+}
+
+impl Runtime {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            args,
+            verifier,
+            broker_users,
+            sealer,
+            link,
+            deliveries,
+            source,
+            status,
+            events,
+            registrar,
+            metrics,
+            health,
+            seed,
+        } = parts;
+        let mut pins = Pins::new(true);
+        let mut fleet = BTreeMap::new();
+        for (name, st) in seed {
+            let mut rt = HostRt::default();
+            if let Some(keys) = &st.pinned_keys {
+                match (
+                    SigningPublicKey::from_base64(&keys.signing, "status.pinnedKeys.signing"),
+                    EncryptionPublicKey::from_base64(
+                        &keys.encryption,
+                        "status.pinnedKeys.encryption",
+                    ),
+                ) {
+                    (Ok(s), Ok(e)) => {
+                        pins.set(
+                            name.clone(),
+                            Pin {
+                                signing: s.fingerprint(),
+                                encryption: Some(e.fingerprint()),
+                            },
+                        );
+                        rt.encryption_key = Some(e);
+                    }
+                    _ => warn!(host = %name, "ignoring unreadable pinned keys in Host status"),
+                }
+            }
+            rt.last_seen = lifecycle::latest_keepalive(
+                lifecycle::parse_keepalive(st.last_keepalive.as_deref()),
+                args.liveness_write_interval,
+                Timestamp::now(),
+            );
+            rt.view = HostView {
+                state: st.state,
+                last_keepalive: st.last_keepalive.clone(),
+                agent_version: st.agent_version.clone(),
+                interfaces: st.interfaces.clone(),
+                pinned_keys: st.pinned_keys.clone(),
+                key_fingerprint: st.key_fingerprint.clone(),
+                desired_revision: st.desired_revision,
+                applied_revision: st.applied_revision,
+                reported: st.reported_hashes.as_ref().map(crd_hashes_to_wire),
+                ..Default::default()
+            };
+            fleet.insert(name, rt);
+        }
+        let lifecycle = LifecycleConfig {
+            keepalive_interval: args.keepalive_interval,
+            inactive_after: args.inactive_after(),
+            retired_after: args.retire_after,
+            freeze_after: args.keepalive_interval * args.safety_valve_intervals.max(1),
+        };
+        let compiler = Compiler::new(args.compile_options());
+        let opener = Opener::for_operator(args.operator_name.clone(), pins);
+        Runtime {
+            compiler,
+            publish: PublishState::default(),
+            fleet,
+            registered: BTreeMap::new(),
+            pending: HashMap::new(),
+            sealer,
+            opener,
+            link,
+            deliveries,
+            source,
+            status,
+            events,
+            registrar,
+            admission: Admission::new(args.admission.policy()),
+            intake: Intake::new(args.admission.intake()),
+            verifier,
+            broker_users,
+            broker_user_requests: HashSet::new(),
+            admin_pins: BTreeMap::new(),
+            admin_pins_changed: false,
+            started: Instant::now(),
+            inbox_backlog: 0,
+            inbox_checked: None,
+            metrics,
+            health,
+            lifecycle,
+            valve: SafetyValve::default(),
+            last_heard_any: None,
+            logged_rejections: HashMap::new(),
+            last_conditions: HashMap::new(),
+            needs_compile: true,
+            needs_publish: false,
+            needs_status: true,
+            last_status: None,
+            args,
+        }
+    }
+
+    /// Runs until `shutdown` resolves. Rules stay in force on every host whatever happens here.
+    /// Hands back the arguments and the signing key, for a next leadership term.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> (RunArgs, Sealer) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Compile, then record the hosts that already run exactly that (from their last
+        // reports), and only then publish: a restart or a takeover sends nothing to them.
+        self.compile_if_needed();
+        self.seed_publish_state();
+        self.reconcile().await;
+        self.report_broker();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                changed = self.source.changes.changed() => {
+                    if changed.is_err() {
+                        warn!("resource source stopped; shutting down");
+                        break;
+                    }
+                    self.needs_compile = true;
+                }
+                delivery = self.deliveries.recv() => {
+                    match delivery {
+                        Some(d) => self.on_delivery(d).await,
+                        None => {
+                            warn!("broker consumer ended; shutting down");
+                            break;
+                        }
+                    }
+                    // drain what is already waiting before reconciling once for all of it
+                    while let Ok(Some(d)) = tokio::time::timeout(Duration::ZERO, self.deliveries.recv()).await {
+                        self.on_delivery(d).await;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.on_tick();
+                    self.check_inbox().await;
+                    self.retry_token_reviews().await;
+                    self.collect_retired().await;
+                }
+                _ = status_tick.tick(), if self.needs_status => {}
+            }
+            self.reconcile().await;
+        }
+        info!("operator loop stopped; agents keep enforcing their last applied rules");
+        (self.args, self.sealer)
+    }
+
+    /// Keys an administrator pinned in `spec.keys` are the host's pin, whatever an agent
+    /// sent before: a changed `spec.keys` re-pins (and clears a key conflict).
+    fn sync_admin_pins(&mut self, snap: &Snapshot) {
+        for (name, host) in &snap.hosts {
+            let Some(keys) = &host.spec.keys else {
+                continue;
+            };
+            if self.admin_pins.get(name) == Some(keys) {
+                continue;
+            }
+            let parsed = (
+                SigningPublicKey::from_base64(&keys.signing, "spec.keys.signing"),
+                EncryptionPublicKey::from_base64(&keys.encryption, "spec.keys.encryption"),
+            );
+            let (s, e) = match parsed {
+                (Ok(s), Ok(e)) => (s, e),
+                (Err(err), _) | (_, Err(err)) => {
+                    warn!(host = %name, error = %err, "ignoring unreadable keys in Host spec");
+                    continue;
+                }
+            };
+            if let dog_protocol::envelope::Trust::Agents(pins) = self.opener.trust_mut() {
+                pins.set(
+                    name.clone(),
+                    Pin {
+                        signing: s.fingerprint(),
+                        encryption: Some(e.fingerprint()),
+                    },
+                );
+            }
+            info!(host = %name, fingerprint = %s.fingerprint(), "pinned agent keys from the Host's spec.keys");
+            let rt = self.fleet.entry(name.clone()).or_default();
+            if rt.encryption_key.as_ref() != Some(&e) {
+                rt.encryption_key = Some(e);
+                self.publish.forget(name);
+            }
+            rt.view.key_conflict = None;
+            rt.view.not_admitted = None;
+            rt.view.pinned_keys = Some(keys.clone());
+            rt.view.key_fingerprint = Some(s.fingerprint());
+            self.admin_pins.insert(name.clone(), keys.clone());
+            self.admin_pins_changed = true;
+            self.needs_status = true;
+        }
+    }
+
+    /// The snapshot as the compiler should see it: the source's objects, agent-registered
+    /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
+    fn effective_snapshot(&mut self) -> Snapshot {
+        let mut snap = (self.source.snapshot)();
+        // A Host whose Node was deleted is Retired (once: the Node sync records the Event) and
+        // stays so while its agent keeps talking; when the Node is back, the agent's next
+        // keepalive makes it Active again.
+        for (name, host) in &snap.hosts {
+            let gone = match (&snap.nodes, host.spec.node_name.as_deref()) {
+                (Some(nodes), Some(node)) => !nodes.contains(node),
+                _ => false,
+            };
+            if !gone && !self.fleet.contains_key(name) {
+                continue;
+            }
+            let rt = self.fleet.entry(name.clone()).or_default();
+            if gone && rt.view.state != HostState::Retired {
+                info!(host = %name, "its Node is gone: retired");
+                rt.view.state = HostState::Retired;
+                self.needs_status = true;
+                revoke_broker_user(&self.broker_users, &self.link, name);
+            }
+            if rt.node_gone && !gone {
+                info!(host = %name, "its Node is back: active again on the next keepalive");
+            }
+            rt.node_gone = gone;
+        }
+        for (name, host) in &self.registered {
+            snap.hosts
+                .entry(name.clone())
+                .or_insert_with(|| host.clone());
+        }
+        for (name, host) in snap.hosts.iter_mut() {
+            if let Some(rt) = self.fleet.get(name) {
+                let st = host.status.get_or_insert_with(HostStatus::default);
+                st.state = rt.view.state;
+                if !rt.view.interfaces.is_empty() {
+                    st.interfaces = rt.view.interfaces.clone();
+                }
+            }
+        }
+        snap
+    }
+
+    /// Compiles the current snapshot when something changed (no I/O).
+    fn compile_if_needed(&mut self) {
+        if !self.needs_compile {
+            return;
+        }
+        self.needs_compile = false;
+        let started = Instant::now();
+        let snap = self.effective_snapshot();
+        self.sync_admin_pins(&snap);
+        let changes = self.compiler.update(snap);
+        self.metrics
+            .compile_duration
+            .observe(started.elapsed().as_secs_f64());
+        debug!(
+            ?changes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled"
+        );
+        for d in &self.compiler.compiled().diagnostics {
+            debug!(kind = ?d.kind, name = %d.name, field = %d.field, reason = %d.reason, "{}", d.message);
+        }
+        self.needs_publish = true;
+        self.needs_status = true;
+    }
+
+    async fn reconcile(&mut self) {
+        self.compile_if_needed();
+        if std::mem::take(&mut self.admin_pins_changed) {
+            self.retry_refused_heartbeats().await;
+            self.compile_if_needed();
+        }
+        let status_due =
+            self.needs_status && self.last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
+        if !self.needs_publish && !status_due {
+            return;
+        }
+        let mut ok = true;
+        if self.needs_publish {
+            self.needs_publish = false;
+            ok = self.publish_changes().await;
+        }
+        if status_due {
+            self.needs_status = false;
+            self.last_status = Some(Instant::now());
+            ok &= self.write_statuses().await;
+        }
+        self.metrics
+            .reconciles
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// For tests: the current compile.
+    pub fn compiled(&self) -> &Compiled {
+        self.compiler.compiled()
+    }
+}
+
+/// Deletes a host's own broker user in the background (its Node is gone, or its Host was
+/// collected): its agent can no longer log in and falls back to the bootstrap user.
+fn revoke_broker_user(users: &Option<Arc<dyn BrokerUsers>>, link: &OperatorLink, host: &str) {
+    let Some(users) = users.clone() else {
+        return;
+    };
+    let user = link.topology().node_user(host);
+    tokio::spawn(async move {
+        match users.remove(&user).await {
+            Ok(()) => info!(user = %user, "deleted the host's broker user"),
+            Err(e) => warn!(user = %user, error = %e, "could not delete the host's broker user"),
+        }
+    });
+}
+
+/// Records an Event without holding up the loop (sinks are best effort and log failures). The
+/// object's uid comes from the snapshot, so that `kubectl describe` shows the Event.
+fn emit(events: &Arc<dyn EventSink>, snap: &Snapshot, event: DogEvent) {
+    fn uid_in<K: kube::ResourceExt>(objects: &BTreeMap<String, K>, name: &str) -> Option<String> {
+        objects.get(name).and_then(|o| o.uid())
+    }
+    let uid = match event.kind {
+        "Host" => uid_in(&snap.hosts, &event.name),
+        "Group" => uid_in(&snap.groups, &event.name),
+        "Profile" => uid_in(&snap.profiles, &event.name),
+        "Zone" => uid_in(&snap.zones, &event.name),
+        _ => None,
+    };
+    let event = if event.uid.is_none() {
+        event.with_uid(uid)
+    } else {
+        event
+    };
+    let events = events.clone();
+    tokio::spawn(async move { events.publish(event).await });
+}
+
+/// Stamps condition transition times against what was last written for `key` (or, before the
+/// first write, what the object carries), and remembers the result.
+fn stamp_cached(
+    cache: &mut HashMap<String, Vec<crate::crd::Condition>>,
+    key: String,
+    conditions: &mut [crate::crd::Condition],
+    from_object: Option<&Vec<crate::crd::Condition>>,
+    now: &str,
+    generation: Option<i64>,
+) {
+    let prev = cache.get(&key).or(from_object).cloned().unwrap_or_default();
+    report::stamp(conditions, &prev, now, generation);
+    cache.insert(key, conditions.to_vec());
+}
+
+fn state_label(s: HostState) -> &'static str {
+    match s {
+        HostState::New => "New",
+        HostState::Active => "Active",
+        HostState::Inactive => "Inactive",
+        HostState::Retired => "Retired",
+    }
+}

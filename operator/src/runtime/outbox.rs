@@ -1,0 +1,176 @@
+//! The sending side: what a restart or takeover already delivered, which hosts can be sent to,
+//! and publishing the plan of `crate::publish` sealed to each host (confirmed by the broker).
+
+use super::*;
+
+impl Runtime {
+    /// After the first compile: hosts whose reported hashes already equal the compiled ones
+    /// are recorded as delivered, so a restart or a takeover publishes nothing for them.
+    pub(super) fn seed_publish_state(&mut self) {
+        let compiled = self.compiler.compiled();
+        for (name, rt) in &self.fleet {
+            let (Some(HostOutcome::Firewall { firewall, .. }), Some(rev), Some(reported)) = (
+                compiled.hosts.get(name),
+                rt.view.applied_revision,
+                rt.view.reported.as_ref(),
+            ) else {
+                continue;
+            };
+            if &firewall.hashes == reported {
+                self.publish.seed(name, rev, firewall, compiled);
+            }
+        }
+    }
+
+    pub(super) fn reachable(&self, host: &str) -> bool {
+        self.fleet.get(host).is_some_and(HostRt::reachable)
+    }
+
+    pub(super) async fn publish_changes(&mut self) -> bool {
+        let now_ms = unix_ms();
+        let actions = {
+            let compiled = self.compiler.compiled();
+            let fleet = &self.fleet;
+            let reachable = |h: &str| fleet.get(h).is_some_and(HostRt::reachable);
+            publish::plan(&mut self.publish, compiled, &reachable, now_ms)
+        };
+        if actions.is_empty() {
+            return true;
+        }
+        let now = unix_now();
+        let mut sealed: Vec<(Publish, Uuid, Result<Vec<u8>, String>)> = Vec::new();
+        for action in actions {
+            let id = Uuid::new_v4();
+            let bytes = match &action {
+                Publish::Apply {
+                    host,
+                    revision,
+                    firewall,
+                } => {
+                    let key = self.fleet.get(host).and_then(|rt| rt.encryption_key);
+                    let req = Request {
+                        id,
+                        request: RequestKind::Apply {
+                            revision: *revision,
+                            firewall: firewall.to_host_firewall(host),
+                        },
+                    };
+                    match key {
+                        Some(k) => self
+                            .sealer
+                            .request(host, &k, &req, now, REQUEST_TTL_SECS)
+                            .map_err(|e| e.to_string()),
+                        None => Err("no encryption key pinned".into()),
+                    }
+                }
+                Publish::SharedSet {
+                    set,
+                    version,
+                    recipients,
+                } => {
+                    let keys: Vec<(String, EncryptionPublicKey)> = recipients
+                        .iter()
+                        .filter_map(|h| {
+                            self.fleet
+                                .get(h)
+                                .and_then(|rt| rt.encryption_key)
+                                .map(|k| (h.clone(), k))
+                        })
+                        .collect();
+                    let req = Request {
+                        id,
+                        request: RequestKind::SharedSet {
+                            set: (**set).clone(),
+                            version: *version,
+                        },
+                    };
+                    self.sealer
+                        .request_for_many(&keys, &req, now, REQUEST_TTL_SECS)
+                        .map_err(|e| e.to_string())
+                }
+            };
+            sealed.push((action, id, bytes));
+        }
+        let link = &self.link;
+        let metrics = &self.metrics;
+        let results: Vec<(Publish, Uuid, Result<(), String>)> = futures::stream::iter(sealed)
+            .map(|(action, id, bytes)| async move {
+                let bytes: Vec<u8> = match bytes {
+                    Ok(b) => b,
+                    Err(e) => return (action, id, Err(format!("sealing: {e}"))),
+                };
+                let started = Instant::now();
+                let meta = MessageMeta::new(id.to_string(), "request");
+                let res = match &action {
+                    Publish::Apply { host, .. } => link.publish_to_host(host, &bytes, &meta).await,
+                    Publish::SharedSet { set, .. } => {
+                        link.publish_shared_set(&set.name, &bytes, &meta).await
+                    }
+                };
+                metrics
+                    .confirm_latency
+                    .observe(started.elapsed().as_secs_f64());
+                (action, id, res.map_err(|e| e.to_string()))
+            })
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut ok = true;
+        for (action, id, res) in results {
+            match (action, res) {
+                (Publish::Apply { host, revision, .. }, Ok(())) => {
+                    self.metrics.publishes.inc();
+                    info!(host = %host, revision, request = %id, "published desired state");
+                    self.pending.insert(id, (host.clone(), Some(revision)));
+                    if let Some(rt) = self.fleet.get_mut(&host) {
+                        rt.view.desired_revision = Some(revision);
+                    }
+                    self.needs_status = true;
+                }
+                (
+                    Publish::SharedSet {
+                        set,
+                        version,
+                        recipients,
+                    },
+                    Ok(()),
+                ) => {
+                    self.metrics.publishes.inc();
+                    info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set");
+                }
+                (Publish::Apply { host, .. }, Err(e)) => {
+                    ok = false;
+                    self.metrics.publish_failures.inc();
+                    warn!(host = %host, error = %e, "publish failed; will retry");
+                    self.publish.forget(&host);
+                }
+                (
+                    Publish::SharedSet {
+                        set, recipients, ..
+                    },
+                    Err(e),
+                ) => {
+                    ok = false;
+                    self.metrics.publish_failures.inc();
+                    warn!(set = %set.name, error = %e, "shared set publish failed; sending full state to its hosts instead");
+                    for h in recipients {
+                        self.publish.forget(&h);
+                    }
+                }
+            }
+        }
+        if !ok {
+            // retried on the next tick
+            self.needs_publish = true;
+        }
+        ok
+    }
+
+    pub(super) fn publish_pending_retry(&self) -> bool {
+        self.compiler.compiled().hosts.iter().any(|(h, o)| {
+            matches!(o, HostOutcome::Firewall { .. })
+                && self.reachable(h)
+                && self.publish.revision(h).is_none()
+        })
+    }
+}
