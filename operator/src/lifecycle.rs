@@ -1,4 +1,4 @@
-//! Host lifecycle from keepalives (SPEC §3 Host, §7): `New → Active → Inactive → Retired`, and
+//! Host lifecycle from keepalives (docs/design.md, Resources and Operator): `New → Active → Inactive → Retired`, and
 //! back to `Active` whenever a fresh keepalive arrives.
 //!
 //! Pure: the caller passes the current state, the last keepalive time and "now"; nothing here

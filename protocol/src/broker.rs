@@ -1,4 +1,4 @@
-//! RabbitMQ transport shared by `dog-operator` and `dog-agent` (SPEC §5).
+//! RabbitMQ transport shared by `dog-operator` and `dog-agent` (docs/design.md, Transport).
 //!
 //! The transport moves opaque byte payloads (already sealed envelopes) plus two AMQP
 //! properties (message id and type). It owns the connection, the declared topology,

@@ -1,4 +1,4 @@
-//! The signed (and, operator → agent, encrypted) envelope around every message (SPEC §5).
+//! The signed (and, operator → agent, encrypted) envelope around every message (docs/design.md, Transport).
 //! Pure functions and state machines; no IO. The wire format and the security model are
 //! documented in `docs/protocol.md`; in short:
 //!

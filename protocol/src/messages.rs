@@ -1,4 +1,4 @@
-//! The messages operator and agents exchange (SPEC §5), as JSON payloads of the envelope
+//! The messages operator and agents exchange (docs/design.md, Transport), as JSON payloads of the envelope
 //! ([`crate::envelope`]).
 //!
 //! * Agent → operator: [`AgentMessage`] — a [`Heartbeat`] on every (re)connect, a

@@ -538,7 +538,7 @@ impl ClusterNetwork {
     }
 }
 
-/// The never-lock-out list, rendered before any profile rule (SPEC §4).
+/// The never-lock-out list, rendered before any profile rule (docs/design.md, Compilation: never lock out).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Failsafe {
     /// Inbound destination ports always accepted.

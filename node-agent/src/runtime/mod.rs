@@ -1,4 +1,4 @@
-//! The agent process (SPEC §6): start-up, the main loop and the request handlers.
+//! The agent process (docs/design.md, Agent): start-up, the main loop and the request handlers.
 //!
 //! Start-up loads the agent's keys and the operator's public keys, detects the iptables
 //! backend, loads the last applied firewall from the state directory and (enforce mode)

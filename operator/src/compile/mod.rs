@@ -1,5 +1,5 @@
 //! The compiler: a pure function from a snapshot of dog's resources to, per host, the IPv4 and
-//! IPv6 rule documents for dog's own chains plus the ipsets they reference (SPEC §4).
+//! IPv6 rule documents for dog's own chains plus the ipsets they reference (docs/design.md, Compilation).
 //!
 //! No Kubernetes, broker or kernel access happens here. Bad input never panics and never
 //! widens access: it becomes a [`Diagnostic`] naming the object and field, and only the

@@ -1,4 +1,4 @@
-//! The operator's pins of agent keys (SPEC §5): a host's keys are pinned by an admin
+//! The operator's pins of agent keys (docs/design.md, Transport: identity): a host's keys are pinned by an admin
 //! beforehand, or on a first heartbeat that the operator admitted (its ServiceAccount token
 //! checked, or trust on first use where enabled); a different key for a pinned host is
 //! refused with [`PinError::KeyChanged`] until an admin removes the pin.
