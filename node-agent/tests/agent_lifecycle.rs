@@ -433,3 +433,58 @@ async fn replays_captured_before_a_restart_are_refused_after_it() {
     assert!(members(&h).contains("198.18.7.4"));
     h.cleanup().await;
 }
+
+/// A shared-set change applies to the copy it was computed against (by hash) and must give the
+/// operator's result (by hash); against any other copy it is refused as `base_mismatch`, and
+/// the kernel keeps what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_set_change_applies_only_to_its_base() {
+    use dog_protocol::ruleset::{Family, IpSet};
+    let Some(mut h) = Harness::new("agent_set_change").await else {
+        return;
+    };
+    let fw = started_with_revision_42(&mut h).await;
+    let net = |s: &str| dog_protocol::ruleset::parse_member(s).expect("net");
+    let base = fw.sets["dogz4-web"].hash();
+    let after = IpSet::new(
+        "dogz4-web",
+        Family::V4,
+        [net("198.18.1.0/24"), net("198.18.9.9")],
+    );
+    let change = |base_hash: &str, version| RequestKind::SharedSetDelta {
+        name: "dogz4-web".into(),
+        version,
+        base_hash: base_hash.into(),
+        hash: after.hash(),
+        add: vec![net("198.18.9.9")],
+        remove: vec![net("198.18.2.5")],
+    };
+    let members = |h: &Harness| {
+        h.ns.exec(&["ipset", "list", "dogz4-web"])
+            .expect("ipset list")
+    };
+    // against another copy: refused, nothing changes
+    let r = h.request(change(&"0".repeat(64), 100)).await;
+    assert!(
+        matches!(
+            &r.result,
+            Outcome::Error {
+                kind: ErrorKind::BaseMismatch,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(members(&h).contains("198.18.2.5"));
+    // against its own copy: applied, and the kernel holds the operator's result
+    let (_, hashes) = ok_hashes(&h.request(change(&base, 101)).await);
+    let listed = members(&h);
+    assert!(
+        listed.contains("198.18.9.9") && !listed.contains("198.18.2.5"),
+        "{listed}"
+    );
+    let mut expected = fw.clone();
+    expected.sets.insert("dogz4-web".into(), after.clone());
+    assert_eq!(hashes, expected.hashes());
+    h.cleanup().await;
+}

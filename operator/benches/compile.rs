@@ -2,7 +2,9 @@
 //! totalling 1,000,000 addresses (one 500k blocklist used by every profile, 999 small zones).
 //! (a) full compile, (b) recompile after one entry of one small zone changes, (c) the same
 //! fleet shape at 20,000 hosts and 2,000 groups (10 hosts per group) for the growth, and
-//! (d) resolving every host's groups at that size by the index against checking every group.
+//! (d) resolving every host's groups at that size by the index against checking every group,
+//! and (e) the change (added and removed members) from a 1,000,000-entry set to the same set
+//! with one entry replaced, which the publish planner sends instead of the whole set.
 //! Prints the process's peak RSS (VmHWM) at the end.
 //!
 //! `cargo bench -p dog-operator --bench compile`
@@ -250,7 +252,31 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn set_change(c: &mut Criterion) {
+    use dog_protocol::ruleset::{Family, IpSet};
+    let member = |i: u32| {
+        ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::from(
+            0x1000_0000 + i * 2,
+        )))
+    };
+    let old = IpSet::new("dogz4-blocklist", Family::V4, (0..1_000_000).map(member));
+    let new = IpSet::new(
+        "dogz4-blocklist",
+        Family::V4,
+        (0..1_000_000)
+            .filter(|i| *i != 7)
+            .chain([1_000_000])
+            .map(member),
+    );
+    let mut g = c.benchmark_group("publish");
+    g.sample_size(20);
+    g.bench_function("set_change_1M_one_entry", |b| {
+        b.iter(|| black_box(dog_operator::publish::set_change(&old, &new)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, set_change);
 
 fn main() {
     benches();

@@ -4,7 +4,9 @@
 //! - A host whose rule documents (or the *names* of its sets) changed, or that was never sent
 //!   anything, gets one full `Apply` with a new revision.
 //! - A set whose content changed while the rules did not is sent ONCE as a shared-set update
-//!   to every host using it (the broker fans it out), instead of once per host.
+//!   to every host using it (the broker fans it out), instead of once per host. Hosts whose
+//!   copy is the content of the previous plan get only the change (added and removed members,
+//!   checked by hash on both sides) when it is smaller than the set; the others the full set.
 //! - Hosts in conflict, withheld or unmanaged get nothing: they keep their last applied rules.
 //!
 //! Revisions are `max(previous + 1, now in ms)`: monotonic per host, and a restarted or newly
@@ -31,6 +33,50 @@ pub struct PublishState {
     pub hosts: BTreeMap<String, Delivered>,
     /// Last version published per shared set.
     pub set_versions: BTreeMap<String, u64>,
+    /// Every set as of the previous plan: the base a change is computed against.
+    pub last_sets: BTreeMap<String, Arc<IpSet>>,
+}
+
+/// The change from a set's previous content to its new one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetChange {
+    /// Hash of the content the change applies to.
+    pub base_hash: String,
+    pub add: Vec<ipnet::IpNet>,
+    pub remove: Vec<ipnet::IpNet>,
+}
+
+/// What turns `old` into `new` (both sorted and deduplicated, as [`IpSet::new`] keeps them).
+pub fn set_change(old: &IpSet, new: &IpSet) -> SetChange {
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let (was, now) = (&old.members, &new.members);
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (was.get(i), now.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                remove.push(*x);
+                i += 1;
+            }
+            (Some(x), None) => {
+                remove.push(*x);
+                i += 1;
+            }
+            (_, Some(y)) => {
+                add.push(*y);
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    SetChange {
+        base_hash: old.hash(),
+        add,
+        remove,
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -41,11 +87,13 @@ pub enum Publish {
         revision: u64,
         firewall: Arc<CompiledFirewall>,
     },
-    /// New content of a set shared by `recipients`, sent once.
+    /// New content of a set shared by `recipients`, sent once: the change from their copy
+    /// when `change` is set, else the whole set.
     SharedSet {
         set: Arc<IpSet>,
         version: u64,
         recipients: Vec<String>,
+        change: Option<SetChange>,
     },
 }
 
@@ -103,8 +151,8 @@ pub fn plan(
     now_ms: u64,
 ) -> Vec<Publish> {
     let mut out = Vec::new();
-    // set name -> hosts that need only a set update
-    let mut set_recipients: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // set name -> hosts that need only a set update, with the hash of their copy
+    let mut set_recipients: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
     for (host, outcome) in &compiled.hosts {
         let HostOutcome::Firewall { firewall, .. } = outcome else {
             continue;
@@ -141,11 +189,11 @@ pub fn plan(
         for (name, set) in &firewall.sets {
             let h = set.hash();
             if prev.set_hashes.get(name) != Some(&h) {
+                let copy = prev.set_hashes.insert(name.clone(), h);
                 set_recipients
                     .entry(name.clone())
                     .or_default()
-                    .push(host.clone());
-                prev.set_hashes.insert(name.clone(), h);
+                    .push((host.clone(), copy));
                 changed = true;
             }
         }
@@ -158,13 +206,40 @@ pub fn plan(
             continue;
         };
         let version = next_revision(state.set_versions.get(&name).copied(), now_ms);
-        state.set_versions.insert(name, version);
-        out.push(Publish::SharedSet {
-            set: set.clone(),
-            version,
-            recipients,
-        });
+        state.set_versions.insert(name.clone(), version);
+        // the change, for the hosts that hold the previous content, when it is the smaller message
+        let base = state.last_sets.get(&name);
+        let base_hash = base.map(|b| b.hash());
+        let (on_base, others): (Vec<_>, Vec<_>) = recipients
+            .into_iter()
+            .partition(|(_, copy)| copy.is_some() && *copy == base_hash);
+        let change = base
+            .filter(|_| !on_base.is_empty())
+            .map(|b| set_change(b, set))
+            .filter(|c| c.add.len() + c.remove.len() < set.members.len());
+        let hosts = |v: Vec<(String, Option<String>)>| v.into_iter().map(|(h, _)| h).collect();
+        let full: Vec<String> = match change {
+            Some(change) => {
+                out.push(Publish::SharedSet {
+                    set: set.clone(),
+                    version,
+                    recipients: hosts(on_base),
+                    change: Some(change),
+                });
+                hosts(others)
+            }
+            None => hosts(on_base.into_iter().chain(others).collect()),
+        };
+        if !full.is_empty() {
+            out.push(Publish::SharedSet {
+                set: set.clone(),
+                version,
+                recipients: full,
+                change: None,
+            });
+        }
     }
+    state.last_sets = compiled.sets.clone();
     // Hosts that vanished from the compile keep their entry only while they still exist.
     let known: BTreeSet<&String> = compiled.hosts.keys().collect();
     state.hosts.retain(|h, _| known.contains(h));
@@ -263,10 +338,13 @@ mod tests {
                 set,
                 version,
                 recipients,
+                change,
             } => {
                 assert_eq!(set.name, "dogz4-a");
                 assert_eq!(*version, 1000);
                 assert_eq!(recipients, &vec!["a".to_string(), "b".to_string()]);
+                // replacing the only member: the full set is no larger than the change
+                assert_eq!(change, &None);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -276,6 +354,89 @@ mod tests {
         ]);
         let out = plan(&mut st, &c3, &|_| true, 500);
         assert!(matches!(&out[..], [Publish::Apply { host, revision: 1001, .. }] if host == "a"));
+    }
+
+    fn members(n: u32) -> Vec<String> {
+        (1..=n).map(|i| format!("10.0.0.{i}")).collect()
+    }
+
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_small_change_of_a_large_set_goes_as_a_change_to_the_hosts_that_hold_the_base() {
+        let mut st = PublishState::default();
+        let ten = members(10);
+        let mut changed = ten.clone();
+        changed[3] = "10.0.1.1".into();
+        let nine: Vec<String> = ten[..9].to_vec();
+        // b misses the second plan, so its copy is older than that plan's base
+        let c0 = compiled(&[
+            ("a", fw("a", "-j DROP", &refs(&nine))),
+            ("b", fw("b", "-j DROP", &refs(&nine))),
+        ]);
+        plan(&mut st, &c0, &|_| true, 1000);
+        let c1 = compiled(&[
+            ("a", fw("a", "-j DROP", &refs(&ten))),
+            ("b", fw("b", "-j DROP", &refs(&ten))),
+        ]);
+        plan(&mut st, &c1, &|h| h == "a", 1001);
+        let c2 = compiled(&[
+            ("a", fw("a", "-j DROP", &refs(&changed))),
+            ("b", fw("b", "-j DROP", &refs(&changed))),
+        ]);
+        let out = plan(&mut st, &c2, &|_| true, 1002);
+        let [Publish::SharedSet {
+            recipients: to_change,
+            change: Some(change),
+            version: v1,
+            ..
+        }, Publish::SharedSet {
+            recipients: to_full,
+            change: None,
+            version: v2,
+            set,
+        }] = &out[..]
+        else {
+            panic!("expected a change and a full set: {out:?}")
+        };
+        assert_eq!(to_change, &vec!["a".to_string()]);
+        assert_eq!(to_full, &vec!["b".to_string()]);
+        assert_eq!(v1, v2);
+        let net = |s: &str| dog_protocol::ruleset::parse_member(s).unwrap();
+        assert_eq!(change.add, vec![net("10.0.1.1")]);
+        assert_eq!(change.remove, vec![net("10.0.0.4")]);
+        assert_eq!(change.base_hash, c1.sets["dogz4-a"].hash());
+        assert_eq!(set.hash(), c2.sets["dogz4-a"].hash());
+    }
+
+    proptest::proptest! {
+        /// The change from one set to another rebuilds the other exactly.
+        #[test]
+        fn a_change_rebuilds_the_new_set(
+            old in proptest::collection::btree_set(0u16..400, 0..60),
+            new in proptest::collection::btree_set(0u16..400, 0..60),
+        ) {
+            let set = |v: &std::collections::BTreeSet<u16>| IpSet::new(
+                "dogz4-p",
+                Family::V4,
+                v.iter().map(|i| dog_protocol::ruleset::parse_member(&format!("10.0.{}.{}", i / 256, i % 256)).unwrap()),
+            );
+            let (old, new) = (set(&old), set(&new));
+            let c = set_change(&old, &new);
+            let removed: BTreeSet<_> = c.remove.iter().collect();
+            let rebuilt = IpSet::new(
+                "dogz4-p",
+                Family::V4,
+                old.members.iter().filter(|m| !removed.contains(m)).chain(&c.add).copied(),
+            );
+            proptest::prop_assert_eq!(&rebuilt.members, &new.members);
+            proptest::prop_assert_eq!(c.base_hash, old.hash());
+            // nothing both added and removed, nothing added that was there
+            proptest::prop_assert!(c.add.iter().all(|m| !old.members.contains(m)));
+            proptest::prop_assert!(c.remove.iter().all(|m| !new.members.contains(m)));
+        }
     }
 
     #[test]

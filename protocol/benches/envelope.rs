@@ -1,5 +1,7 @@
 //! Envelope costs: seal+sign and verify+open (operator → agent) for 1 KB and 1 MB payloads,
-//! sign/verify only (agent → operator), and a shared-set seal for 1000 recipients.
+//! sign/verify only (agent → operator), a shared-set seal for 1000 recipients, and one entry
+//! changed in a 1,000,000-entry shared set sent to 200 hosts as the whole set and as a change
+//! (the sizes on the wire are printed once).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dog_protocol::envelope::{HeaderFields, MessageKind, Opener, Sealer, TimePolicy};
@@ -128,5 +130,55 @@ fn shared_set(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, operator_to_agent, agent_to_operator, shared_set);
+fn one_entry_change_of_a_large_set(c: &mut Criterion) {
+    use dog_protocol::messages::{Request, RequestKind};
+    use dog_protocol::ruleset::{Family, IpSet};
+    let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
+    let agents: Vec<(String, EncryptionPublicKey)> = (0..200)
+        .map(|i| (format!("node-{i}"), EncryptionKey::generate().public()))
+        .collect();
+    let member = |i: u32| {
+        ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::from(
+            0x1000_0000 + i * 2,
+        )))
+    };
+    let set = IpSet::new("dogz4-blocklist", Family::V4, (0..1_000_000).map(member));
+    let full = Request {
+        id: Uuid::new_v4(),
+        request: RequestKind::SharedSet {
+            set: set.clone(),
+            version: 2,
+        },
+    };
+    let change = Request {
+        id: Uuid::new_v4(),
+        request: RequestKind::SharedSetDelta {
+            name: set.name.clone(),
+            version: 2,
+            base_hash: set.hash(),
+            hash: "0".repeat(64),
+            add: vec![member(1_000_000)],
+            remove: vec![member(7)],
+        },
+    };
+    let seal = |r: &Request| sealer.request_for_many(&agents, r, NOW, 600).unwrap();
+    eprintln!(
+        "one entry changed in a 1,000,000-entry set, sealed once for 200 hosts: whole set {} bytes, change {} bytes",
+        seal(&full).len(),
+        seal(&change).len()
+    );
+    let mut g = c.benchmark_group("envelope/one_entry_change_1M_for_200");
+    g.sample_size(10);
+    g.bench_function("whole_set", |b| b.iter(|| seal(black_box(&full))));
+    g.bench_function("change", |b| b.iter(|| seal(black_box(&change))));
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    operator_to_agent,
+    agent_to_operator,
+    shared_set,
+    one_entry_change_of_a_large_set
+);
 criterion_main!(benches);

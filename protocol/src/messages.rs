@@ -323,6 +323,19 @@ pub enum RequestKind {
     },
     /// A set shared by many hosts, sent once (multi-recipient envelope).
     SharedSet { set: IpSet, version: u64 },
+    /// A change of a shared set, sent once to the hosts whose copy has hash `base_hash`:
+    /// remove `remove`, add `add`, and the result must hash to `hash`. A host whose copy is
+    /// another answers `base_mismatch` and gets its full state.
+    SharedSetDelta {
+        name: String,
+        version: u64,
+        base_hash: String,
+        hash: String,
+        #[serde(default)]
+        add: Vec<IpNet>,
+        #[serde(default)]
+        remove: Vec<IpNet>,
+    },
     /// Report applied revision and live hashes.
     Status,
     /// Return the live rules and sets ([`Detail::Dump`]).
@@ -586,6 +599,28 @@ impl Request {
                 Ok(())
             }
             RequestKind::SharedSet { set, .. } => check_set("request.set", set),
+            RequestKind::SharedSetDelta {
+                name,
+                base_hash,
+                hash,
+                add,
+                remove,
+                ..
+            } => {
+                check(|| "request.name".into(), name.len(), SET_NAME_MAX)?;
+                check(
+                    || "request.base_hash".into(),
+                    base_hash.len(),
+                    limits::SHORT_TEXT,
+                )?;
+                check(|| "request.hash".into(), hash.len(), limits::SHORT_TEXT)?;
+                check(|| "request.add".into(), add.len(), limits::SET_MEMBERS)?;
+                check(
+                    || "request.remove".into(),
+                    remove.len(),
+                    limits::SET_MEMBERS,
+                )
+            }
             RequestKind::BrokerUser { username, password } => {
                 check(|| "request.username".into(), username.len(), 255)?;
                 check(|| "request.password".into(), password.0.len(), 255)

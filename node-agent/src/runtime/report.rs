@@ -163,6 +163,7 @@ pub(super) fn request_kind_name(k: &RequestKind) -> &'static str {
         RequestKind::Apply { .. } => "apply",
         RequestKind::ApplySetDeltas { .. } => "apply_set_deltas",
         RequestKind::SharedSet { .. } => "shared_set",
+        RequestKind::SharedSetDelta { .. } => "shared_set_delta",
         RequestKind::Status => "status",
         RequestKind::DumpRules => "dump_rules",
         RequestKind::Reapply => "reapply",

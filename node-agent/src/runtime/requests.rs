@@ -105,6 +105,25 @@ impl Agent {
                 deltas,
             } => self.apply_deltas(id, base_revision, revision, deltas).await,
             RequestKind::SharedSet { set, version } => self.shared_set(id, set, version).await,
+            RequestKind::SharedSetDelta {
+                name,
+                version,
+                base_hash,
+                hash,
+                add,
+                remove,
+            } => {
+                let change = SetChange {
+                    base_hash,
+                    hash,
+                    delta: crate::ipset::SetDelta {
+                        name,
+                        add,
+                        del: remove,
+                    },
+                };
+                self.shared_set_delta(id, change, version).await
+            }
             RequestKind::Status => self.status(id).await,
             RequestKind::DumpRules => self.dump(id).await,
             RequestKind::Reapply => self.reapply(id).await,
@@ -419,6 +438,64 @@ impl Agent {
         self.apply_desired(id, revision, next).await
     }
 
+    /// A change of a shared set: applied to this host's copy when that copy is the one the
+    /// operator computed it against (by hash), and only if the result is what the operator
+    /// has (by hash); otherwise `base_mismatch`, and the operator sends the full state.
+    pub(super) async fn shared_set_delta(
+        &mut self,
+        id: Uuid,
+        change: SetChange,
+        version: u64,
+    ) -> Response {
+        let name = change.delta.name.clone();
+        let ignored = |why: String| {
+            debug!(set = %name, version, %why, "shared set change ignored");
+            text_ok(id, None, None, format!("ignored: {why}"))
+        };
+        if let Some(held) = self.replay.set_versions.get(&name) {
+            if version <= *held {
+                return ignored(format!(
+                    "version {version} of {name} is not newer than {held}"
+                ));
+            }
+        }
+        let Some((revision, base)) = self.current() else {
+            return ignored("no firewall yet".into());
+        };
+        let Some(copy) = base.sets.get(&name) else {
+            return ignored(format!("set {name} is not used by this host"));
+        };
+        if copy.hash() != change.base_hash {
+            return Response::error(
+                id,
+                ErrorKind::BaseMismatch,
+                format!(
+                    "set {name} here has hash {}, the change is against {}",
+                    copy.hash(),
+                    change.base_hash
+                ),
+            );
+        }
+        let changed = crate::ipset::apply_delta(copy, &change.delta);
+        if changed.hash() != change.hash {
+            return Response::error(
+                id,
+                ErrorKind::BaseMismatch,
+                format!(
+                    "set {name} after the change has hash {}, the operator's has {}",
+                    changed.hash(),
+                    change.hash
+                ),
+            );
+        }
+        let mut next = base.clone();
+        self.replay.set_versions.insert(name.clone(), version);
+        info!(set = %name, version, added = change.delta.add.len(), removed = change.delta.del.len(), "shared set change");
+        next.sets.insert(name, Arc::new(changed));
+        self.pending = None;
+        self.apply_desired(id, revision, next).await
+    }
+
     pub(super) async fn shared_set(
         &mut self,
         id: Uuid,
@@ -523,4 +600,11 @@ impl Agent {
         };
         text_ok(id, self.applied_revision(), self.live_hashes().await, text)
     }
+}
+
+/// A shared-set change as it arrived: the delta and the hashes before and after.
+pub(super) struct SetChange {
+    pub(super) base_hash: String,
+    pub(super) hash: String,
+    pub(super) delta: crate::ipset::SetDelta,
 }

@@ -481,6 +481,16 @@ impl Runtime {
                 rt.view.apply_error = None;
                 info!(host, request = %r.request_id, revision = applied_revision, total_ms = timings_ms.get("total").copied(), "agent applied");
             }
+            Outcome::Error {
+                kind: dog_protocol::messages::ErrorKind::BaseMismatch,
+                message,
+            } => {
+                // its copy was not what a change (set deltas) was computed against: it gets
+                // its full state instead
+                info!(host, request = %r.request_id, %message, "the agent holds another base; sending its full state");
+                self.publish.forget(host);
+                self.needs_publish = true;
+            }
             Outcome::Error { kind, message } => {
                 let revision = pending.and_then(|(_, rev)| rev).unwrap_or(0);
                 warn!(host, request = %r.request_id, ?kind, %message, "agent could not apply; its previous rules stay in force");

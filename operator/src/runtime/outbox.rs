@@ -67,6 +67,7 @@ impl Runtime {
                     set,
                     version,
                     recipients,
+                    change,
                 } => {
                     let keys: Vec<(String, EncryptionPublicKey)> = recipients
                         .iter()
@@ -77,13 +78,21 @@ impl Runtime {
                                 .map(|k| (h.clone(), k))
                         })
                         .collect();
-                    let req = Request {
-                        id,
-                        request: RequestKind::SharedSet {
+                    let request = match change {
+                        Some(c) => RequestKind::SharedSetDelta {
+                            name: set.name.clone(),
+                            version: *version,
+                            base_hash: c.base_hash.clone(),
+                            hash: set.hash(),
+                            add: c.add.clone(),
+                            remove: c.remove.clone(),
+                        },
+                        None => RequestKind::SharedSet {
                             set: (**set).clone(),
                             version: *version,
                         },
                     };
+                    let req = Request { id, request };
                     self.sealer
                         .request_for_many(&keys, &req, now, REQUEST_TTL_SECS)
                         .map_err(|e| e.to_string())
@@ -132,11 +141,19 @@ impl Runtime {
                         set,
                         version,
                         recipients,
+                        change,
                     },
                     Ok(()),
                 ) => {
                     self.metrics.publishes.inc();
-                    info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set");
+                    match change {
+                        Some(c) => {
+                            info!(set = %set.name, version, hosts = recipients.len(), added = c.add.len(), removed = c.remove.len(), "published shared set change")
+                        }
+                        None => {
+                            info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set")
+                        }
+                    }
                 }
                 (Publish::Apply { host, .. }, Err(e)) => {
                     ok = false;

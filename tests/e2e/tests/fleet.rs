@@ -153,6 +153,11 @@ fn traffic_follows_the_resources_for_both_families() {
         rev_before,
         "zone change should not re-render rules"
     );
+    // ... and only the added member went out, checked against db's copy by hash
+    assert!(
+        f.log_of("operator").contains("published shared set change"),
+        "the zone change went as whole sets"
+    );
 
     // a group membership change: web's label changes -> web loses 5432, bastion gains it
     f.write(
