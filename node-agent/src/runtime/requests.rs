@@ -268,11 +268,7 @@ impl Agent {
                 self.would_change = Some(plan.change_count());
                 self.verified = Some(plan.live.clone());
                 info!(revision, summary = %text, "observe mode: not applying");
-                let old: Vec<String> = self
-                    .applied
-                    .as_ref()
-                    .map(|a| a.firewall.sets.keys().cloned().collect())
-                    .unwrap_or_default();
+                let old = self.applied_set_names();
                 let new: Vec<String> = firewall.sets.keys().cloned().collect();
                 self.applied = Some(AppliedState { revision, firewall });
                 self.opener.set_applied_revision(Some(revision));
@@ -305,13 +301,18 @@ impl Agent {
         r
     }
 
-    /// Records a successful apply: state file, opener revision, bindings, gauges.
-    pub(super) async fn commit(&mut self, revision: u64, firewall: Firewall, report: &ApplyReport) {
-        let old: Vec<String> = self
-            .applied
+    /// The sets of the firewall applied (or, observing, last desired): the shared sets the
+    /// link is bound to.
+    fn applied_set_names(&self) -> Vec<String> {
+        self.applied
             .as_ref()
             .map(|a| a.firewall.sets.keys().cloned().collect())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Records a successful apply: state file, opener revision, bindings, gauges.
+    pub(super) async fn commit(&mut self, revision: u64, firewall: Firewall, report: &ApplyReport) {
+        let old = self.applied_set_names();
         let new: Vec<String> = firewall.sets.keys().cloned().collect();
         let state = AppliedState { revision, firewall };
         let store = self.store.clone();
@@ -438,6 +439,26 @@ impl Agent {
         self.apply_desired(id, revision, next).await
     }
 
+    /// The revision and firewall an update of shared set `name` to `version` goes into; or why
+    /// it is ignored (not newer than the version held, no firewall yet, a set this host does
+    /// not use).
+    fn shared_set_target(&self, name: &str, version: u64) -> Result<(u64, Firewall), String> {
+        if let Some(held) = self.replay.set_versions.get(name) {
+            if version <= *held {
+                return Err(format!(
+                    "version {version} of {name} is not newer than {held}"
+                ));
+            }
+        }
+        let Some((revision, base)) = self.current() else {
+            return Err("no firewall yet".into());
+        };
+        if !base.sets.contains_key(name) {
+            return Err(format!("set {name} is not used by this host"));
+        }
+        Ok((revision, base.clone()))
+    }
+
     /// A change of a shared set: applied to this host's copy when that copy is the one the
     /// operator computed it against (by hash), and only if the result is what the operator
     /// has (by hash); otherwise `base_mismatch`, and the operator sends the full state.
@@ -448,22 +469,12 @@ impl Agent {
         version: u64,
     ) -> Response {
         let name = change.delta.name.clone();
-        let ignored = |why: String| {
-            debug!(set = %name, version, %why, "shared set change ignored");
-            text_ok(id, None, None, format!("ignored: {why}"))
-        };
-        if let Some(held) = self.replay.set_versions.get(&name) {
-            if version <= *held {
-                return ignored(format!(
-                    "version {version} of {name} is not newer than {held}"
-                ));
-            }
-        }
-        let Some((revision, base)) = self.current() else {
-            return ignored("no firewall yet".into());
+        let (revision, base) = match self.shared_set_target(&name, version) {
+            Ok(target) => target,
+            Err(why) => return ignored_update(id, &name, version, why),
         };
         let Some(copy) = base.sets.get(&name) else {
-            return ignored(format!("set {name} is not used by this host"));
+            return Response::error(id, ErrorKind::Internal, format!("set {name} vanished"));
         };
         if copy.hash() != change.base_hash {
             return Response::error(
@@ -488,7 +499,7 @@ impl Agent {
                 ),
             );
         }
-        let mut next = base.clone();
+        let mut next = base;
         self.replay.set_versions.insert(name.clone(), version);
         info!(set = %name, version, added = change.delta.add.len(), removed = change.delta.del.len(), "shared set change");
         next.sets.insert(name, Arc::new(changed));
@@ -502,25 +513,11 @@ impl Agent {
         set: dog_protocol::ruleset::IpSet,
         version: u64,
     ) -> Response {
-        let ignored = |why: String| {
-            debug!(set = %set.name, version, %why, "shared set ignored");
-            text_ok(id, None, None, format!("ignored: {why}"))
+        let (revision, base) = match self.shared_set_target(&set.name, version) {
+            Ok(target) => target,
+            Err(why) => return ignored_update(id, &set.name, version, why),
         };
-        if let Some(held) = self.replay.set_versions.get(&set.name) {
-            if version <= *held {
-                return ignored(format!(
-                    "version {version} of {} is not newer than {held}",
-                    set.name
-                ));
-            }
-        }
-        let Some((revision, base)) = self.current() else {
-            return ignored("no firewall yet".into());
-        };
-        if !base.sets.contains_key(&set.name) {
-            return ignored(format!("set {} is not used by this host", set.name));
-        }
-        let mut next = base.clone();
+        let mut next = base;
         self.replay.set_versions.insert(set.name.clone(), version);
         info!(set = %set.name, version, members = set.members.len(), "shared set update");
         let name = set.name.clone();
@@ -607,4 +604,10 @@ pub(super) struct SetChange {
     pub(super) base_hash: String,
     pub(super) hash: String,
     pub(super) delta: crate::ipset::SetDelta,
+}
+
+/// The answer to a shared-set update that is ignored, and why.
+fn ignored_update(id: Uuid, name: &str, version: u64, why: String) -> Response {
+    debug!(set = %name, version, %why, "shared set update ignored");
+    text_ok(id, None, None, format!("ignored: {why}"))
 }

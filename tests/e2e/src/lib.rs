@@ -6,6 +6,7 @@
 //! namespaces, broker queues), also when the test fails.
 
 pub mod attacker;
+pub mod fixtures;
 
 use dog_operator::local::StatusFile;
 use std::path::{Path, PathBuf};

@@ -5,34 +5,8 @@
 //! use the cap and the rate limit hold.
 
 use dog_e2e::attacker::Attacker;
+use dog_e2e::fixtures::{WEB_DB_GROUPS as GROUPS, WEB_DB_PROFILES as PROFILES};
 use dog_e2e::{require_root, Fleet};
-
-const GROUPS: &str = r#"
-apiVersion: dogfw.io/v1alpha1
-kind: Group
-metadata: {name: web}
-spec: {profile: web, selector: {matchLabels: {role: web}}}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Group
-metadata: {name: db}
-spec: {profile: db, selector: {matchLabels: {role: db}}}
-"#;
-
-const PROFILES: &str = r#"
-apiVersion: dogfw.io/v1alpha1
-kind: Profile
-metadata: {name: web}
-spec: {}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Profile
-metadata: {name: db}
-spec:
-  defaultInbound: DROP
-  inbound:
-    - {name: pg-web, action: ACCEPT, peer: {kind: Group, name: web}, protocol: tcp, ports: ["5432"]}
-"#;
 
 /// The Host documents of the fleet; `keys` holds `(node, spec.keys YAML)` pins.
 fn hosts(nodes: &[(&str, &str)], keys: &[(&str, String)]) -> String {
