@@ -24,6 +24,15 @@ impl Agent {
         if st.connected && st.connects != self.heartbeat_for && self.send_heartbeat().await {
             self.heartbeat_for = st.connects;
         }
+        let ask_again = self.login == Login::Bootstrap
+            && self.next_login.is_none()
+            && self
+                .last_heartbeat
+                .is_some_and(|at| at.elapsed() >= BOOTSTRAP_ASK_EVERY);
+        if st.connected && ask_again {
+            info!("still on the bootstrap broker user; asking the operator again");
+            self.send_heartbeat().await;
+        }
         if !st.connected {
             self.health.set_not_ready(format!(
                 "not connected to the broker{}",
@@ -134,6 +143,7 @@ impl Agent {
             .publish(&AgentMessage::Heartbeat(hb), "heartbeat")
             .await;
         if ok {
+            self.last_heartbeat = Some(Instant::now());
             info!(revision = self.applied_revision(), "sent heartbeat");
         }
         ok

@@ -71,6 +71,8 @@ const MESSAGE_TTL_SECS: u64 = 300;
 const LINK_POLL: Duration = Duration::from_millis(250);
 /// `/healthz` fails when the loop has not turned for this long.
 const STUCK_AFTER: Duration = Duration::from_secs(120);
+/// How often an agent on the bootstrap user asks again for the node's own user.
+const BOOTSTRAP_ASK_EVERY: Duration = Duration::from_secs(30);
 /// Answered requests remembered for redeliveries.
 const ANSWER_CACHE: usize = 1024;
 /// A rejection reason is logged at most once per this interval.
@@ -120,6 +122,10 @@ pub struct Agent {
     rejections: RejectionLog,
     /// `LinkStatus::connects` value the last heartbeat was sent for.
     heartbeat_for: u64,
+    /// When the last heartbeat was confirmed: on the bootstrap user it is sent again every
+    /// [`BOOTSTRAP_ASK_EVERY`] until the node's own user arrives (a management API that
+    /// failed once must not leave the agent waiting for its next reconnect).
+    last_heartbeat: Option<Instant>,
     /// The broker user the link logs in as.
     login: Login,
     /// A login the link moves to after the current delivery (the operator sent the node's
@@ -258,6 +264,7 @@ impl Agent {
             answered: AnswerCache::new(ANSWER_CACHE),
             rejections: RejectionLog::default(),
             heartbeat_for: 0,
+            last_heartbeat: None,
             login,
             next_login: None,
             failures_at_connect: 0,

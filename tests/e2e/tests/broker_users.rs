@@ -5,12 +5,14 @@
 //! user is admitted by it.
 
 use dog_e2e::attacker::{allowed_against, Attacker};
+use dog_e2e::fixtures::{WEB_DB_GROUPS, WEB_DB_PROFILES};
 use dog_e2e::{require_root, sh, Fleet};
 use dog_protocol::broker::Topology;
 
 const MANAGEMENT: &str = "http://guest:guest@127.0.0.1:15672";
 
-const RESOURCES: &str = r#"
+/// Hosts web and db, not pinned.
+const HOSTS: &str = r#"
 apiVersion: dogfw.io/v1alpha1
 kind: Host
 metadata: {name: "{p}-web", labels: {role: web}}
@@ -20,44 +22,34 @@ apiVersion: dogfw.io/v1alpha1
 kind: Host
 metadata: {name: "{p}-db", labels: {role: db}}
 spec: {}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Group
-metadata: {name: web}
-spec: {profile: web, selector: {matchLabels: {role: web}}}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Group
-metadata: {name: db}
-spec: {profile: db, selector: {matchLabels: {role: db}}}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Profile
-metadata: {name: web}
-spec: {}
----
-apiVersion: dogfw.io/v1alpha1
-kind: Profile
-metadata: {name: db}
-spec:
-  defaultInbound: DROP
-  inbound:
-    - {name: pg-web, action: ACCEPT, peer: {kind: Group, name: web}, protocol: tcp, ports: ["5432"]}
 "#;
+
+/// A fleet of web and db with the shared groups and profiles; nothing started yet.
+fn web_and_db() -> (Fleet, Topology) {
+    let f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", HOSTS);
+    f.write("groups.yaml", WEB_DB_GROUPS);
+    f.write("profiles.yaml", WEB_DB_PROFILES);
+    let topology = Topology::new(f.prefix.clone());
+    (f, topology)
+}
 
 fn provisioned(f: &Fleet) -> f64 {
     f.operator_metric("dog_operator_broker_users_provisioned_total{result=\"ok\"}")
         .unwrap_or(0.0)
 }
 
-/// The node's saved broker user (what root on a compromised node can read).
-fn saved_user(f: &Fleet, node: &str) -> Option<(String, String)> {
-    let path = f
-        .dir
+fn saved_user_path(f: &Fleet, node: &str) -> std::path::PathBuf {
+    f.dir
         .path()
         .join("state")
         .join(node)
-        .join("broker-user.json");
+        .join("broker-user.json")
+}
+
+/// The node's saved broker user (what root on a compromised node can read).
+fn saved_user(f: &Fleet, node: &str) -> Option<(String, String)> {
+    let path = saved_user_path(f, node);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some((
         v["username"].as_str()?.to_string(),
@@ -75,9 +67,7 @@ fn each_node_logs_in_as_its_own_broker_user_and_reaches_no_other_nodes_queue() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("resources.yaml", RESOURCES);
-    let topology = Topology::new(f.prefix.clone());
+    let (mut f, topology) = web_and_db();
     let bootstrap = f.add_broker_user(
         &format!("{}-bootstrap", f.prefix),
         "bootstrap-pw",
@@ -101,12 +91,7 @@ fn each_node_logs_in_as_its_own_broker_user_and_reaches_no_other_nodes_queue() {
     for node in ["web", "db"] {
         let (user, _) = saved_user(&f, node).expect("a saved broker user");
         assert_eq!(user, topology.node_user(&f.host(node)));
-        let path = f
-            .dir
-            .path()
-            .join("state")
-            .join(node)
-            .join("broker-user.json");
+        let path = saved_user_path(&f, node);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(path).unwrap().permissions(),
         );
@@ -188,9 +173,7 @@ fn a_vm_is_admitted_by_the_broker_user_its_administrator_created() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("resources.yaml", RESOURCES);
-    let topology = Topology::new(f.prefix.clone());
+    let (mut f, topology) = web_and_db();
     // no trust on first use, no pins, no tokens: only the broker vouches
     f.start_operator_exactly(&[]);
     let db = f.host("db");
@@ -211,4 +194,43 @@ fn a_vm_is_admitted_by_the_broker_user_its_administrator_created() {
         f.operator_metric("dog_operator_rejected_messages_total{reason=\"not_pinned\"}")
             .is_some_and(|n| n >= 1.0)
     });
+}
+
+#[test]
+fn an_agent_on_the_bootstrap_user_asks_again_until_it_gets_its_own() {
+    if !require_root() {
+        return;
+    }
+    let (mut f, topology) = web_and_db();
+    let bootstrap = f.add_broker_user(
+        &format!("{}-bootstrap", f.prefix),
+        "bootstrap-pw",
+        &topology.bootstrap_permissions(),
+    );
+    // the management API is not reachable yet: the hand-out fails
+    f.start_operator_with(&["--broker-management-url", "http://guest:guest@127.0.0.1:9"]);
+    f.start_agent_with("db", &["--broker-url", &bootstrap, "--broker-bootstrap"]);
+    f.wait("the first hand-out failed", 30, || {
+        f.operator_metric("dog_operator_broker_users_provisioned_total{result=\"management_api\"}")
+            .is_some_and(|n| n >= 1.0)
+    });
+    assert_eq!(
+        f.agent_metric("db", "dog_agent_broker_bootstrap"),
+        Some(1.0)
+    );
+    // the operator comes back with the API; the agent's connection never dropped, so only its
+    // asking again gets it its user
+    if let Some(mut op) = f.operator.take() {
+        let _ = op.kill();
+        let _ = op.wait();
+    }
+    f.start_operator_with(&["--broker-management-url", MANAGEMENT]);
+    f.wait("db asked again and logged in as its own user", 90, || {
+        logged_in_as_own_user(&f, &topology, "db")
+    });
+    let db = f.host("db");
+    f.wait_status("db in sync", 60, |st| Fleet::in_sync(st, &db));
+    assert!(f
+        .log_of("agent-db")
+        .contains("still on the bootstrap broker user; asking the operator again"));
 }
