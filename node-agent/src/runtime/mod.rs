@@ -12,7 +12,8 @@
 //! response are done. SIGTERM/SIGINT close the broker link and leave the rules in place.
 //!
 //! The impl of [`Agent`] is spread over child modules by concern: `link` (broker link,
-//! heartbeat, keepalive, log-in), `requests` (deliveries and the request handlers), `verify`
+//! heartbeat, keepalive, log-in), `requests` (deliveries and the request handlers), `sets`
+//! (shared-set updates), `verify`
 //! (drift checks and repair); `report` holds the pure helpers with their unit tests.
 //!
 //! The pure helpers (answer cache, drift events, rejection log pacing, key file parsing,
@@ -51,6 +52,7 @@ use uuid::Uuid;
 mod link;
 mod report;
 mod requests;
+mod sets;
 mod verify;
 
 pub use report::{

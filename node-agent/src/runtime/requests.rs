@@ -1,6 +1,7 @@
 //! Deliveries and the request handlers: each request is answered exactly once and its delivery
 //! acknowledged only after the work and the response are done.
 
+use super::sets::SetChange;
 use super::*;
 
 impl Agent {
@@ -439,94 +440,6 @@ impl Agent {
         self.apply_desired(id, revision, next).await
     }
 
-    /// The revision and firewall an update of shared set `name` to `version` goes into; or why
-    /// it is ignored (not newer than the version held, no firewall yet, a set this host does
-    /// not use).
-    fn shared_set_target(&self, name: &str, version: u64) -> Result<(u64, Firewall), String> {
-        if let Some(held) = self.replay.set_versions.get(name) {
-            if version <= *held {
-                return Err(format!(
-                    "version {version} of {name} is not newer than {held}"
-                ));
-            }
-        }
-        let Some((revision, base)) = self.current() else {
-            return Err("no firewall yet".into());
-        };
-        if !base.sets.contains_key(name) {
-            return Err(format!("set {name} is not used by this host"));
-        }
-        Ok((revision, base.clone()))
-    }
-
-    /// A change of a shared set: applied to this host's copy when that copy is the one the
-    /// operator computed it against (by hash), and only if the result is what the operator
-    /// has (by hash); otherwise `base_mismatch`, and the operator sends the full state.
-    pub(super) async fn shared_set_delta(
-        &mut self,
-        id: Uuid,
-        change: SetChange,
-        version: u64,
-    ) -> Response {
-        let name = change.delta.name.clone();
-        let (revision, base) = match self.shared_set_target(&name, version) {
-            Ok(target) => target,
-            Err(why) => return ignored_update(id, &name, version, why),
-        };
-        let Some(copy) = base.sets.get(&name) else {
-            return Response::error(id, ErrorKind::Internal, format!("set {name} vanished"));
-        };
-        if copy.hash() != change.base_hash {
-            return Response::error(
-                id,
-                ErrorKind::BaseMismatch,
-                format!(
-                    "set {name} here has hash {}, the change is against {}",
-                    copy.hash(),
-                    change.base_hash
-                ),
-            );
-        }
-        let changed = crate::ipset::apply_delta(copy, &change.delta);
-        if changed.hash() != change.hash {
-            return Response::error(
-                id,
-                ErrorKind::BaseMismatch,
-                format!(
-                    "set {name} after the change has hash {}, the operator's has {}",
-                    changed.hash(),
-                    change.hash
-                ),
-            );
-        }
-        let mut next = base;
-        self.replay.set_versions.insert(name.clone(), version);
-        info!(set = %name, version, added = change.delta.add.len(), removed = change.delta.del.len(), "shared set change");
-        next.sets.insert(name, Arc::new(changed));
-        self.pending = None;
-        self.apply_desired(id, revision, next).await
-    }
-
-    pub(super) async fn shared_set(
-        &mut self,
-        id: Uuid,
-        set: dog_protocol::ruleset::IpSet,
-        version: u64,
-    ) -> Response {
-        let (revision, base) = match self.shared_set_target(&set.name, version) {
-            Ok(target) => target,
-            Err(why) => return ignored_update(id, &set.name, version, why),
-        };
-        let mut next = base;
-        self.replay.set_versions.insert(set.name.clone(), version);
-        info!(set = %set.name, version, members = set.members.len(), "shared set update");
-        let name = set.name.clone();
-        // Packed and hashed once; the other sets stay shared with the applied firewall.
-        next.sets.insert(name, Arc::new(SetContent::from(set)));
-        self.pending = None;
-        self.apply_desired(id, revision, next).await
-    }
-
     pub(super) async fn status(&mut self, id: Uuid) -> Response {
         let text = format!(
             "mode={:?} applied_revision={:?} pending_retry={:?} drifted={:?} repairs={} backend={:?}",
@@ -597,17 +510,4 @@ impl Agent {
         };
         text_ok(id, self.applied_revision(), self.live_hashes().await, text)
     }
-}
-
-/// A shared-set change as it arrived: the delta and the hashes before and after.
-pub(super) struct SetChange {
-    pub(super) base_hash: String,
-    pub(super) hash: String,
-    pub(super) delta: crate::ipset::SetDelta,
-}
-
-/// The answer to a shared-set update that is ignored, and why.
-fn ignored_update(id: Uuid, name: &str, version: u64, why: String) -> Response {
-    debug!(set = %name, version, %why, "shared set update ignored");
-    text_ok(id, None, None, format!("ignored: {why}"))
 }
