@@ -57,6 +57,15 @@ fn saved_user(f: &Fleet, node: &str) -> Option<(String, String)> {
     ))
 }
 
+/// The fleet's bootstrap user (the chart's `agent-url`); its AMQP URL.
+fn bootstrap_user(f: &Fleet, topology: &Topology) -> String {
+    f.add_broker_user(
+        &format!("{}-bootstrap", f.prefix),
+        "bootstrap-pw",
+        &topology.bootstrap_permissions(),
+    )
+}
+
 fn logged_in_as_own_user(f: &Fleet, topology: &Topology, node: &str) -> bool {
     let host = f.host(node);
     f.connection_users(&format!("dog-agent/{host}")) == vec![topology.node_user(&host)]
@@ -68,11 +77,7 @@ fn each_node_logs_in_as_its_own_broker_user_and_reaches_no_other_nodes_queue() {
         return;
     }
     let (mut f, topology) = web_and_db();
-    let bootstrap = f.add_broker_user(
-        &format!("{}-bootstrap", f.prefix),
-        "bootstrap-pw",
-        &topology.bootstrap_permissions(),
-    );
+    let bootstrap = bootstrap_user(&f, &topology);
     f.start_operator_with(&["--broker-management-url", MANAGEMENT]);
     let agent_flags = ["--broker-url", bootstrap.as_str(), "--broker-bootstrap"];
     f.start_agent_with("web", &agent_flags);
@@ -202,11 +207,7 @@ fn an_agent_on_the_bootstrap_user_asks_again_until_it_gets_its_own() {
         return;
     }
     let (mut f, topology) = web_and_db();
-    let bootstrap = f.add_broker_user(
-        &format!("{}-bootstrap", f.prefix),
-        "bootstrap-pw",
-        &topology.bootstrap_permissions(),
-    );
+    let bootstrap = bootstrap_user(&f, &topology);
     // the management API is not reachable yet: the hand-out fails
     f.start_operator_with(&["--broker-management-url", "http://guest:guest@127.0.0.1:9"]);
     f.start_agent_with("db", &["--broker-url", &bootstrap, "--broker-bootstrap"]);
