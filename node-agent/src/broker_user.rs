@@ -9,7 +9,7 @@
 //! agent forgets it and asks again.
 
 use dog_protocol::broker::{
-    AgentLink, BrokerArgs, BrokerError, Credentials, Deliveries, LinkStatus,
+    AgentLink, BrokerConfig, BrokerError, Credentials, Deliveries, LinkStatus,
 };
 use tracing::{info, warn};
 
@@ -54,13 +54,12 @@ impl Login {
         }
     }
 
-    /// Starts a link logged in this way.
+    /// Starts a link to the broker of `config` (from `--broker-*`), logged in this way.
     pub fn start(
         &self,
-        broker: &BrokerArgs,
+        mut config: BrokerConfig,
         hostname: &str,
     ) -> Result<(AgentLink, Deliveries), BrokerError> {
-        let mut config = broker.config(format!("dog-agent/{hostname}"));
         match self {
             Login::Own(user) => {
                 info!(user = %user.username, "logging in as this node's own broker user");

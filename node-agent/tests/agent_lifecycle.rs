@@ -430,6 +430,7 @@ async fn replays_captured_before_a_restart_are_refused_after_it() {
 /// the kernel keeps what it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_set_change_applies_only_to_its_base() {
+    use dog_protocol::messages::SetChange;
     use dog_protocol::ruleset::{Family, IpSet};
     let Some(mut h) = Harness::new("agent_set_change").await else {
         return;
@@ -442,13 +443,15 @@ async fn a_shared_set_change_applies_only_to_its_base() {
         Family::V4,
         [net("198.18.1.0/24"), net("198.18.9.9")],
     );
-    let change = |base_hash: &str, version| RequestKind::SharedSetDelta {
-        name: "dogz4-web".into(),
-        version,
-        base_hash: base_hash.into(),
-        hash: after.hash(),
-        add: vec![net("198.18.9.9")],
-        remove: vec![net("198.18.2.5")],
+    let change = |base_hash: &str, version| {
+        RequestKind::SharedSetDelta(SetChange {
+            name: "dogz4-web".into(),
+            version,
+            base_hash: base_hash.into(),
+            hash: after.hash(),
+            add: vec![net("198.18.9.9")],
+            remove: vec![net("198.18.2.5")],
+        })
     };
     let members = |h: &Harness| {
         h.ns.exec(&["ipset", "list", "dogz4-web"])

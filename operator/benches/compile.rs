@@ -271,7 +271,7 @@ fn set_change(c: &mut Criterion) {
     let mut g = c.benchmark_group("publish");
     g.sample_size(20);
     g.bench_function("set_change_1M_one_entry", |b| {
-        b.iter(|| black_box(dog_operator::publish::set_change(&old, &new)))
+        b.iter(|| black_box(dog_operator::publish::set_change(&old, &new, 1)))
     });
     g.finish();
 }

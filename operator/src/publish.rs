@@ -14,6 +14,7 @@
 //! sending anything when nothing changed.
 
 use crate::compile::{Compiled, CompiledFirewall, HostOutcome};
+use dog_protocol::messages::SetChange;
 use dog_protocol::ruleset::{FirewallHashes, IpSet};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -37,17 +38,9 @@ pub struct PublishState {
     pub last_sets: BTreeMap<String, Arc<IpSet>>,
 }
 
-/// The change from a set's previous content to its new one.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SetChange {
-    /// Hash of the content the change applies to.
-    pub base_hash: String,
-    pub add: Vec<ipnet::IpNet>,
-    pub remove: Vec<ipnet::IpNet>,
-}
-
-/// What turns `old` into `new` (both sorted and deduplicated, as [`IpSet::new`] keeps them).
-pub fn set_change(old: &IpSet, new: &IpSet) -> SetChange {
+/// What turns `old` into `new` (both sorted and deduplicated, as [`IpSet::new`] keeps them),
+/// as version `version` of the set.
+pub fn set_change(old: &IpSet, new: &IpSet, version: u64) -> SetChange {
     let (mut add, mut remove) = (Vec::new(), Vec::new());
     let (was, now) = (&old.members, &new.members);
     let (mut i, mut j) = (0, 0);
@@ -73,7 +66,10 @@ pub fn set_change(old: &IpSet, new: &IpSet) -> SetChange {
         }
     }
     SetChange {
+        name: new.name.clone(),
+        version,
         base_hash: old.hash(),
+        hash: new.hash(),
         add,
         remove,
     }
@@ -215,7 +211,7 @@ pub fn plan(
             .partition(|(_, copy)| copy.is_some() && *copy == base_hash);
         let change = base
             .filter(|_| !on_base.is_empty())
-            .map(|b| set_change(b, set))
+            .map(|b| set_change(b, set, version))
             .filter(|c| c.add.len() + c.remove.len() < set.members.len());
         let hosts = |v: Vec<(String, Option<String>)>| v.into_iter().map(|(h, _)| h).collect();
         let full: Vec<String> = match change {
@@ -424,7 +420,7 @@ mod tests {
                 v.iter().map(|i| dog_protocol::ruleset::parse_member(&format!("10.0.{}.{}", i / 256, i % 256)).unwrap()),
             );
             let (old, new) = (set(&old), set(&new));
-            let c = set_change(&old, &new);
+            let c = set_change(&old, &new, 1);
             let removed: BTreeSet<_> = c.remove.iter().collect();
             let rebuilt = IpSet::new(
                 "dogz4-p",

@@ -131,7 +131,7 @@ fn shared_set(c: &mut Criterion) {
 }
 
 fn one_entry_change_of_a_large_set(c: &mut Criterion) {
-    use dog_protocol::messages::{Request, RequestKind};
+    use dog_protocol::messages::{Request, RequestKind, SetChange};
     use dog_protocol::ruleset::{Family, IpSet};
     let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
     let agents: Vec<(String, EncryptionPublicKey)> = (0..200)
@@ -152,14 +152,14 @@ fn one_entry_change_of_a_large_set(c: &mut Criterion) {
     };
     let change = Request {
         id: Uuid::new_v4(),
-        request: RequestKind::SharedSetDelta {
+        request: RequestKind::SharedSetDelta(SetChange {
             name: set.name.clone(),
             version: 2,
             base_hash: set.hash(),
             hash: "0".repeat(64),
             add: vec![member(1_000_000)],
             remove: vec![member(7)],
-        },
+        }),
     };
     let seal = |r: &Request| sealer.request_for_many(&agents, r, NOW, 600).unwrap();
     eprintln!(

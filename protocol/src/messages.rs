@@ -294,6 +294,21 @@ pub struct SetDelta {
     pub remove: Vec<IpNet>,
 }
 
+/// A change of shared set `name` to `version`, for the hosts whose copy has hash `base_hash`:
+/// remove `remove`, add `add`, and the result must hash to `hash`. A host whose copy is another
+/// answers `base_mismatch` and gets its full state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SetChange {
+    pub name: String,
+    pub version: u64,
+    pub base_hash: String,
+    pub hash: String,
+    #[serde(default)]
+    pub add: Vec<IpNet>,
+    #[serde(default)]
+    pub remove: Vec<IpNet>,
+}
+
 /// A secret that never reaches a log: its `Debug` prints nothing of it.
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
 #[serde(transparent)]
@@ -323,19 +338,9 @@ pub enum RequestKind {
     },
     /// A set shared by many hosts, sent once (multi-recipient envelope).
     SharedSet { set: IpSet, version: u64 },
-    /// A change of a shared set, sent once to the hosts whose copy has hash `base_hash`:
-    /// remove `remove`, add `add`, and the result must hash to `hash`. A host whose copy is
-    /// another answers `base_mismatch` and gets its full state.
-    SharedSetDelta {
-        name: String,
-        version: u64,
-        base_hash: String,
-        hash: String,
-        #[serde(default)]
-        add: Vec<IpNet>,
-        #[serde(default)]
-        remove: Vec<IpNet>,
-    },
+    /// A change of a shared set ([`SetChange`]), sent once to the hosts whose copy it was
+    /// computed against.
+    SharedSetDelta(SetChange),
     /// Report applied revision and live hashes.
     Status,
     /// Return the live rules and sets ([`Detail::Dump`]).
@@ -599,14 +604,14 @@ impl Request {
                 Ok(())
             }
             RequestKind::SharedSet { set, .. } => check_set("request.set", set),
-            RequestKind::SharedSetDelta {
+            RequestKind::SharedSetDelta(SetChange {
                 name,
                 base_hash,
                 hash,
                 add,
                 remove,
                 ..
-            } => {
+            }) => {
                 check(|| "request.name".into(), name.len(), SET_NAME_MAX)?;
                 check(
                     || "request.base_hash".into(),

@@ -240,7 +240,7 @@ impl Agent {
         // state has been verified and repaired below.
         let login = Login::at_start(cfg.broker_bootstrap, store.load_broker_user());
         let (link, deliveries) = login
-            .start(&cfg.broker, &hostname)
+            .start(bcfg, &hostname)
             .context("broker configuration")?;
         metrics
             .broker_bootstrap

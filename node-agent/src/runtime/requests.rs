@@ -1,7 +1,6 @@
 //! Deliveries and the request handlers: each request is answered exactly once and its delivery
 //! acknowledged only after the work and the response are done.
 
-use super::sets::SetChange;
 use super::*;
 
 impl Agent {
@@ -106,25 +105,7 @@ impl Agent {
                 deltas,
             } => self.apply_deltas(id, base_revision, revision, deltas).await,
             RequestKind::SharedSet { set, version } => self.shared_set(id, set, version).await,
-            RequestKind::SharedSetDelta {
-                name,
-                version,
-                base_hash,
-                hash,
-                add,
-                remove,
-            } => {
-                let change = SetChange {
-                    base_hash,
-                    hash,
-                    delta: crate::ipset::SetDelta {
-                        name,
-                        add,
-                        del: remove,
-                    },
-                };
-                self.shared_set_delta(id, change, version).await
-            }
+            RequestKind::SharedSetDelta(change) => self.shared_set_delta(id, change).await,
             RequestKind::Status => self.status(id).await,
             RequestKind::DumpRules => self.dump(id).await,
             RequestKind::Reapply => self.reapply(id).await,
@@ -187,7 +168,11 @@ impl Agent {
     /// Closes the link and opens one logged in as `login`; the new link's deliveries, or
     /// `None` when it cannot start (the old link then stays).
     pub(super) async fn relogin(&mut self, login: Login) -> Option<Deliveries> {
-        let (link, deliveries) = match login.start(&self.cfg.broker, &self.hostname) {
+        let config = self
+            .cfg
+            .broker
+            .config(format!("dog-agent/{}", self.hostname));
+        let (link, deliveries) = match login.start(config, &self.hostname) {
             Ok(started) => started,
             Err(e) => {
                 error!(error = %e, "cannot start a broker link as {}", login.label());

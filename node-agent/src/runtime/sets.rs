@@ -3,6 +3,7 @@
 //! newer than the one held.
 
 use super::*;
+use dog_protocol::messages::SetChange;
 
 impl Agent {
     /// The revision and firewall an update of shared set `name` to `version` goes into; or why
@@ -32,13 +33,15 @@ impl Agent {
     /// A change of a shared set: applied to this host's copy when that copy is the one the
     /// operator computed it against (by hash), and only if the result is what the operator
     /// has (by hash); otherwise `base_mismatch`, and the operator sends the full state.
-    pub(super) async fn shared_set_delta(
-        &mut self,
-        id: Uuid,
-        change: SetChange,
-        version: u64,
-    ) -> Response {
-        let name = change.delta.name.clone();
+    pub(super) async fn shared_set_delta(&mut self, id: Uuid, change: SetChange) -> Response {
+        let SetChange {
+            name,
+            version,
+            base_hash,
+            hash,
+            add,
+            remove,
+        } = change;
         let (revision, base) = match self.shared_set_target(&name, version) {
             Ok(target) => target,
             Err(why) => return ignored_update(id, &name, version, why),
@@ -46,32 +49,38 @@ impl Agent {
         let Some(copy) = base.sets.get(&name) else {
             return Response::error(id, ErrorKind::Internal, format!("set {name} vanished"));
         };
-        if copy.hash() != change.base_hash {
+        if copy.hash() != base_hash {
             return Response::error(
                 id,
                 ErrorKind::BaseMismatch,
                 format!(
                     "set {name} here has hash {}, the change is against {}",
                     copy.hash(),
-                    change.base_hash
+                    base_hash
                 ),
             );
         }
-        let changed = crate::ipset::apply_delta(copy, &change.delta);
-        if changed.hash() != change.hash {
+        let (added, removed) = (add.len(), remove.len());
+        let delta = crate::ipset::SetDelta {
+            name: name.clone(),
+            add,
+            del: remove,
+        };
+        let changed = crate::ipset::apply_delta(copy, &delta);
+        if changed.hash() != hash {
             return Response::error(
                 id,
                 ErrorKind::BaseMismatch,
                 format!(
                     "set {name} after the change has hash {}, the operator's has {}",
                     changed.hash(),
-                    change.hash
+                    hash
                 ),
             );
         }
         let mut next = base;
         self.replay.set_versions.insert(name.clone(), version);
-        info!(set = %name, version, added = change.delta.add.len(), removed = change.delta.del.len(), "shared set change");
+        info!(set = %name, version, added, removed, "shared set change");
         next.sets.insert(name, Arc::new(changed));
         self.pending = None;
         self.apply_desired(id, revision, next).await
@@ -96,13 +105,6 @@ impl Agent {
         self.pending = None;
         self.apply_desired(id, revision, next).await
     }
-}
-
-/// A shared-set change as it arrived: the delta and the hashes before and after.
-pub(super) struct SetChange {
-    pub(super) base_hash: String,
-    pub(super) hash: String,
-    pub(super) delta: crate::ipset::SetDelta,
 }
 
 /// The answer to a shared-set update that is ignored, and why.

@@ -79,14 +79,7 @@ impl Runtime {
                         })
                         .collect();
                     let request = match change {
-                        Some(c) => RequestKind::SharedSetDelta {
-                            name: set.name.clone(),
-                            version: *version,
-                            base_hash: c.base_hash.clone(),
-                            hash: set.hash(),
-                            add: c.add.clone(),
-                            remove: c.remove.clone(),
-                        },
+                        Some(c) => RequestKind::SharedSetDelta(c.clone()),
                         None => RequestKind::SharedSet {
                             set: (**set).clone(),
                             version: *version,
