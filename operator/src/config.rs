@@ -312,7 +312,7 @@ impl FirewallArgs {
             None => interfaces.iter().map(|s| s.to_string()).collect(),
         };
         for i in &pod_interfaces {
-            if !crate::compile::render::is_interface_name(i) {
+            if !crate::compile::validate::is_interface_name(i) {
                 return Err(format!(
                     "--pod-interfaces: `{i}` is not a Linux interface name"
                 ));

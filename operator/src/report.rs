@@ -258,7 +258,7 @@ fn validity(diags: &[&Diagnostic]) -> Condition {
     let errors = of_severity(diags, Severity::Error);
     match errors.first() {
         None => cond("Valid", true, "Valid", "no problems found"),
-        Some(d) => cond("Valid", false, &d.reason, diag_message(&errors)),
+        Some(d) => cond("Valid", false, d.reason.as_str(), diag_message(&errors)),
     }
 }
 
@@ -272,7 +272,7 @@ fn degradation(diags: &[&Diagnostic]) -> Condition {
             "AsWritten",
             "everything applies as written",
         ),
-        Some(d) => cond("Degraded", true, &d.reason, diag_message(&warnings)),
+        Some(d) => cond("Degraded", true, d.reason.as_str(), diag_message(&warnings)),
     }
 }
 

@@ -65,7 +65,7 @@ fn bad_ports_and_protocol_mismatches_are_reported_per_field() {
     let got: Vec<(String, String)> = c
         .diagnostics_for(ObjectKind::Profile, "web")
         .iter()
-        .map(|d| (d.field.clone(), d.reason.clone()))
+        .map(|d| (d.field.clone(), d.reason.to_string()))
         .collect();
     let want = [
         ("spec.inbound[0].ports[1]", "InvalidPort"),

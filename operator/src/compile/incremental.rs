@@ -6,12 +6,13 @@
 //! [`super::compile`] is this compiler run once; tests assert both give equal results.
 
 use super::addresses::{parse_entry, parse_host_address};
-use super::render::{render_profile, RefProblem, RenderedProfile};
+use super::render::{render_profile, RenderedProfile};
 use super::resolve::{resolve, GroupIndex, Resolution};
 use super::setname::{set_name, SetSource};
+use super::validate::RefProblem;
 use super::{
     CompileOptions, Compiled, CompiledFirewall, Diagnostic, GroupSummary, HostOutcome, ObjectKind,
-    ProfileSummary, Severity, Snapshot, ZoneSummary,
+    ProfileSummary, Reason, Severity, Snapshot, ZoneSummary,
 };
 use crate::crd::{Group, Host, HostState, Profile, Zone};
 use dog_protocol::ruleset::{sets_hash, Family, FirewallHashes, IpSet};
@@ -431,7 +432,7 @@ impl Compiler {
                 },
                 name: name.clone(),
                 field: "metadata.name".into(),
-                reason: "SetNameCollision".into(),
+                reason: Reason::SetNameCollision,
                 message: format!(
                     "the ipset name derived from {src:?} `{name}` collides with another object's; rules referencing it are withheld"
                 ),
@@ -451,7 +452,7 @@ impl Compiler {
                         kind: ObjectKind::Host,
                         name: hname.clone(),
                         field: "spec.group".into(),
-                        reason: "DanglingReference".into(),
+                        reason: Reason::DanglingReference,
                         message: format!("pinned group `{pin}` does not exist"),
                         severity: Severity::Error,
                     });
@@ -467,7 +468,7 @@ impl Compiler {
                     kind: ObjectKind::Host,
                     name: hname.clone(),
                     field: "metadata.labels".into(),
-                    reason: "Conflict".into(),
+                    reason: Reason::Conflict,
                     message: format!(
                         "member of groups with different profiles: {}",
                         groups
@@ -519,7 +520,7 @@ impl Compiler {
                         kind: ObjectKind::Group,
                         name: gname.clone(),
                         field: format!("spec.trustReportedAddresses[{i}]"),
-                        reason: "InvalidAddress".into(),
+                        reason: Reason::InvalidAddress,
                         message: format!("{m}; entry ignored"),
                         severity: Severity::Error,
                     });
@@ -533,7 +534,7 @@ impl Compiler {
                                 kind: ObjectKind::Group,
                                 name: gname.clone(),
                                 field: format!("spec.extraAddresses[{i}]"),
-                                reason: "HostBitsSet".into(),
+                                reason: Reason::HostBitsSet,
                                 message: format!(
                                     "`{a}` has host bits set; applied as {}",
                                     n.trunc()
@@ -547,7 +548,7 @@ impl Compiler {
                         kind: ObjectKind::Group,
                         name: gname.clone(),
                         field: format!("spec.extraAddresses[{i}]"),
-                        reason: "InvalidAddress".into(),
+                        reason: Reason::InvalidAddress,
                         message: m,
                         severity: Severity::Error,
                     }),
@@ -589,7 +590,7 @@ impl Compiler {
             }
             if colliding.contains(&(src, name.to_string())) {
                 return Err(RefProblem::Refused {
-                    reason: "SetNameCollision".into(),
+                    reason: Reason::SetNameCollision,
                     message: format!(
                         "the ipset name of {src:?} `{name}` collides with another object's"
                     ),
@@ -672,7 +673,7 @@ impl Compiler {
                         kind: ObjectKind::Group,
                         name: gname.clone(),
                         field: "spec.profile".into(),
-                        reason: "DanglingReference".into(),
+                        reason: Reason::DanglingReference,
                         message: format!("profile `{p}` does not exist"),
                         severity: Severity::Error,
                     });
@@ -686,7 +687,7 @@ impl Compiler {
                 kind: *kind,
                 name: name.clone(),
                 field: "metadata".into(),
-                reason: "LoadFailed".into(),
+                reason: Reason::LoadFailed,
                 message: message.clone(),
                 severity: Severity::Error,
             });
@@ -887,7 +888,7 @@ fn build_zone(
                 kind: ObjectKind::Zone,
                 name: name.to_string(),
                 field: format!("spec.configMapRefs[{i}]"),
-                reason: "DanglingReference".into(),
+                reason: Reason::DanglingReference,
                 message: format!("ConfigMap key `{key}` does not exist"),
                 severity: Severity::Error,
             }),
@@ -931,7 +932,7 @@ fn build_zone(
             kind: ObjectKind::Zone,
             name: name.to_string(),
             field: f.clone(),
-            reason: "InvalidAddress".into(),
+            reason: Reason::InvalidAddress,
             message: format!("{m}; entry dropped"),
             severity: Severity::Error,
         });
@@ -941,7 +942,7 @@ fn build_zone(
             kind: ObjectKind::Zone,
             name: name.to_string(),
             field: f.clone(),
-            reason: "HostBitsSet".into(),
+            reason: Reason::HostBitsSet,
             message: m.clone(),
             severity: Severity::Warning,
         });
@@ -951,7 +952,7 @@ fn build_zone(
             kind: ObjectKind::Zone,
             name: name.to_string(),
             field: "spec".into(),
-            reason: "HostBitsSet".into(),
+            reason: Reason::HostBitsSet,
             message: format!(
                 "{} more entries with host bits set, applied as their networks",
                 normalized.len() - INVALID_LISTED
@@ -964,7 +965,7 @@ fn build_zone(
             kind: ObjectKind::Zone,
             name: name.to_string(),
             field: "spec".into(),
-            reason: "InvalidAddress".into(),
+            reason: Reason::InvalidAddress,
             message: format!(
                 "{} more invalid entries dropped",
                 invalid.len() - INVALID_LISTED
@@ -993,7 +994,7 @@ fn trusted_ranges(
                 kind: ObjectKind::Host,
                 name: name.to_string(),
                 field: format!("spec.trustReportedAddresses[{i}]"),
-                reason: "InvalidAddress".into(),
+                reason: Reason::InvalidAddress,
                 message: format!("{m}; entry ignored"),
                 severity: Severity::Error,
             }),
@@ -1044,7 +1045,7 @@ fn host_addresses(
             kind: ObjectKind::Host,
             name: name.to_string(),
             field,
-            reason: "InvalidAddress".into(),
+            reason: Reason::InvalidAddress,
             message: format!("{m}; address ignored"),
             severity: Severity::Error,
         })
@@ -1083,7 +1084,7 @@ fn host_addresses(
             kind: ObjectKind::Host,
             name: name.to_string(),
             field: "status.interfaces".into(),
-            reason: "UntrustedAddress".into(),
+            reason: Reason::UntrustedAddress,
             message: format!(
                 "reported addresses not used, outside spec.trustReportedAddresses of the Host, its Groups and the operator: {}{}",
                 listed.join(", "),

@@ -11,6 +11,7 @@ pub mod ports;
 pub mod render;
 pub mod resolve;
 pub mod setname;
+pub mod validate;
 
 pub use incremental::{Changes, Compiler};
 
@@ -78,6 +79,72 @@ pub enum Severity {
     Warning,
 }
 
+/// Why the compiler refused or warns about a field: the word a condition's `reason` carries
+/// (`kubectl get` shows it) and the `reason` of a diagnostic in `compile --json`.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub enum Reason {
+    /// Two objects whose ipset names collide (neither can be used).
+    SetNameCollision,
+    /// A Group, Zone or Profile named by another object does not exist.
+    DanglingReference,
+    /// A Host is claimed by more than one Group.
+    Conflict,
+    /// An address or CIDR does not parse.
+    InvalidAddress,
+    /// A CIDR with host bits set, applied as its network.
+    HostBitsSet,
+    /// An address the agent reports that no `trustReportedAddresses` covers (not used).
+    UntrustedAddress,
+    /// A rule's peer combines fields its kind does not take.
+    InvalidPeer,
+    /// A field the rule's kind or type needs is missing.
+    MissingField,
+    /// A port or range does not parse, or the protocol takes no ports.
+    InvalidPort,
+    /// A field's value is out of range.
+    InvalidField,
+    /// Not a Linux interface name.
+    InvalidInterface,
+    /// The rule's protocol and its peer's addresses share no address family.
+    NoFamily,
+    /// The object's source no longer loads; its last good version is used.
+    LoadFailed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SetNameCollision => "SetNameCollision",
+            Reason::DanglingReference => "DanglingReference",
+            Reason::Conflict => "Conflict",
+            Reason::InvalidAddress => "InvalidAddress",
+            Reason::HostBitsSet => "HostBitsSet",
+            Reason::UntrustedAddress => "UntrustedAddress",
+            Reason::InvalidPeer => "InvalidPeer",
+            Reason::MissingField => "MissingField",
+            Reason::InvalidPort => "InvalidPort",
+            Reason::InvalidField => "InvalidField",
+            Reason::InvalidInterface => "InvalidInterface",
+            Reason::NoFamily => "NoFamily",
+            Reason::LoadFailed => "LoadFailed",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One thing the compiler refused or warns about, per object and field.
 #[derive(
     Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -87,8 +154,8 @@ pub struct Diagnostic {
     pub name: String,
     /// JSON-path-like field, e.g. `spec.inbound[2].peer.name`.
     pub field: String,
-    /// CamelCase reason for conditions, e.g. `DanglingReference`, `InvalidAddress`.
-    pub reason: String,
+    /// Why, as the CamelCase word a condition's `reason` carries.
+    pub reason: Reason,
     pub message: String,
     #[serde(default)]
     pub severity: Severity,
