@@ -217,7 +217,8 @@ impl SetContent {
     pub fn new(name: impl Into<String>, members: Members) -> Self {
         let name = name.into();
         let mut h = SetHasher::new(&name, members.family());
-        members.iter().for_each(|m| h.member(&m));
+        // the packing is the hashed form (`dog_protocol::ruleset::pack_member`)
+        h.packed(&members.bytes);
         SetContent {
             hash: h.finish(),
             name,
