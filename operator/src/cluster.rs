@@ -114,7 +114,7 @@ pub async fn run(
         let seed = store
             .hosts()
             .into_iter()
-            .filter_map(|(n, h)| h.status.map(|s| (n, s)))
+            .filter_map(|(n, h)| h.status.clone().map(|s| (n, s)))
             .collect();
         let (link, deliveries) = OperatorLink::start(broker.clone())?;
         let store_for_snapshot = store.clone();

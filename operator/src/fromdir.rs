@@ -220,28 +220,28 @@ fn load_into(file: &Path, text: &str, loaded: &mut Loaded) {
             (a, "Zone") if a == dog_api => match strict::<Zone>(value) {
                 Ok(z) => {
                     origin(Origin::Object(ObjectKind::Zone, name.clone()));
-                    snap.zones.insert(name, z);
+                    snap.zones.insert(name, Arc::new(z));
                 }
                 Err(e) => fail(e),
             },
             (a, "Host") if a == dog_api => match strict::<Host>(value) {
                 Ok(h) => {
                     origin(Origin::Object(ObjectKind::Host, name.clone()));
-                    snap.hosts.insert(name, h);
+                    snap.hosts.insert(name, Arc::new(h));
                 }
                 Err(e) => fail(e),
             },
             (a, "Group") if a == dog_api => match strict::<Group>(value) {
                 Ok(g) => {
                     origin(Origin::Object(ObjectKind::Group, name.clone()));
-                    snap.groups.insert(name, g);
+                    snap.groups.insert(name, Arc::new(g));
                 }
                 Err(e) => fail(e),
             },
             (a, "Profile") if a == dog_api => match strict::<Profile>(value) {
                 Ok(p) => {
                     origin(Origin::Object(ObjectKind::Profile, name.clone()));
-                    snap.profiles.insert(name, p);
+                    snap.profiles.insert(name, Arc::new(p));
                 }
                 Err(e) => fail(e),
             },

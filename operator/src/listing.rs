@@ -3,7 +3,7 @@
 //! keys Zones read, and the names of the Nodes. An IO shell; the running operator watches
 //! instead (`store`).
 
-use crate::compile::incremental::config_map_key;
+use crate::compile::config_map_key;
 use crate::compile::Snapshot;
 use crate::crd::{Group, Host, Profile, Zone};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -16,16 +16,16 @@ pub async fn snapshot(client: Client) -> Result<Snapshot, kube::Error> {
     let lp = ListParams::default();
     let mut snap = Snapshot::default();
     for z in Api::<Zone>::all(client.clone()).list(&lp).await? {
-        snap.zones.insert(z.name_any(), z);
+        snap.zones.insert(z.name_any(), Arc::new(z));
     }
     for h in Api::<Host>::all(client.clone()).list(&lp).await? {
-        snap.hosts.insert(h.name_any(), h);
+        snap.hosts.insert(h.name_any(), Arc::new(h));
     }
     for g in Api::<Group>::all(client.clone()).list(&lp).await? {
-        snap.groups.insert(g.name_any(), g);
+        snap.groups.insert(g.name_any(), Arc::new(g));
     }
     for p in Api::<Profile>::all(client.clone()).list(&lp).await? {
-        snap.profiles.insert(p.name_any(), p);
+        snap.profiles.insert(p.name_any(), Arc::new(p));
     }
     let refs: Vec<_> = snap
         .zones

@@ -228,18 +228,21 @@ fn explain_input(
                 .clone()
                 .unwrap_or_else(|| dir.join(dog_operator::local::STATUS_FILE));
             let status_file = dog_operator::local::StatusFile::read(&status_path);
+            // what the running operator recorded of each host is what it compiles with
             if let Some(st) = &status_file {
-                for (name, host) in snap.hosts.iter_mut() {
+                for name in snap.hosts.keys() {
                     if let Some(reported) = st.hosts.get(name) {
-                        let mut status = host.status.clone().unwrap_or_default();
-                        status.state = reported.state;
-                        if !reported.interfaces.is_empty() {
-                            status.interfaces = reported.interfaces.clone();
-                        }
-                        host.status = Some(status);
+                        snap.facts.insert(
+                            name.clone(),
+                            dog_operator::compile::HostFacts {
+                                state: reported.state,
+                                interfaces: reported.interfaces.clone(),
+                            },
+                        );
                     }
                 }
             }
+            snap.facts_from_status();
             let reported = status_file
                 .as_ref()
                 .and_then(|st| st.hosts.get(&args.host))
@@ -247,13 +250,14 @@ fn explain_input(
             (snap, status_path.display().to_string(), reported)
         }
         None => {
-            let snap = tokio::runtime::Builder::new_current_thread()
+            let mut snap = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(async {
                     let client = kube::Client::try_default().await?;
                     anyhow::Ok(dog_operator::listing::snapshot(client).await?)
                 })?;
+            snap.facts_from_status();
             let reported = snap
                 .hosts
                 .get(&args.host)

@@ -109,8 +109,8 @@ fn satisfies(current: &Host, desired: &Host) -> bool {
 /// labels the Node lacks is re-applied once per process (that removes labels we set earlier
 /// and the Node dropped, while labels users added are kept by server-side apply).
 pub fn plan_node_sync(
-    nodes: &BTreeMap<String, Node>,
-    hosts: &BTreeMap<String, Host>,
+    nodes: &BTreeMap<String, Arc<Node>>,
+    hosts: &BTreeMap<String, Arc<Host>>,
     applied: &HashMap<String, serde_json::Value>,
 ) -> NodeSyncPlan {
     let mut plan = NodeSyncPlan::default();
@@ -187,8 +187,8 @@ impl NodeSync {
     /// logged and listed; the others proceed.
     pub async fn sync_once(
         &mut self,
-        nodes: &BTreeMap<String, Node>,
-        hosts: &BTreeMap<String, Host>,
+        nodes: &BTreeMap<String, Arc<Node>>,
+        hosts: &BTreeMap<String, Arc<Host>>,
     ) -> SyncReport {
         let plan = plan_node_sync(nodes, hosts, &self.applied);
         let mut report = SyncReport::default();
@@ -399,13 +399,16 @@ mod tests {
         let nodes: BTreeMap<_, _> = [
             (
                 "a".to_string(),
-                node("a", &[("r", "x")], &[("InternalIP", "10.0.0.1")]),
+                Arc::new(node("a", &[("r", "x")], &[("InternalIP", "10.0.0.1")])),
             ),
-            ("b".to_string(), node("b", &[], &[])),
+            ("b".to_string(), Arc::new(node("b", &[], &[]))),
         ]
         .into();
         let mut hosts = BTreeMap::new();
-        hosts.insert("b".to_string(), desired_host_for_node(&nodes["b"]));
+        hosts.insert(
+            "b".to_string(),
+            Arc::new(desired_host_for_node(&nodes["b"])),
+        );
         let plan = plan_node_sync(&nodes, &hosts, &HashMap::new());
         assert_eq!(
             plan.apply.iter().map(|h| h.name_any()).collect::<Vec<_>>(),
@@ -418,14 +421,14 @@ mod tests {
     fn plan_reapplies_changed_labels_and_addresses() {
         let n = node("a", &[("r", "y")], &[("InternalIP", "10.0.0.2")]);
         let old = desired_host_for_node(&node("a", &[("r", "x")], &[("InternalIP", "10.0.0.2")]));
-        let nodes: BTreeMap<_, _> = [("a".to_string(), n.clone())].into();
-        let hosts: BTreeMap<_, _> = [("a".to_string(), old)].into();
+        let nodes: BTreeMap<_, _> = [("a".to_string(), Arc::new(n.clone()))].into();
+        let hosts: BTreeMap<_, _> = [("a".to_string(), Arc::new(old))].into();
         assert_eq!(
             plan_node_sync(&nodes, &hosts, &HashMap::new()).apply.len(),
             1
         );
         let old = desired_host_for_node(&node("a", &[("r", "y")], &[("InternalIP", "10.0.0.3")]));
-        let hosts: BTreeMap<_, _> = [("a".to_string(), old)].into();
+        let hosts: BTreeMap<_, _> = [("a".to_string(), Arc::new(old))].into();
         assert_eq!(
             plan_node_sync(&nodes, &hosts, &HashMap::new()).apply.len(),
             1
@@ -439,8 +442,8 @@ mod tests {
         current
             .labels_mut()
             .insert("team".into(), "added-by-user".into());
-        let nodes: BTreeMap<_, _> = [("a".to_string(), n.clone())].into();
-        let hosts: BTreeMap<_, _> = [("a".to_string(), current)].into();
+        let nodes: BTreeMap<_, _> = [("a".to_string(), Arc::new(n.clone()))].into();
+        let hosts: BTreeMap<_, _> = [("a".to_string(), Arc::new(current))].into();
         let plan = plan_node_sync(&nodes, &hosts, &HashMap::new());
         assert_eq!(plan.apply.len(), 1);
         let applied: HashMap<_, _> =
@@ -459,9 +462,9 @@ mod tests {
         });
         let vm = Host::new("vm-1", HostSpec::default());
         let hosts: BTreeMap<_, _> = [
-            ("gone".to_string(), gone),
-            ("old".to_string(), retired),
-            ("vm-1".to_string(), vm),
+            ("gone".to_string(), Arc::new(gone)),
+            ("old".to_string(), Arc::new(retired)),
+            ("vm-1".to_string(), Arc::new(vm)),
         ]
         .into();
         let plan = plan_node_sync(&nodes, &hosts, &HashMap::new());

@@ -52,8 +52,9 @@ pub enum Update {
 /// Objects of one kind, with the list-in-progress buffer of a (re)list.
 #[derive(Debug)]
 struct Reflected<K> {
-    items: BTreeMap<String, K>,
-    buffer: Option<BTreeMap<String, K>>,
+    /// Shared: a snapshot copies pointers, not objects.
+    items: BTreeMap<String, Arc<K>>,
+    buffer: Option<BTreeMap<String, Arc<K>>>,
     synced: bool,
 }
 
@@ -73,8 +74,8 @@ impl<K: ResourceExt + Clone> Reflected<K> {
         match ev {
             watcher::Event::Apply(obj) => {
                 let name = obj.name_any();
-                let changed = self.items.get(&name).map(&relevant) != Some(relevant(&obj));
-                self.items.insert(name, obj);
+                let changed = self.items.get(&name).map(|o| relevant(o)) != Some(relevant(&obj));
+                self.items.insert(name, Arc::new(obj));
                 changed
             }
             watcher::Event::Delete(obj) => self.items.remove(&obj.name_any()).is_some(),
@@ -85,7 +86,7 @@ impl<K: ResourceExt + Clone> Reflected<K> {
             watcher::Event::InitApply(obj) => {
                 self.buffer
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(obj.name_any(), obj);
+                    .insert(obj.name_any(), Arc::new(obj));
                 false
             }
             watcher::Event::InitDone => {
@@ -94,7 +95,7 @@ impl<K: ResourceExt + Clone> Reflected<K> {
                     || fresh.len() != self.items.len()
                     || fresh
                         .iter()
-                        .any(|(n, o)| self.items.get(n).map(&relevant) != Some(relevant(o)));
+                        .any(|(n, o)| self.items.get(n).map(|x| relevant(x)) != Some(relevant(o)));
                 self.items = fresh;
                 self.synced = true;
                 changed
@@ -144,7 +145,7 @@ fn node_relevant(n: &Node) -> impl PartialEq {
 }
 
 /// `(namespace, name, key)` of every ConfigMap key referenced by a Zone.
-pub fn referenced_keys(zones: &BTreeMap<String, Zone>) -> BTreeSet<(String, String, String)> {
+pub fn referenced_keys(zones: &BTreeMap<String, Arc<Zone>>) -> BTreeSet<(String, String, String)> {
     zones
         .values()
         .flat_map(|z| z.spec.config_map_refs.iter())
@@ -267,16 +268,17 @@ impl SnapshotState {
             groups: self.groups.items.clone(),
             profiles: self.profiles.items.clone(),
             config_map_addresses: self.lines.clone(),
+            facts: BTreeMap::new(),
             nodes: Some(self.nodes.items.keys().cloned().collect()),
             stale: BTreeMap::new(),
         }
     }
 
-    pub fn nodes(&self) -> &BTreeMap<String, Node> {
+    pub fn nodes(&self) -> &BTreeMap<String, Arc<Node>> {
         &self.nodes.items
     }
 
-    pub fn hosts(&self) -> &BTreeMap<String, Host> {
+    pub fn hosts(&self) -> &BTreeMap<String, Arc<Host>> {
         &self.hosts.items
     }
 }
@@ -315,11 +317,11 @@ impl SnapshotStore {
         self.read().snapshot()
     }
 
-    pub fn nodes(&self) -> BTreeMap<String, Node> {
+    pub fn nodes(&self) -> BTreeMap<String, Arc<Node>> {
         self.read().nodes().clone()
     }
 
-    pub fn hosts(&self) -> BTreeMap<String, Host> {
+    pub fn hosts(&self) -> BTreeMap<String, Arc<Host>> {
         self.read().hosts().clone()
     }
 

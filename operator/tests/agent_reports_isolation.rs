@@ -11,7 +11,7 @@
 //! generated here.
 
 use dog_operator::compile::{compile, CompileOptions, Compiled, HostOutcome, Snapshot};
-use dog_operator::crd::{HostStatus, Interface};
+use dog_operator::crd::Interface;
 use dog_operator::fromdir::load_dir;
 use dog_protocol::ruleset::Family;
 use ipnet::IpNet;
@@ -53,12 +53,14 @@ fn others(c: &Compiled) -> View {
 }
 
 fn with_report(mut snap: Snapshot, interfaces: Vec<Interface>, trusted: bool) -> Snapshot {
-    let host = snap.hosts.get_mut(REPORTER).expect("the reporting host");
+    let host = std::sync::Arc::make_mut(snap.hosts.get_mut(REPORTER).expect("the reporting host"));
     if !trusted {
         host.spec.trust_reported_addresses.clear();
     }
-    let st = host.status.get_or_insert_with(HostStatus::default);
-    st.interfaces = interfaces;
+    snap.facts
+        .entry(REPORTER.to_string())
+        .or_default()
+        .interfaces = interfaces;
     snap
 }
 

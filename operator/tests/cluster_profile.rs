@@ -60,11 +60,15 @@ fn cluster_rules_come_before_profile_rules_and_pods_follow_the_profile_choice() 
     assert!(pos("dog:failsafe:inbound") < overlay);
     assert!(overlay < services && services < pods && pods < first_profile_rule);
 
-    snap.profiles.get_mut("web").unwrap().spec.pod_to_host = PodToHost::Drop;
+    std::sync::Arc::make_mut(snap.profiles.get_mut("web").unwrap())
+        .spec
+        .pod_to_host = PodToHost::Drop;
     assert!(input(&snap, "web-1")
         .iter()
         .any(|l| l.contains("-i cni0 -m comment --comment \"dog:web:pods\" -j DROP")));
-    snap.profiles.get_mut("web").unwrap().spec.pod_to_host = PodToHost::Profile;
+    std::sync::Arc::make_mut(snap.profiles.get_mut("web").unwrap())
+        .spec
+        .pod_to_host = PodToHost::Profile;
     assert!(!input(&snap, "web-1").iter().any(|l| l.contains("-i cni0")));
 
     // without a cluster profile nothing of it is rendered

@@ -1,9 +1,14 @@
 //! Compiler behaviour on bad input, determinism, and incremental == full compile.
 
-use dog_operator::compile::{compile, CompileOptions, Compiler, HostOutcome, ObjectKind, Snapshot};
+use dog_operator::compile::setname::{set_name, SetSource};
+use dog_operator::compile::{
+    compile, CompileOptions, Compiler, Edit, HostOutcome, ObjectKind, Snapshot,
+};
 use dog_operator::crd::{Profile, Zone};
 use dog_operator::fromdir::load_dir;
+use dog_protocol::ruleset::Family;
 use std::path::Path;
+use std::sync::Arc;
 
 fn fleet() -> Snapshot {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fleet");
@@ -12,8 +17,8 @@ fn fleet() -> Snapshot {
     snap
 }
 
-fn profile(yaml: &str) -> Profile {
-    serde_yaml::from_str(yaml).unwrap()
+fn profile(yaml: &str) -> Arc<Profile> {
+    Arc::new(serde_yaml::from_str(yaml).unwrap())
 }
 
 fn is_fw(o: Option<&HostOutcome>) -> bool {
@@ -86,10 +91,10 @@ fn bad_ports_and_protocol_mismatches_are_reported_per_field() {
 #[test]
 fn invalid_zone_entries_are_dropped_and_counted() {
     let mut snap = fleet();
-    let mut z: Zone = snap.zones["office"].clone();
+    let mut z: Zone = (*snap.zones["office"]).clone();
     z.spec.addresses.push("203.0.113.300".into());
     z.spec.addresses.push("not-an-address".into());
-    snap.zones.insert("office".into(), z);
+    snap.zones.insert("office".into(), Arc::new(z));
     let c = compile(&snap, &CompileOptions::default());
     for h in ["web-1", "db-1", "bastion-1"] {
         assert!(is_fw(c.hosts.get(h)), "{h}");
@@ -107,16 +112,16 @@ fn invalid_zone_entries_are_dropped_and_counted() {
 #[test]
 fn conflicting_groups_keep_last_rules_and_say_so() {
     let mut snap = fleet();
-    let mut h = snap.hosts["web-1"].clone();
+    let mut h = (*snap.hosts["web-1"]).clone();
     h.metadata
         .labels
         .as_mut()
         .unwrap()
         .insert("role".into(), "web".into());
-    let mut g = snap.groups["db"].clone();
+    let mut g = (*snap.groups["db"]).clone();
     g.spec.hosts.push("web-1".into());
-    snap.groups.insert("db".into(), g);
-    snap.hosts.insert("web-1".into(), h);
+    snap.groups.insert("db".into(), Arc::new(g));
+    snap.hosts.insert("web-1".into(), Arc::new(h));
     let c = compile(&snap, &CompileOptions::default());
     assert_eq!(
         c.hosts["web-1"],
@@ -162,16 +167,21 @@ fn zone_entry_change_is_incremental_and_equals_full_compile() {
     let mut c = Compiler::new(CompileOptions::default());
     c.load(snap.clone());
     let before = c.compiled().clone();
-    let mut z = snap.zones["office"].clone();
+    let mut z = (*snap.zones["office"]).clone();
     z.spec.addresses.push("203.0.113.99".into());
-    let changes = c.upsert_zone(z.clone());
+    let z = Arc::new(z);
+    let changes = c.apply([Edit::Zone("office".into(), Some(z.clone()))]);
     assert!(!changes.full);
     // office is used by db and bastion: their hosts change, web's do not
     assert_eq!(
         changes.hosts.iter().cloned().collect::<Vec<_>>(),
         vec!["bastion-1".to_string(), "db-1".to_string()]
     );
-    assert_eq!(changes.sets.len(), 2);
+    // only the IPv4 set changed (an IPv4 entry was added)
+    assert_eq!(
+        changes.sets.iter().collect::<Vec<_>>(),
+        vec![&set_name(SetSource::Zone, "office", Family::V4)]
+    );
     let mut snap2 = snap.clone();
     snap2.zones.insert("office".into(), z);
     let full = compile(&snap2, &CompileOptions::default());
@@ -192,11 +202,11 @@ fn zone_entry_change_is_incremental_and_equals_full_compile() {
         assert_ne!(a.hashes.sets, b.hashes.sets);
         assert_eq!(a.hashes.ipv4_rules, b.hashes.ipv4_rules);
     }
-    // a profile change goes through a full recompile and reports only affected hosts
-    let mut p = snap.profiles["web"].clone();
+    // a profile change re-renders that profile only and reports only affected hosts
+    let mut p = (*snap.profiles["web"]).clone();
     p.spec.inbound.pop();
-    let ch = c.upsert_profile(p);
-    assert!(ch.full);
+    let ch = c.apply([Edit::Profile("web".into(), Some(Arc::new(p)))]);
+    assert!(!ch.full);
     assert_eq!(ch.hosts.len(), 2);
     assert!(ch.sets.is_empty());
 }
@@ -217,10 +227,7 @@ fn update_takes_the_fast_path_for_zone_and_config_map_changes_only() {
 
     // a zone entry and a ConfigMap line change: fast path, equal to a full compile
     let mut snap2 = snap.clone();
-    snap2
-        .zones
-        .get_mut("office")
-        .unwrap()
+    Arc::make_mut(snap2.zones.get_mut("office").unwrap())
         .spec
         .addresses
         .push("203.0.113.99".into());
@@ -237,18 +244,17 @@ fn update_takes_the_fast_path_for_zone_and_config_map_changes_only() {
     assert_eq!(c.compiled().hosts, full.hosts);
     assert_eq!(c.compiled().set_hashes, full.set_hashes);
 
-    // a label change is a full recompile
+    // a label change is incremental too: web-1 moves from web to db
     let mut snap3 = snap2.clone();
-    snap3
-        .hosts
-        .get_mut("web-1")
-        .unwrap()
+    Arc::make_mut(snap3.hosts.get_mut("web-1").unwrap())
         .metadata
         .labels
         .as_mut()
         .unwrap()
         .insert("role".into(), "db".into());
-    assert!(c.update(snap3.clone()).full);
+    let changes = c.update(snap3.clone());
+    assert!(!changes.full);
+    assert!(changes.hosts.contains("web-1"), "{changes:?}");
     assert_eq!(
         c.compiled().hosts,
         compile(&snap3, &CompileOptions::default()).hosts
@@ -258,9 +264,13 @@ fn update_takes_the_fast_path_for_zone_and_config_map_changes_only() {
 #[test]
 fn entries_with_host_bits_are_applied_as_their_network_and_said_so() {
     let mut snap = fleet();
-    snap.zones.get_mut("office").unwrap().spec.addresses = vec!["10.91.0.200/24".into()];
-    snap.groups.get_mut("web").unwrap().spec.extra_addresses = vec!["10.92.0.9/16".into()];
-    snap.profiles.get_mut("db").unwrap().spec.inbound[3] = serde_yaml::from_str(
+    Arc::make_mut(snap.zones.get_mut("office").unwrap())
+        .spec
+        .addresses = vec!["10.91.0.200/24".into()];
+    Arc::make_mut(snap.groups.get_mut("web").unwrap())
+        .spec
+        .extra_addresses = vec!["10.92.0.9/16".into()];
+    Arc::make_mut(snap.profiles.get_mut("db").unwrap()).spec.inbound[3] = serde_yaml::from_str(
         "{action: ACCEPT, peer: {kind: Cidrs, cidrs: ['10.93.1.1/8']}, protocol: tcp, ports: ['5432']}",
     )
     .unwrap();

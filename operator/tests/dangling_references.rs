@@ -15,6 +15,7 @@ use dog_operator::report::{profile_status, HostView};
 use dog_protocol::ruleset::Family;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 fn fleet() -> Snapshot {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/fleet");
@@ -83,10 +84,7 @@ fn a_deleted_zone_closes_its_accept_rule_and_the_rest_of_the_profile_still_appli
 
     // a rule deleted afterwards is gone at once: the profile is not frozen
     let mut edited = snap.clone();
-    edited
-        .profiles
-        .get_mut("db")
-        .unwrap()
+    Arc::make_mut(edited.profiles.get_mut("db").unwrap())
         .spec
         .inbound
         .remove(2);
@@ -121,10 +119,7 @@ fn a_deleted_blocklist_keeps_blocking_its_last_members() {
 
     // later unrelated changes keep the remembered members
     let mut relabel = snap.clone();
-    relabel
-        .hosts
-        .get_mut("web-2")
-        .unwrap()
+    Arc::make_mut(relabel.hosts.get_mut("web-2").unwrap())
         .metadata
         .labels
         .as_mut()
@@ -135,10 +130,10 @@ fn a_deleted_blocklist_keeps_blocking_its_last_members() {
 
     // the zone comes back with other content: that content is used
     let mut back = fleet();
-    back.zones.get_mut("blocklist").unwrap().spec.addresses = vec!["192.0.2.99".into()];
-    back.zones
-        .get_mut("blocklist")
-        .unwrap()
+    Arc::make_mut(back.zones.get_mut("blocklist").unwrap())
+        .spec
+        .addresses = vec!["192.0.2.99".into()];
+    Arc::make_mut(back.zones.get_mut("blocklist").unwrap())
         .spec
         .config_map_refs
         .clear();
@@ -169,9 +164,7 @@ fn a_drop_rule_whose_peer_was_never_seen_withholds_the_profile() {
 #[test]
 fn a_deleted_group_closes_accept_and_log_rules() {
     let mut snap = fleet();
-    snap.profiles
-        .get_mut("db")
-        .unwrap()
+    Arc::make_mut(snap.profiles.get_mut("db").unwrap())
         .spec
         .inbound
         .push(serde_yaml::from_str("{action: LOG, peer: {kind: Group, name: web}}").unwrap());

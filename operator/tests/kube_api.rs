@@ -150,11 +150,11 @@ async fn node_becomes_host_by_server_side_apply_of_labels_and_spec_only() {
     );
     let nodes: BTreeMap<_, _> = [(
         "worker-1".to_string(),
-        node(
+        std::sync::Arc::new(node(
             "worker-1",
             &[("role", "db"), ("kubernetes.io/os", "linux")],
             "10.1.2.3",
-        ),
+        )),
     )]
     .into();
     let report = sync.sync_once(&nodes, &BTreeMap::new()).await;
@@ -220,7 +220,7 @@ async fn deleted_node_retires_its_host_with_status_and_event() {
         last_keepalive: Some("2024-05-01T10:00:00Z".into()),
         ..Default::default()
     });
-    let hosts: BTreeMap<_, _> = [("gone".to_string(), host)].into();
+    let hosts: BTreeMap<_, _> = [("gone".to_string(), std::sync::Arc::new(host))].into();
     let report = sync.sync_once(&BTreeMap::new(), &hosts).await;
     assert_eq!(report.retired, vec!["gone"]);
     let seen = finish(srv).await;

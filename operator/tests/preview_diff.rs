@@ -41,12 +41,18 @@ fn rule_changes(diff: &str) -> (Vec<&str>, Vec<&str>) {
 fn removing_second_inbound_rule_of_db(strip_names: bool) -> String {
     let mut old = fleet();
     if strip_names {
-        for rule in &mut old.profiles.get_mut("db").unwrap().spec.inbound {
+        for rule in &mut std::sync::Arc::make_mut(old.profiles.get_mut("db").unwrap())
+            .spec
+            .inbound
+        {
             rule.name = None;
         }
     }
     let mut new = old.clone();
-    new.profiles.get_mut("db").unwrap().spec.inbound.remove(1);
+    std::sync::Arc::make_mut(new.profiles.get_mut("db").unwrap())
+        .spec
+        .inbound
+        .remove(1);
     let options = CompileOptions::default();
     host_diff(&compile(&old, &options), &compile(&new, &options), "db-1")
 }

@@ -6,35 +6,69 @@
 //! affected output is withheld.
 
 pub mod addresses;
-pub mod incremental;
+mod compiler;
+mod firewalls;
+mod groups;
+mod hosts;
 pub mod ports;
+mod profiles;
 pub mod render;
 pub mod resolve;
 pub mod setname;
 pub mod validate;
+mod zones;
 
-pub use incremental::{Changes, Compiler};
+pub use compiler::{config_map_key, Changes, Compiler, Edit};
 
-use crate::crd::{Group, Host, Profile, Zone};
+use crate::crd::{Group, Host, HostState, Interface, Profile, Zone};
 use dog_protocol::ruleset::{Failsafe, Family, FirewallHashes, HostFirewall, IpSet, RulesDocument};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// Everything the compiler reads. Objects are keyed by name (all kinds are cluster-scoped).
+/// Everything the compiler reads. Objects are keyed by name (all kinds are cluster-scoped) and
+/// shared (`Arc`), so taking a snapshot and comparing it with the last one is cheap.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub zones: BTreeMap<String, Zone>,
-    pub hosts: BTreeMap<String, Host>,
-    pub groups: BTreeMap<String, Group>,
-    pub profiles: BTreeMap<String, Profile>,
+    pub zones: BTreeMap<String, Arc<Zone>>,
+    pub hosts: BTreeMap<String, Arc<Host>>,
+    pub groups: BTreeMap<String, Arc<Group>>,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
     /// Address lines of ConfigMaps referenced by Zones, keyed by `namespace/name/key`.
     pub config_map_addresses: BTreeMap<String, Arc<Vec<String>>>,
+    /// What the operator knows of each host beyond its resource: the interfaces its agent
+    /// reported and its lifecycle state. Not read from `Host.status`: the operator's fleet view
+    /// is the authority, and status is only its record.
+    pub facts: BTreeMap<String, HostFacts>,
     /// The names of the Kubernetes Nodes that exist (cluster mode; `None` elsewhere). A Host
     /// whose `spec.nodeName` is not among them is retired, whatever its agent says.
-    pub nodes: Option<std::collections::BTreeSet<String>>,
+    pub nodes: Option<BTreeSet<String>>,
     /// Objects used in their last good version because their source no longer loads
     /// (`--from-dir`: the file has an error), with that error. Status reports it.
     pub stale: BTreeMap<(ObjectKind, String), String>,
+}
+
+impl Snapshot {
+    /// Takes each Host's facts from what its status records (its last reported interfaces and
+    /// state), for hosts without facts: what a preview of a directory, or a restarted
+    /// operator, knows before any agent speaks.
+    pub fn facts_from_status(&mut self) {
+        for (name, host) in &self.hosts {
+            if let Some(st) = &host.status {
+                self.facts.entry(name.clone()).or_insert_with(|| HostFacts {
+                    state: st.state,
+                    interfaces: st.interfaces.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// What the operator knows of a host at run time: the interfaces its agent reported (used only
+/// within trusted ranges) and its lifecycle state (a retired host's addresses leave its groups).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    pub state: HostState,
+    pub interfaces: Vec<Interface>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -161,6 +195,68 @@ pub struct Diagnostic {
     pub severity: Severity,
 }
 
+/// Every diagnostic of a compile, sorted and without duplicates (two producers may report the
+/// same one), and found per object without a scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diagnostics {
+    /// Each diagnostic with the number of producers reporting it.
+    all: BTreeMap<Diagnostic, u32>,
+}
+
+impl Diagnostics {
+    pub fn iter(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.all.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// The diagnostics about one object, in order.
+    pub fn of(&self, kind: ObjectKind, name: &str) -> Vec<&Diagnostic> {
+        let from = Diagnostic {
+            kind,
+            name: name.to_string(),
+            field: String::new(),
+            reason: Reason::SetNameCollision,
+            message: String::new(),
+            severity: Severity::Error,
+        };
+        self.all
+            .range(from..)
+            .map(|(d, _)| d)
+            .take_while(|d| d.kind == kind && d.name == name)
+            .collect()
+    }
+
+    pub(crate) fn add(&mut self, diags: &[Diagnostic]) {
+        for d in diags {
+            *self.all.entry(d.clone()).or_default() += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, diags: &[Diagnostic]) {
+        for d in diags {
+            if let Some(n) = self.all.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.all.remove(d);
+                }
+            }
+        }
+    }
+}
+
+impl serde::Serialize for Diagnostics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
 /// The firewall every member host of one group runs: rendered once per (group, profile) and
 /// shared between the hosts (and between compiles, when nothing it depends on changed). Sets
 /// are shared with [`Compiled::sets`]; use [`CompiledFirewall::to_host_firewall`] for the
@@ -224,13 +320,12 @@ pub enum HostOutcome {
 }
 
 /// The compiler's whole output for a snapshot.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compiled {
     pub hosts: BTreeMap<String, HostOutcome>,
     /// Every set referenced by any host, by set name (shared between hosts).
     pub sets: BTreeMap<String, Arc<IpSet>>,
-    /// Sorted, deduplicated.
-    pub diagnostics: Vec<Diagnostic>,
+    pub diagnostics: Diagnostics,
     /// Content hash of every set in `sets`.
     pub set_hashes: BTreeMap<String, String>,
     /// Per-object figures for status.
@@ -242,10 +337,7 @@ pub struct Compiled {
 impl Compiled {
     /// Diagnostics about one object.
     pub fn diagnostics_for(&self, kind: ObjectKind, name: &str) -> Vec<&Diagnostic> {
-        self.diagnostics
-            .iter()
-            .filter(|d| d.kind == kind && d.name == name)
-            .collect()
+        self.diagnostics.of(kind, name)
     }
 
     /// The self-contained firewall of `host`, when it runs one.
@@ -299,4 +391,26 @@ pub fn compile(snapshot: &Snapshot, opts: &CompileOptions) -> Compiled {
     let mut c = Compiler::new(opts.clone());
     c.load(snapshot.clone());
     c.into_compiled()
+}
+
+/// Both families' sets of one Group or Zone.
+#[derive(Clone, Debug)]
+pub(crate) struct SetPair {
+    pub v4: Arc<IpSet>,
+    pub v6: Arc<IpSet>,
+}
+
+impl SetPair {
+    pub fn get(&self, f: Family) -> &Arc<IpSet> {
+        match f {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    /// The same members in both families.
+    pub fn same_content(&self, other: &SetPair) -> bool {
+        (Arc::ptr_eq(&self.v4, &other.v4) || self.v4 == other.v4)
+            && (Arc::ptr_eq(&self.v6, &other.v6) || self.v6 == other.v6)
+    }
 }

@@ -2,6 +2,7 @@
 
 use crate::crd::{Group, Host, HostSelector, SelectorOperator, SelectorRequirement};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// Does `selector` select a host with `labels`? Kubernetes LabelSelector semantics; an empty
 /// selector (no labels, no expressions) selects every host, an absent one (handled by the
@@ -38,9 +39,21 @@ pub fn is_member(group: &Group, host: &Host) -> bool {
         .is_some_and(|s| selector_matches(s, labels))
 }
 
+/// The groups by name, as the compiler holds them.
+pub type Groups = BTreeMap<String, Arc<Group>>;
+
+/// Is `host` in `group` (named `name`) as [`groups_of`] decides: a host that pins a group is in
+/// that group only; otherwise by the group's names list or selector.
+pub fn is_member_of(name: &str, group: &Group, host: &Host) -> bool {
+    match &host.spec.group {
+        Some(pin) => pin == name,
+        None => is_member(group, host),
+    }
+}
+
 /// The groups `host` is a member of, sorted by name: only the pinned group when the host pins
 /// one (an unknown pin yields no group), else every group naming or selecting it.
-pub fn groups_of(host: &Host, groups: &BTreeMap<String, Group>) -> Vec<String> {
+pub fn groups_of(host: &Host, groups: &Groups) -> Vec<String> {
     if let Some(pin) = &host.spec.group {
         return if groups.contains_key(pin) {
             vec![pin.clone()]
@@ -55,80 +68,92 @@ pub fn groups_of(host: &Host, groups: &BTreeMap<String, Group>) -> Vec<String> {
         .collect()
 }
 
-/// The groups that could contain a host, indexed once per snapshot: resolving a host then
-/// costs its labels plus its candidate groups, not every group (20,000 hosts × 2,000 groups
-/// was 40 million selector checks). A group is filed under one thing every member must have:
-/// a name it lists, one `matchLabels` pair, the pairs of one `In` expression, or one `Exists`
-/// key; a selector with none of those (empty, or only `NotIn`/`DoesNotExist`) is a candidate
-/// for every host. Candidates are then checked with [`is_member`], so the answer is exactly
-/// [`groups_of`]'s.
-pub struct GroupIndex<'a> {
-    groups: &'a BTreeMap<String, Group>,
-    by_host: HashMap<&'a str, Vec<&'a str>>,
-    by_label: HashMap<(&'a str, &'a str), Vec<&'a str>>,
-    by_key: HashMap<&'a str, Vec<&'a str>>,
-    everyone: Vec<&'a str>,
+/// The groups that could contain a host, indexed once per change of the groups: resolving a
+/// host then costs its labels plus its candidate groups, not every group (20,000 hosts × 2,000
+/// groups was 40 million selector checks). A group is filed under one thing every member must
+/// have: a name it lists, one `matchLabels` pair, the pairs of one `In` expression, or one
+/// `Exists` key; a selector with none of those (empty, or only `NotIn`/`DoesNotExist`) is a
+/// candidate for every host. Candidates are then checked with [`is_member`], so the answer is
+/// exactly [`groups_of`]'s.
+#[derive(Debug, Default)]
+pub struct GroupIndex {
+    by_host: HashMap<String, Vec<String>>,
+    by_label: HashMap<(String, String), Vec<String>>,
+    by_key: HashMap<String, Vec<String>>,
+    everyone: Vec<String>,
 }
 
-impl<'a> GroupIndex<'a> {
-    pub fn new(groups: &'a BTreeMap<String, Group>) -> Self {
-        let mut ix = GroupIndex {
-            groups,
-            by_host: HashMap::new(),
-            by_label: HashMap::new(),
-            by_key: HashMap::new(),
-            everyone: Vec::new(),
-        };
+impl GroupIndex {
+    pub fn new(groups: &Groups) -> Self {
+        let mut ix = GroupIndex::default();
         for (name, g) in groups {
             for h in &g.spec.hosts {
-                ix.by_host.entry(h.as_str()).or_default().push(name);
+                ix.by_host.entry(h.clone()).or_default().push(name.clone());
             }
             let Some(sel) = &g.spec.selector else {
                 continue;
             };
             let is = |op| move |r: &&SelectorRequirement| r.operator == op;
             if let Some((k, v)) = sel.match_labels.iter().next() {
-                ix.by_label.entry((k, v)).or_default().push(name);
+                ix.by_label
+                    .entry((k.clone(), v.clone()))
+                    .or_default()
+                    .push(name.clone());
             } else if let Some(r) = sel.match_expressions.iter().find(is(SelectorOperator::In)) {
                 // `In` with no values selects nothing: filed nowhere
                 for v in &r.values {
-                    ix.by_label.entry((&r.key, v)).or_default().push(name);
+                    ix.by_label
+                        .entry((r.key.clone(), v.clone()))
+                        .or_default()
+                        .push(name.clone());
                 }
             } else if let Some(r) = sel
                 .match_expressions
                 .iter()
                 .find(is(SelectorOperator::Exists))
             {
-                ix.by_key.entry(&r.key).or_default().push(name);
+                ix.by_key
+                    .entry(r.key.clone())
+                    .or_default()
+                    .push(name.clone());
             } else {
-                ix.everyone.push(name);
+                ix.everyone.push(name.clone());
             }
         }
         ix
     }
 
-    /// [`groups_of`], from the index.
-    pub fn groups_of(&self, host: &Host) -> Vec<String> {
+    /// [`groups_of`], from the index (`groups` is what it was built from).
+    pub fn groups_of(&self, host: &Host, groups: &Groups) -> Vec<String> {
         if host.spec.group.is_some() {
-            return groups_of(host, self.groups);
+            return groups_of(host, groups);
         }
-        let mut candidates: Vec<&str> = self.everyone.clone();
+        let mut candidates: Vec<&str> = self.everyone.iter().map(String::as_str).collect();
         let name = host.metadata.name.as_deref().unwrap_or_default();
-        candidates.extend(self.by_host.get(name).into_iter().flatten());
+        candidates.extend(
+            self.by_host
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(String::as_str),
+        );
         for (k, v) in host.metadata.labels.iter().flatten() {
+            // the map is keyed by owned pairs; a lookup clones the two short strings
+            let pair = (k.clone(), v.clone());
             candidates.extend(
                 self.by_label
-                    .get(&(k.as_str(), v.as_str()))
+                    .get(&pair)
                     .into_iter()
-                    .flatten(),
+                    .flatten()
+                    .map(String::as_str),
             );
-            candidates.extend(self.by_key.get(k.as_str()).into_iter().flatten());
+            candidates.extend(self.by_key.get(k).into_iter().flatten().map(String::as_str));
         }
         candidates.sort_unstable();
         candidates.dedup();
         candidates
             .into_iter()
-            .filter(|g| self.groups.get(*g).is_some_and(|g| is_member(g, host)))
+            .filter(|g| groups.get(*g).is_some_and(|g| is_member(g, host)))
             .map(str::to_string)
             .collect()
     }
@@ -147,7 +172,7 @@ pub enum Resolution {
 
 /// Resolves sorted member groups to the host's group and profile. Groups without a profile
 /// are pure address sets and do not take part.
-pub fn resolve(member_of: &[String], groups: &BTreeMap<String, Group>) -> Resolution {
+pub fn resolve(member_of: &[String], groups: &Groups) -> Resolution {
     let with_profile: Vec<(&String, &String)> = member_of
         .iter()
         .filter_map(|g| {
@@ -224,13 +249,13 @@ mod index_tests {
             groups in prop::collection::vec((selector(), prop::collection::vec(host_name(), 0..3)), 0..12),
             hosts in prop::collection::vec((host_name(), prop::collection::btree_map(key(), value(), 0..3), prop::option::of(0usize..14)), 1..8),
         ) {
-            let groups: BTreeMap<String, Group> = groups
+            let groups: Groups = groups
                 .into_iter()
                 .enumerate()
                 .map(|(i, (selector, hosts))| {
                     let name = format!("g{i:02}");
                     let spec = GroupSpec { selector, hosts, ..Default::default() };
-                    (name.clone(), Group::new(&name, spec))
+                    (name.clone(), Arc::new(Group::new(&name, spec)))
                 })
                 .collect();
             let index = GroupIndex::new(&groups);
@@ -238,7 +263,11 @@ mod index_tests {
                 let spec = HostSpec { group: pin.map(|i| format!("g{i:02}")), ..Default::default() };
                 let mut h = Host::new(&name, spec);
                 h.metadata.labels = Some(labels);
-                prop_assert_eq!(index.groups_of(&h), groups_of(&h, &groups), "{:?}", h);
+                let want = groups_of(&h, &groups);
+                prop_assert_eq!(index.groups_of(&h, &groups), want.clone(), "{:?}", h);
+                for (g, group) in &groups {
+                    prop_assert_eq!(is_member_of(g, group, &h), want.contains(g));
+                }
             }
         }
     }
@@ -271,10 +300,10 @@ mod tests {
         profile: Option<&str>,
         sel: Option<HostSelector>,
         hosts: &[&str],
-    ) -> (String, Group) {
+    ) -> (String, Arc<Group>) {
         (
             name.to_string(),
-            Group::new(
+            Arc::new(Group::new(
                 name,
                 GroupSpec {
                     profile: profile.map(str::to_string),
@@ -283,7 +312,7 @@ mod tests {
                     extra_addresses: vec![],
                     trust_reported_addresses: vec![],
                 },
-            ),
+            )),
         )
     }
 
@@ -333,7 +362,7 @@ mod tests {
 
     #[test]
     fn pins_names_selectors_and_conflicts() {
-        let groups: BTreeMap<String, Group> = [
+        let groups: Groups = [
             group("a", Some("p1"), Some(labels_sel(&[("role", "web")])), &[]),
             group("b", Some("p1"), None, &["h1"]),
             group("c", Some("p2"), Some(labels_sel(&[("tier", "x")])), &[]),

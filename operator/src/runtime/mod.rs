@@ -16,7 +16,7 @@
 
 use crate::admission::{Admission, Admitted, Evidence, Refusal};
 use crate::broker_users::BrokerUsers;
-use crate::compile::{Compiled, Compiler, HostOutcome, Snapshot};
+use crate::compile::{Compiled, Compiler, HostFacts, HostOutcome, Snapshot};
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
 use crate::events::{DogEvent, EventSink};
@@ -441,7 +441,8 @@ impl Runtime {
     }
 
     /// The snapshot as the compiler should see it: the source's objects, agent-registered
-    /// hosts, and what the agents reported (interfaces, lifecycle state) overlaid on Hosts.
+    /// hosts, and what the operator knows of each host at run time (interfaces its agent
+    /// reported, lifecycle state) as its facts.
     fn effective_snapshot(&mut self) -> Snapshot {
         let mut snap = (self.source.snapshot)();
         // A Host whose Node was deleted is Retired (once: the Node sync records the Event) and
@@ -470,15 +471,17 @@ impl Runtime {
         for (name, host) in &self.registered {
             snap.hosts
                 .entry(name.clone())
-                .or_insert_with(|| host.clone());
+                .or_insert_with(|| Arc::new(host.clone()));
         }
-        for (name, host) in snap.hosts.iter_mut() {
+        for name in snap.hosts.keys() {
             if let Some(rt) = self.fleet.get(name) {
-                let st = host.status.get_or_insert_with(HostStatus::default);
-                st.state = rt.view.state;
-                if !rt.view.interfaces.is_empty() {
-                    st.interfaces = rt.view.interfaces.clone();
-                }
+                snap.facts.insert(
+                    name.clone(),
+                    HostFacts {
+                        state: rt.view.state,
+                        interfaces: rt.view.interfaces.clone(),
+                    },
+                );
             }
         }
         snap
@@ -502,7 +505,7 @@ impl Runtime {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compiled"
         );
-        for d in &self.compiler.compiled().diagnostics {
+        for d in self.compiler.compiled().diagnostics.iter() {
             debug!(kind = ?d.kind, name = %d.name, field = %d.field, reason = %d.reason, "{}", d.message);
         }
         self.needs_publish = true;
@@ -560,7 +563,10 @@ fn revoke_broker_user(users: &Option<Arc<dyn BrokerUsers>>, link: &OperatorLink,
 /// Records an Event without holding up the loop (sinks are best effort and log failures). The
 /// object's uid comes from the snapshot, so that `kubectl describe` shows the Event.
 fn emit(events: &Arc<dyn EventSink>, snap: &Snapshot, event: DogEvent) {
-    fn uid_in<K: kube::ResourceExt>(objects: &BTreeMap<String, K>, name: &str) -> Option<String> {
+    fn uid_in<K: kube::ResourceExt>(
+        objects: &BTreeMap<String, Arc<K>>,
+        name: &str,
+    ) -> Option<String> {
         objects.get(name).and_then(|o| o.uid())
     }
     let uid = match event.kind {

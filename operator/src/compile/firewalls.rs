@@ -1,0 +1,187 @@
+//! The firewall each group's hosts run (its rendered documents plus the current sets it
+//! references), which Groups and Zones each firewall uses, and the registry of every set in
+//! use with its hash, kept as firewalls come and go.
+
+use super::render::RenderedProfile;
+use super::setname::{set_name, SetSource};
+use super::{Compiled, CompiledFirewall, SetPair};
+use dog_protocol::ruleset::{sets_hash, Failsafe, Family, FirewallHashes, IpSet, RulesDocument};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A group's firewall and the sources whose sets it references.
+#[derive(Clone, Debug)]
+pub(super) struct Entry {
+    pub fw: Arc<CompiledFirewall>,
+    pub sources: BTreeSet<(SetSource, String)>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Firewalls {
+    pub by_group: BTreeMap<String, Entry>,
+    /// Source → groups whose firewall references its sets.
+    pub users: BTreeMap<(SetSource, String), BTreeSet<String>>,
+    /// Set name → how many firewalls reference it.
+    used: HashMap<String, u32>,
+    /// Set name → the set and its hash, so an unchanged set is hashed once.
+    hashes: HashMap<String, (Arc<IpSet>, String)>,
+}
+
+impl Firewalls {
+    /// The hash of `set`, computed once per content.
+    fn hash_of(&mut self, set: &Arc<IpSet>) -> String {
+        if let Some((old, h)) = self.hashes.get(&set.name) {
+            if Arc::ptr_eq(old, set) || **old == **set {
+                return h.clone();
+            }
+        }
+        let h = set.hash();
+        self.hashes
+            .insert(set.name.clone(), (set.clone(), h.clone()));
+        h
+    }
+
+    /// The firewall of `group` running `profile` from its rendering, with the sets `pair_of`
+    /// gives for each source it references (an empty set for a source without one). Reuses
+    /// `previous` (the same allocation) when nothing differs.
+    pub fn make(
+        &mut self,
+        group: &str,
+        profile: &str,
+        rendered: &RenderedProfile,
+        failsafe: &Failsafe,
+        previous: Option<&Entry>,
+        pair_of: &dyn Fn(SetSource, &str) -> Option<SetPair>,
+    ) -> Entry {
+        let reuse = |old: &Arc<RulesDocument>, new: &RulesDocument| {
+            if **old == *new {
+                old.clone()
+            } else {
+                Arc::new(new.clone())
+            }
+        };
+        let (ipv4, ipv6) = match previous {
+            Some(p) => (
+                reuse(&p.fw.ipv4, &rendered.ipv4),
+                reuse(&p.fw.ipv6, &rendered.ipv6),
+            ),
+            None => (
+                Arc::new(rendered.ipv4.clone()),
+                Arc::new(rendered.ipv6.clone()),
+            ),
+        };
+        let mut sets = BTreeMap::new();
+        let mut hashes = Vec::new();
+        for (src, name) in &rendered.sources {
+            let pair = pair_of(*src, name);
+            for f in Family::BOTH {
+                let set = match &pair {
+                    Some(p) => p.get(f).clone(),
+                    None => Arc::new(IpSet::new(set_name(*src, name, f), f, [])),
+                };
+                hashes.push((set.name.clone(), self.hash_of(&set)));
+                sets.insert(set.name.clone(), set);
+            }
+        }
+        let hashes = FirewallHashes {
+            ipv4_rules: ipv4.hash(),
+            ipv6_rules: ipv6.hash(),
+            sets: sets_hash(hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
+        };
+        let fw = CompiledFirewall {
+            group: group.to_string(),
+            profile: profile.to_string(),
+            ipv4,
+            ipv6,
+            sets,
+            failsafe: failsafe.clone(),
+            hashes,
+        };
+        let fw = match previous {
+            Some(p) if *p.fw == fw => p.fw.clone(),
+            _ => Arc::new(fw),
+        };
+        Entry {
+            fw,
+            sources: rendered.sources.clone(),
+        }
+    }
+
+    /// Puts `entry` in place of `group`'s firewall (`None` removes it), keeping the users and
+    /// `out.sets` current; true when the group's hosts now run something else. Set names whose
+    /// set or use changed are added to `touched`.
+    pub fn install(
+        &mut self,
+        group: &str,
+        entry: Option<Entry>,
+        out: &mut Compiled,
+        touched: &mut BTreeSet<String>,
+    ) -> bool {
+        let old = self.by_group.remove(group);
+        if let Some(o) = &old {
+            for s in &o.sources {
+                if let Some(u) = self.users.get_mut(s) {
+                    u.remove(group);
+                    if u.is_empty() {
+                        self.users.remove(s);
+                    }
+                }
+            }
+            for name in o.fw.sets.keys() {
+                if let Some(n) = self.used.get_mut(name) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.used.remove(name);
+                        out.sets.remove(name);
+                    }
+                }
+                touched.insert(name.clone());
+            }
+        }
+        if let Some(e) = &entry {
+            for s in &e.sources {
+                self.users
+                    .entry(s.clone())
+                    .or_default()
+                    .insert(group.to_string());
+            }
+            for (name, set) in &e.fw.sets {
+                *self.used.entry(name.clone()).or_default() += 1;
+                out.sets.insert(name.clone(), set.clone());
+                touched.insert(name.clone());
+            }
+        }
+        let changed = match (&old, &entry) {
+            (Some(o), Some(n)) => !Arc::ptr_eq(&o.fw, &n.fw),
+            (None, None) => false,
+            _ => true,
+        };
+        if let Some(e) = entry {
+            self.by_group.insert(group.to_string(), e);
+        }
+        changed
+    }
+
+    /// Brings `out.set_hashes` up to date for `touched` set names; returns the names whose
+    /// hash changed, appeared or disappeared.
+    pub fn settle(&mut self, touched: &BTreeSet<String>, out: &mut Compiled) -> BTreeSet<String> {
+        let mut changed = BTreeSet::new();
+        for name in touched {
+            let new = match out.sets.get(name).cloned() {
+                Some(set) => Some(self.hash_of(&set)),
+                None => {
+                    self.hashes.remove(name);
+                    None
+                }
+            };
+            let old = match &new {
+                Some(h) => out.set_hashes.insert(name.clone(), h.clone()),
+                None => out.set_hashes.remove(name),
+            };
+            if old != new {
+                changed.insert(name.clone());
+            }
+        }
+        changed
+    }
+}
