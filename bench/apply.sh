@@ -14,7 +14,7 @@ import json, os
 root = "target/criterion"
 rows = []
 for group in ("rules", "sets", "delta"):
-    gdir = os.path.join(root, group, "dog")
+    gdir = os.path.join(root, group, "raw")
     if not os.path.isdir(gdir):
         continue
     for n in sorted(os.listdir(gdir), key=lambda s: int(s) if s.isdigit() else 0):
@@ -23,11 +23,16 @@ for group in ("rules", "sets", "delta"):
             with open(p) as f:
                 return json.load(f)["mean"]["point_estimate"] / 1e6  # ns -> ms
         try:
-            d, r = mean("dog"), mean("raw")
+            r = mean("raw")
         except FileNotFoundError:
             continue
-        rows.append((group, int(n), d, r))
-print(f"{'case':<8} {'size':>9} {'dog ms':>10} {'raw ms':>10} {'ratio':>7}")
-for g, n, d, r in rows:
-    print(f"{g:<8} {n:>9} {d:>10.2f} {r:>10.2f} {d / r:>7.2f}")
+        # dog: sets through netlink (the default); dog-cli: through the ipset tool
+        for who in ("dog", "dog-cli"):
+            try:
+                rows.append((group, who, int(n), mean(who), r))
+            except FileNotFoundError:
+                pass
+print(f"{'case':<8} {'way':<8} {'size':>9} {'dog ms':>10} {'raw ms':>10} {'ratio':>7}")
+for g, who, n, d, r in rows:
+    print(f"{g:<8} {who:<8} {n:>9} {d:>10.3f} {r:>10.3f} {d / r:>7.2f}")
 PY

@@ -1,14 +1,18 @@
-//! Apply cost against the physical limit: dog's `apply` (plan + restore + read-back + hash
-//! compare) versus the raw tool on the same content, in the same run, inside a throwaway
-//! network namespace. `bench/apply.sh` runs this and prints the ratios.
+//! Apply cost against the physical limit: dog's `apply` (plan, writes, and the proof that the
+//! kernel holds what was sent) versus the bare tool on the same content, in the same run,
+//! inside a throwaway network namespace. `bench/apply.sh` runs this and prints the ratios.
 //!
 //! Groups: `rules/N` (N rules per family, every rule changes each iteration), `sets/N` (one
 //! set of N entries replaced each iteration), `delta/1000` (one entry of a 1,000-entry set
-//! added/removed through `apply`). Set `DOG_BENCH_MAX_SET` to cap the set sizes.
+//! added/removed through `apply`). `dog` reaches the sets through netlink (the default),
+//! `dog-cli` through the `ipset` tool (the fallback); `raw` is one bare `ipset restore` (or
+//! `iptables-restore` per family). Set `DOG_BENCH_MAX_SET` to cap the set sizes.
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
+use dog_agent::apply::Applier;
 use dog_agent::ipset::render_fill;
-use dog_agent::kernel::{BackendChoice, Kernel, KernelConfig};
+use dog_agent::kernel::exec::Runner;
+use dog_agent::kernel::{BackendChoice, KernelConfig, SetBackendChoice};
 use dog_agent::members::SetContent;
 use dog_agent::netns::NetNs;
 use dog_protocol::ruleset::{
@@ -19,15 +23,38 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-fn kernel() -> Kernel {
-    // the bench process has entered the namespace; tools inherit it
-    Kernel::new(KernelConfig {
+fn kernel_with(sets: SetBackendChoice) -> Applier {
+    // the bench process has entered the namespace; tools and sockets inherit it
+    Applier::new(KernelConfig {
         netns: None,
         backend: BackendChoice::Nft,
+        sets,
         broker_port: Some(5672),
         lock_wait_secs: 5,
     })
     .unwrap()
+}
+
+fn kernel() -> Applier {
+    kernel_with(SetBackendChoice::Netlink)
+}
+
+/// The two ways dog reaches the sets, by benchmark id.
+const WAYS: [(&str, SetBackendChoice); 2] = [
+    ("dog", SetBackendChoice::Netlink),
+    ("dog-cli", SetBackendChoice::Cli),
+];
+
+/// One bare `ipset restore` of `script` (`-exist` when asked).
+fn raw_ipset(script: &str, exist: bool) {
+    let args: &[&str] = if exist {
+        &["restore", "-exist"]
+    } else {
+        &["restore"]
+    };
+    Runner::default()
+        .run("ipset", args, Some(script.as_bytes()))
+        .unwrap();
 }
 
 fn document(fs: &Failsafe, family: Family, rules: Vec<String>) -> RulesDocument {
@@ -99,8 +126,8 @@ fn raw_restore(family: Family, text: &str) {
         Family::V4 => "iptables-nft-restore",
         Family::V6 => "ip6tables-nft-restore",
     };
-    let k = kernel();
-    k.run(tool, &["--noflush", "-w", "5"], Some(text.as_bytes()))
+    Runner::default()
+        .run(tool, &["--noflush", "-w", "5"], Some(text.as_bytes()))
         .unwrap();
 }
 
@@ -153,17 +180,20 @@ fn bench_sets(c: &mut Criterion) {
             IpSet::new(name, Family::V4, members(n, 0x0b00_0000)),
         ];
         let fws = [set_firewall(sets[0].clone()), set_firewall(sets[1].clone())];
+        for (id, way) in WAYS {
+            let k = kernel_with(way);
+            k.remove_all().unwrap();
+            k.apply(&fws[0]).unwrap();
+            let mut i = 0usize;
+            g.bench_function(BenchmarkId::new(id, n), |b| {
+                b.iter(|| {
+                    i += 1;
+                    let r = k.apply(&fws[i % 2]).unwrap();
+                    assert_eq!(r.plan.sets.swap.len(), 1);
+                })
+            });
+        }
         let k = kernel();
-        k.remove_all().unwrap();
-        k.apply(&fws[0]).unwrap();
-        let mut i = 0usize;
-        g.bench_function(BenchmarkId::new("dog", n), |b| {
-            b.iter(|| {
-                i += 1;
-                let r = k.apply(&fws[i % 2]).unwrap();
-                assert_eq!(r.plan.sets.swap.len(), 1);
-            })
-        });
         // raw: the same swap done by hand with one `ipset restore`
         let scripts: Vec<String> = sets
             .iter()
@@ -178,7 +208,7 @@ fn bench_sets(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("raw", n), |b| {
             b.iter(|| {
                 i += 1;
-                k.ipset_restore(&scripts[i % 2], false).unwrap();
+                raw_ipset(&scripts[i % 2], false);
             })
         });
         k.remove_all().unwrap();
@@ -200,17 +230,20 @@ fn bench_delta(c: &mut Criterion) {
             base.iter().copied().chain([one]),
         )),
     ];
+    for (id, way) in WAYS {
+        let k = kernel_with(way);
+        k.remove_all().unwrap();
+        k.apply(&fws[0]).unwrap();
+        let mut i = 0usize;
+        g.bench_function(BenchmarkId::new(id, 1_000), |b| {
+            b.iter(|| {
+                i += 1;
+                let r = k.apply(&fws[i % 2]).unwrap();
+                assert_eq!(r.plan.sets.delta.len(), 1);
+            })
+        });
+    }
     let k = kernel();
-    k.remove_all().unwrap();
-    k.apply(&fws[0]).unwrap();
-    let mut i = 0usize;
-    g.bench_function(BenchmarkId::new("dog", 1_000), |b| {
-        b.iter(|| {
-            i += 1;
-            let r = k.apply(&fws[i % 2]).unwrap();
-            assert_eq!(r.plan.sets.delta.len(), 1);
-        })
-    });
     let scripts = [
         format!("del {name} 192.0.2.1\n"),
         format!("add {name} 192.0.2.1\n"),
@@ -219,7 +252,7 @@ fn bench_delta(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("raw", 1_000), |b| {
         b.iter(|| {
             i += 1;
-            k.ipset_restore(&scripts[i % 2], true).unwrap();
+            raw_ipset(&scripts[i % 2], true);
         })
     });
     k.remove_all().unwrap();
@@ -229,8 +262,7 @@ fn bench_delta(c: &mut Criterion) {
 criterion_group!(benches, bench_delta, bench_rules, bench_sets);
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         eprintln!("apply bench: needs root (it runs in a throwaway network namespace); skipped");
         return;
     }

@@ -1,6 +1,7 @@
 //! Interface and address discovery from `ip -j addr` (pure parser + thin exec).
 
-use crate::kernel::{Kernel, KernelError};
+use crate::apply::Applier;
+use crate::kernel::KernelError;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -108,7 +109,7 @@ pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, AddressError> {
         .collect())
 }
 
-impl Kernel {
+impl Applier {
     /// The host's interfaces and addresses.
     pub fn interfaces(&self) -> Result<Vec<Interface>, AddressError> {
         parse_ip_addr_json(&self.ip_addr_json()?)

@@ -1,20 +1,29 @@
-//! Applying a [`HostFirewall`] to the kernel: sets first, then dog's chains per family
-//! atomically, then unreferenced sets are destroyed, then everything touched is read back and
-//! compared by hash. Also observe-mode planning, drift verification/repair, set deltas and
-//! explicit removal.
+//! The applier: brings the kernel to a [`HostFirewall`] through [`Tools`], so that its order
+//! of work, its rollback and its retry are tested against an in-memory kernel (see the tests
+//! below) and run unchanged against the real one.
+//!
+//! Sets first (create and fill, replace by fill-and-swap, or add and delete members), then
+//! dog's chains per family atomically (IPv4 rolled back if IPv6 fails), then sets nothing
+//! references any more are destroyed. Then the proof that the kernel holds what was sent,
+//! which costs what changed, not what exists: each restored family is read back
+//! (`iptables-save`) and hashed; each set written is checked by the kernel's own count of its
+//! members, which together with the strict writes (a fresh set filled, or members added that
+//! were not there and deleted that were) proves its content. The whole-state read stays for
+//! planning without a cached state and for the drift check ([`Applier::verify`]).
+//!
+//! A plan made against the cached state of the last apply can meet a kernel changed behind
+//! dog's back (a strict write fails): the apply is then planned once more from a fresh read.
+//! Also observe-mode planning, drift verification and repair, set deltas and removal.
 
 use crate::drift::{compute_drift, DriftReport};
 use crate::firewall::Firewall;
-use crate::ipset::{
-    apply_delta, plan_sets, render_delta, temp_name, write_fill, LiveSet, SaveReader, SetDelta,
-    SetPlan, SetPlanError,
-};
+use crate::ipset::{apply_delta, plan_sets, temp_name, LiveSet, SetDelta, SetPlan, SetPlanError};
 use crate::iptables::{
     plan_rules, render_remove_all, render_rollback, validate_document, DocumentError, FilterState,
     RulesPlan,
 };
-use crate::kernel::{Kernel, KernelError};
-use crate::live::LiveState;
+use crate::kernel::{Backend, KernelConfig, KernelError, SetBackend, SetOp, SystemTools, Tools};
+use crate::live::{LiveState, StateCache};
 use crate::members::SetContent;
 use dog_protocol::ruleset::{FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX};
 use serde::{Deserialize, Serialize};
@@ -130,7 +139,7 @@ impl ApplyReport {
     }
 }
 
-/// What [`Kernel::remove_all`] removed.
+/// What [`Applier::remove_all`] removed.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct RemoveReport {
     pub chains_v4: Vec<String>,
@@ -165,42 +174,102 @@ impl Steps {
     }
 }
 
-impl Kernel {
+/// Applies firewalls to one kernel (see the module docs).
+#[derive(Debug)]
+pub struct Applier {
+    tools: Arc<dyn Tools>,
+    config: KernelConfig,
+    cache: StateCache,
+}
+
+impl Applier {
+    /// The applier over the real kernel ([`SystemTools`]).
+    pub fn new(config: KernelConfig) -> Result<Self, KernelError> {
+        let tools = SystemTools::new(&config)?;
+        tracing::info!(
+            backend = tools.backend().word(),
+            sets = tools.set_backend().word(),
+            "kernel tools ready"
+        );
+        Ok(Applier::with_tools(Arc::new(tools), config))
+    }
+
+    /// The applier over any [`Tools`] (tests use an in-memory kernel).
+    pub fn with_tools(tools: Arc<dyn Tools>, config: KernelConfig) -> Self {
+        Applier {
+            tools,
+            config,
+            cache: StateCache::default(),
+        }
+    }
+
+    pub fn tools(&self) -> &dyn Tools {
+        &*self.tools
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.tools.backend()
+    }
+
+    pub fn set_backend(&self) -> SetBackend {
+        self.tools.set_backend()
+    }
+
+    pub fn config(&self) -> &KernelConfig {
+        &self.config
+    }
+
+    /// The host's interfaces and addresses (`ip -j addr`).
+    pub fn ip_addr_json(&self) -> Result<String, KernelError> {
+        self.tools.ip_addr_json()
+    }
+
     /// Reads dog's chains (both families) and dog's sets.
     pub fn snapshot(&self) -> Result<LiveState, KernelError> {
         self.snapshot_against(&BTreeMap::new())
     }
 
-    /// [`Kernel::snapshot`]; sets whose members equal those in `known` share that content.
+    /// [`Applier::snapshot`]; sets whose members equal those in `known` share that content.
     pub fn snapshot_against(
         &self,
         known: &BTreeMap<String, Arc<SetContent>>,
     ) -> Result<LiveState, KernelError> {
         let mut st = LiveState::default();
         for f in Family::BOTH {
-            st.set_rules(f, self.save_filter(f)?);
+            st.set_rules(f, self.tools.save_rules(f)?);
         }
-        st.sets = self.read_sets(None, known)?;
+        st.sets = self.read_sets(&self.dog_sets()?, known)?;
         Ok(st)
     }
 
-    /// dog's sets: all of them, or only the named ones (which must exist), read line by line.
+    /// Names of dog's sets in the kernel.
+    fn dog_sets(&self) -> Result<Vec<String>, KernelError> {
+        Ok(self
+            .tools
+            .set_names()?
+            .into_iter()
+            .filter(|n| n.starts_with(SET_PREFIX))
+            .collect())
+    }
+
+    /// The named sets (which must exist), read whole.
     fn read_sets(
         &self,
-        only: Option<&BTreeSet<String>>,
+        names: &[String],
         known: &BTreeMap<String, Arc<SetContent>>,
     ) -> Result<BTreeMap<String, LiveSet>, KernelError> {
-        let names: Vec<String> = match only {
-            Some(o) => o.iter().cloned().collect(),
-            None => self
-                .ipset_names()?
-                .into_iter()
-                .filter(|n| n.starts_with(SET_PREFIX))
-                .collect(),
-        };
-        let mut reader = SaveReader::default();
-        self.ipset_save_lines(&names, &mut |l| reader.line(l))?;
-        Ok(reader.finish(known))
+        Ok(self
+            .tools
+            .read_sets(names)?
+            .into_iter()
+            .map(|r| (r.name.clone(), LiveSet::from_read(r, known)))
+            .collect())
+    }
+
+    /// `ipset save` text of dog's sets (what a dump request shows).
+    pub fn dump_sets(&self) -> Result<String, KernelError> {
+        let sets = self.tools.read_sets(&self.dog_sets()?)?;
+        Ok(crate::ipset::render_save(&sets))
     }
 
     /// Checks a firewall without touching anything: failsafe, document shape.
@@ -235,12 +304,12 @@ impl Kernel {
         })
     }
 
-    /// Observe mode: what [`Kernel::apply`] would change, reading the kernel only.
+    /// Observe mode: what [`Applier::apply`] would change, reading the kernel only.
     pub fn plan(&self, fw: &HostFirewall) -> Result<Plan, ApplyError> {
         self.plan_firewall(&Firewall::from(fw))
     }
 
-    /// [`Kernel::plan`] of the agent's form of a firewall.
+    /// [`Applier::plan`] of the agent's form of a firewall.
     pub fn plan_firewall(&self, fw: &Firewall) -> Result<Plan, ApplyError> {
         self.check(fw)?;
         let live = self
@@ -250,7 +319,7 @@ impl Kernel {
     }
 
     /// Applies `fw` (packing and hashing its sets first; the agent itself holds
-    /// [`Firewall`]s and calls [`Kernel::apply_firewall`]).
+    /// [`Firewall`]s and calls [`Applier::apply_firewall`]).
     pub fn apply(&self, fw: &HostFirewall) -> Result<ApplyReport, ApplyError> {
         self.apply_firewall(&Firewall::from(fw))
     }
@@ -277,66 +346,97 @@ impl Kernel {
     fn apply_inner(&self, fw: &Firewall) -> Result<ApplyReport, ApplyError> {
         let mut steps = Steps::new();
         steps.time("check", || self.check(fw))?;
-        let mut live = match self.cache.take() {
-            Some(c) => c,
-            None => steps
-                .time("read", || self.snapshot_against(&fw.sets))
-                .map_err(tool("read live state"))?,
-        };
-        let plan = steps.time("plan", || self.plan_against(fw, &live))?;
-
-        // 1. sets: leftover temporaries, new sets, swaps, deltas
-        let mut touched: BTreeSet<String> = BTreeSet::new();
-        if !plan.sets.stale_temps.is_empty() {
-            let script: String = plan
-                .sets
-                .stale_temps
-                .iter()
-                .map(|t| format!("destroy {t}\n"))
-                .collect();
+        let read = |steps: &mut Steps| {
             steps
-                .time("sets.stale", || self.ipset_restore(&script, false))
-                .map_err(tool("destroy leftover temporary sets"))?;
-            for t in &plan.sets.stale_temps {
-                live.sets.remove(t);
+                .time("read", || self.snapshot_against(&fw.sets))
+                .map_err(tool("read live state"))
+        };
+        let (live, cached) = match self.cache.take() {
+            Some(c) => (c, true),
+            None => (read(&mut steps)?, false),
+        };
+        let plan = match self.apply_against(fw, live, &mut steps) {
+            Err(e) if cached && !e.is_refusal() => {
+                warn!(error = %e, "the kernel changed since dog last read it; planning again from a fresh read");
+                let live = read(&mut steps)?;
+                self.apply_against(fw, live, &mut steps)?
             }
+            r => r?,
+        };
+        let hashes = fw.hashes();
+        Ok(ApplyReport {
+            plan,
+            hashes,
+            steps: steps.steps,
+            total_ms: steps.started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// One attempt: plans against `live`, writes, verifies, and caches the verified state.
+    fn apply_against(
+        &self,
+        fw: &Firewall,
+        live: LiveState,
+        steps: &mut Steps,
+    ) -> Result<Plan, ApplyError> {
+        let plan = steps.time("plan", || self.plan_against(fw, &live))?;
+        let t = &*self.tools;
+
+        // 1. sets: leftover temporaries, new sets, swaps, member changes
+        let stale: Vec<SetOp<'_>> = plan
+            .sets
+            .stale_temps
+            .iter()
+            .map(|n| SetOp::Destroy(n))
+            .collect();
+        if !stale.is_empty() {
+            steps
+                .time("sets.stale", || t.write_sets(&stale))
+                .map_err(tool("destroy leftover temporary sets"))?;
         }
-        if !plan.sets.create.is_empty() || !plan.sets.swap.is_empty() {
-            // The script is written into `ipset restore` while it reads (a 1,000,000-entry set
-            // is about 30 MB of text, never held whole).
-            let mut feed = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
-                let mut w = w;
-                for name in &plan.sets.create {
-                    write_fill(&mut w, &fw.sets[name], name)?;
-                }
-                for name in &plan.sets.swap {
-                    let tmp = temp_name(name);
-                    write_fill(&mut w, &fw.sets[name], &tmp)?;
-                    writeln!(w, "swap {tmp} {name}\ndestroy {tmp}")?;
-                }
-                Ok(())
-            };
-            let r = steps.time("sets.fill", || self.ipset_restore_with(false, &mut feed));
-            if let Err(e) = r {
-                let mut undo: Vec<String> = plan.sets.create.clone();
-                undo.extend(plan.sets.swap.iter().map(|n| temp_name(n)));
+        let temps: Vec<String> = plan.sets.swap.iter().map(|n| temp_name(n)).collect();
+        let mut fill: Vec<SetOp<'_>> = Vec::new();
+        for name in &plan.sets.create {
+            fill.push(SetOp::Fill {
+                name,
+                set: &fw.sets[name],
+            });
+        }
+        for (name, tmp) in plan.sets.swap.iter().zip(&temps) {
+            fill.push(SetOp::Fill {
+                name: tmp,
+                set: &fw.sets[name],
+            });
+            fill.push(SetOp::Swap(tmp, name));
+            fill.push(SetOp::Destroy(tmp));
+        }
+        if !fill.is_empty() {
+            if let Err(e) = steps.time("sets.fill", || t.write_sets(&fill)) {
+                let undo: Vec<&String> = plan.sets.create.iter().chain(&temps).collect();
                 self.destroy_if_present(&undo);
                 return Err(tool("create and fill sets")(e));
             }
-            touched.extend(plan.sets.create.iter().cloned());
-            touched.extend(plan.sets.swap.iter().cloned());
         }
-        if !plan.sets.delta.is_empty() {
-            let mut script = String::new();
-            for d in &plan.sets.delta {
-                render_delta(&mut script, d);
+        let mut delta: Vec<SetOp<'_>> = Vec::new();
+        for d in &plan.sets.delta {
+            if !d.del.is_empty() {
+                delta.push(SetOp::Del {
+                    name: &d.name,
+                    members: &d.del,
+                });
             }
-            let r = steps.time("sets.delta", || self.ipset_restore(&script, true));
-            if let Err(e) = r {
-                self.destroy_if_present(&plan.sets.create);
+            if !d.add.is_empty() {
+                delta.push(SetOp::Add {
+                    name: &d.name,
+                    members: &d.add,
+                });
+            }
+        }
+        if !delta.is_empty() {
+            if let Err(e) = steps.time("sets.delta", || t.write_sets(&delta)) {
+                self.destroy_if_present(&plan.sets.create.iter().collect::<Vec<_>>());
                 return Err(tool("change sets")(e));
             }
-            touched.extend(plan.sets.delta.iter().map(|d| d.name.clone()));
         }
 
         // 2. rules, one atomic restore per family; roll IPv4 back if IPv6 fails
@@ -349,14 +449,14 @@ impl Kernel {
                 Family::V4 => "rules.v4",
                 Family::V6 => "rules.v6",
             };
-            if let Err(e) = steps.time(step, || self.restore_noflush(f, text)) {
+            if let Err(e) = steps.time(step, || t.restore_rules(f, text)) {
                 for done in &restored {
                     let back = render_rollback(live.filter(*done), fw.document(*done));
-                    if let Err(re) = self.restore_noflush(*done, &back) {
+                    if let Err(re) = t.restore_rules(*done, &back) {
                         warn!(family = %done, error = %re, "rollback of rules failed");
                     }
                 }
-                self.destroy_if_present(&plan.sets.create);
+                self.destroy_if_present(&plan.sets.create.iter().collect::<Vec<_>>());
                 return Err(tool(match f {
                     Family::V4 => "restore IPv4 rules",
                     Family::V6 => "restore IPv6 rules",
@@ -367,114 +467,143 @@ impl Kernel {
 
         // 3. sets nothing references any more
         if !plan.sets.destroy.is_empty() {
-            let script: String = plan
+            let ops: Vec<SetOp<'_>> = plan
                 .sets
                 .destroy
                 .iter()
-                .map(|s| format!("destroy {s}\n"))
+                .map(|n| SetOp::Destroy(n))
                 .collect();
             steps
-                .time("sets.destroy", || self.ipset_restore(&script, false))
+                .time("sets.destroy", || t.write_sets(&ops))
                 .map_err(tool("destroy unreferenced sets"))?;
         }
 
-        // 4. read back what was touched and compare
-        let readback = steps.time("readback", || -> Result<LiveState, KernelError> {
-            let mut after = live.clone();
-            // The families' saves run in parallel with the set reads below.
-            let saves = std::thread::scope(|sc| {
-                let handles: Vec<_> = restored
-                    .iter()
-                    .map(|f| (*f, sc.spawn(move || self.save_filter(*f))))
-                    .collect();
-                let sets = self.read_back_sets(&plan.sets, &touched, &fw.sets, &mut after);
-                let saves: Vec<(Family, Result<String, KernelError>)> = handles
-                    .into_iter()
-                    .map(|(f, h)| {
-                        let r = h.join().unwrap_or_else(|_| {
-                            Err(KernelError::Spawn {
-                                command: "iptables-save".into(),
-                                source: std::io::Error::other("reader thread panicked"),
-                            })
-                        });
-                        (f, r)
-                    })
-                    .collect();
-                sets.map(|()| saves)
-            })?;
-            for (f, text) in saves {
-                after.set_rules(f, text?);
-            }
-            Ok(after)
+        // 4. the proof: restored rules read back, written sets counted
+        let after = steps
+            .time("verify", || self.verified(fw, &plan, live, &restored))
+            .map_err(tool("read back"))??;
+        self.cache.put(Some(after));
+        Ok(plan)
+    }
+
+    /// The kernel state after an apply of `plan` on `live`, as checked (see the module docs):
+    /// an error when something differs from what was sent.
+    fn verified(
+        &self,
+        fw: &Firewall,
+        plan: &Plan,
+        live: LiveState,
+        restored: &[Family],
+    ) -> Result<Result<LiveState, ApplyError>, KernelError> {
+        let t = &*self.tools;
+        let mut after = live;
+        // The families' saves run in parallel with the set checks.
+        let (saves, sets) = std::thread::scope(|sc| {
+            let handles: Vec<_> = restored
+                .iter()
+                .map(|f| (*f, sc.spawn(move || t.save_rules(*f))))
+                .collect();
+            let sets = self.verified_sets(fw, &plan.sets, &mut after.sets);
+            let saves: Vec<(Family, Result<String, KernelError>)> = handles
+                .into_iter()
+                .map(|(f, h)| {
+                    let r = h.join().unwrap_or_else(|_| {
+                        Err(KernelError::Spawn {
+                            command: "iptables-save".into(),
+                            source: std::io::Error::other("reader thread panicked"),
+                        })
+                    });
+                    (f, r)
+                })
+                .collect();
+            (saves, sets)
         });
-        let after = readback.map_err(tool("read back"))?;
+        let mut differences = sets?;
+        for (f, text) in saves {
+            after.set_rules(f, text?);
+        }
         let hashes = after.hashes();
         let desired = fw.hashes();
-        if hashes != desired {
-            let drift = compute_drift(fw, &after);
-            let mut differences = drift.lines();
+        if hashes != desired && differences.is_empty() {
+            differences = compute_drift(fw, &after).lines();
             if differences.is_empty() {
                 differences.push(format!(
                     "hashes differ: live {hashes:?}, desired {desired:?}"
                 ));
             }
-            return Err(ApplyError::Readback { differences });
         }
-        self.cache.put(Some(after));
-        Ok(ApplyReport {
-            plan,
-            hashes,
-            steps: steps.steps,
-            total_ms: steps.started.elapsed().as_secs_f64() * 1e3,
+        Ok(if differences.is_empty() {
+            Ok(after)
+        } else {
+            Err(ApplyError::Readback { differences })
         })
     }
 
-    /// Reads back the sets an apply changed into `after` (see step 4 of `apply_inner`).
-    fn read_back_sets(
+    /// Checks the sets an apply wrote by their member counts and records them in `sets`;
+    /// returns what differs. Sets dog destroyed must be gone.
+    fn verified_sets(
         &self,
+        fw: &Firewall,
         plan: &SetPlan,
-        touched: &BTreeSet<String>,
-        desired: &BTreeMap<String, Arc<SetContent>>,
-        after: &mut LiveState,
-    ) -> Result<(), KernelError> {
-        // Sets dog destroyed must be gone; listing names is only needed then (a pure
-        // delta apply reads back just the sets it changed: one call).
+        sets: &mut BTreeMap<String, LiveSet>,
+    ) -> Result<Vec<String>, KernelError> {
+        let mut differences = Vec::new();
         for gone in plan.destroy.iter().chain(&plan.stale_temps) {
-            after.sets.remove(gone);
+            sets.remove(gone);
         }
-        let mut missing: BTreeSet<String> = BTreeSet::new();
         if !plan.destroy.is_empty() || !plan.stale_temps.is_empty() {
-            let names: BTreeSet<String> = self
-                .ipset_names()?
-                .into_iter()
-                .filter(|n| n.starts_with(SET_PREFIX))
-                .collect();
-            after.sets.retain(|n, _| names.contains(n));
-            missing = names
-                .iter()
-                .filter(|n| !after.sets.contains_key(*n))
-                .cloned()
-                .collect();
+            // listing names is only needed then (a pure member change checks just its sets)
+            let names: BTreeSet<String> = self.dog_sets()?.into_iter().collect();
+            for n in plan.destroy.iter().chain(&plan.stale_temps) {
+                if names.contains(n) {
+                    differences.push(format!("set {n} still exists"));
+                }
+            }
         }
-        let reread: BTreeSet<String> = touched.union(&missing).cloned().collect();
-        if !reread.is_empty() {
-            after.sets.extend(self.read_sets(Some(&reread), desired)?);
+        let written = plan
+            .create
+            .iter()
+            .chain(&plan.swap)
+            .chain(plan.delta.iter().map(|d| &d.name));
+        for name in written {
+            let want = &fw.sets[name];
+            match self.tools.set_count(name)? {
+                Some(n) if n == want.members.len() => {
+                    let maxelem = match sets.get(name) {
+                        Some(old) if plan.delta.iter().any(|d| d.name == *name) => old.maxelem,
+                        _ => want.maxelem(),
+                    };
+                    sets.insert(
+                        name.clone(),
+                        LiveSet {
+                            content: want.clone(),
+                            kind: "hash:net".into(),
+                            maxelem,
+                        },
+                    );
+                }
+                Some(n) => differences.push(format!(
+                    "set {name} holds {n} members, {} were sent",
+                    want.members.len()
+                )),
+                None => differences.push(format!("set {name} missing")),
+            }
         }
-        Ok(())
+        Ok(differences)
     }
 
     /// Best-effort clean-up of sets this apply created (never referenced by rules in force).
-    fn destroy_if_present(&self, names: &[String]) {
-        let Ok(live) = self.ipset_names() else { return };
-        let script: String = names
+    fn destroy_if_present(&self, names: &[&String]) {
+        let Ok(live) = self.tools.set_names() else {
+            return;
+        };
+        let ops: Vec<SetOp<'_>> = names
             .iter()
             .filter(|n| live.contains(n))
-            .map(|n| format!("destroy {n}\n"))
+            .map(|n| SetOp::Destroy(n.as_str()))
             .collect();
-        if !script.is_empty() {
-            if let Err(e) = self.ipset_restore(&script, false) {
-                warn!(error = %e, "could not remove sets created by a failed apply");
-            }
+        if let Err(e) = self.tools.write_sets(&ops) {
+            warn!(error = %e, "could not remove sets created by a failed apply");
         }
     }
 
@@ -503,7 +632,7 @@ impl Kernel {
         self.verify_firewall(&Firewall::from(expected))
     }
 
-    /// [`Kernel::verify`] of the agent's form of a firewall.
+    /// [`Applier::verify`] of the agent's form of a firewall.
     pub fn verify_firewall(&self, expected: &Firewall) -> Result<DriftReport, KernelError> {
         let live = self.snapshot_against(&expected.sets)?;
         let report = compute_drift(expected, &live);
@@ -521,7 +650,7 @@ impl Kernel {
         self.repair_firewall(&Firewall::from(expected))
     }
 
-    /// [`Kernel::repair`] of the agent's form of a firewall.
+    /// [`Applier::repair`] of the agent's form of a firewall.
     pub fn repair_firewall(&self, expected: &Firewall) -> Result<ApplyReport, ApplyError> {
         self.cache.put(None);
         self.apply_firewall(expected)
@@ -538,10 +667,12 @@ impl Kernel {
         self.cache.put(None);
         let mut report = RemoveReport::default();
         for f in Family::BOTH {
-            let live = FilterState::parse(&self.save_filter(f).map_err(tool("read rules"))?);
+            let text = self.tools.save_rules(f).map_err(tool("read rules"))?;
+            let live = FilterState::parse(&text);
             let chains: Vec<String> = live.owned.keys().cloned().collect();
             if let Some(text) = render_remove_all(&live) {
-                self.restore_noflush(f, &text)
+                self.tools
+                    .restore_rules(f, &text)
                     .map_err(tool("remove dog's chains"))?;
             }
             match f {
@@ -549,19 +680,197 @@ impl Kernel {
                 Family::V6 => report.chains_v6 = chains,
             }
         }
-        let sets: Vec<String> = self
-            .ipset_names()
-            .map_err(tool("list sets"))?
-            .into_iter()
-            .filter(|n| n.starts_with(SET_PREFIX))
-            .collect();
-        if !sets.is_empty() {
-            let script: String = sets.iter().map(|s| format!("destroy {s}\n")).collect();
-            self.ipset_restore(&script, false)
-                .map_err(tool("destroy dog's sets"))?;
-        }
+        let sets = self.dog_sets().map_err(tool("list sets"))?;
+        let ops: Vec<SetOp<'_>> = sets.iter().map(|s| SetOp::Destroy(s)).collect();
+        self.tools
+            .write_sets(&ops)
+            .map_err(tool("destroy dog's sets"))?;
         report.sets = sets;
         info!(?report, "removed dog's firewall");
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fake::FakeKernel;
+    use dog_protocol::ruleset::{
+        parse_member, Failsafe, IpSet, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT,
+    };
+
+    fn document(family: Family, rules: &[&str]) -> RulesDocument {
+        let fs = Failsafe::default();
+        let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        chains.insert(CHAIN_INPUT.into(), fs.prologue(family, CHAIN_INPUT));
+        chains.insert(CHAIN_OUTPUT.into(), fs.prologue(family, CHAIN_OUTPUT));
+        for r in rules {
+            let chain = r.split_whitespace().nth(1).unwrap_or_default().to_string();
+            chains.entry(chain).or_default().push(r.to_string());
+        }
+        if let Some(out) = chains.get_mut(CHAIN_OUTPUT) {
+            out.push("-A DOG-OUTPUT -j ACCEPT".into());
+        }
+        RulesDocument::from_chains(family, &chains)
+    }
+
+    fn net(s: &str) -> ipnet::IpNet {
+        parse_member(s).unwrap()
+    }
+
+    /// A firewall whose IPv4 rules drop what set `set` holds, with `members` in it.
+    fn firewall(set: &str, members: &[&str], extra_rule: bool) -> HostFirewall {
+        let rule = format!("-A DOG-INPUT -m set --match-set {set} src -j DROP");
+        let mut v4 = vec![rule.as_str()];
+        if extra_rule {
+            v4.push("-A DOG-INPUT -p tcp -m tcp --dport 80 -j ACCEPT");
+        }
+        let s = IpSet::new(set, Family::V4, members.iter().map(|m| net(m)));
+        HostFirewall {
+            host: "h".into(),
+            ipv4: document(Family::V4, &v4),
+            ipv6: document(Family::V6, &[]),
+            sets: [(set.to_string(), s)].into(),
+            failsafe: Failsafe::default(),
+        }
+    }
+
+    fn kernel() -> (Arc<FakeKernel>, Applier) {
+        let fake = Arc::new(FakeKernel::default());
+        let k = Applier::with_tools(fake.clone(), KernelConfig::default());
+        (fake, k)
+    }
+
+    fn position(calls: &[String], prefix: &str) -> usize {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no call `{prefix}` in {calls:?}"))
+    }
+
+    #[test]
+    fn sets_are_written_before_the_rules_that_use_them_and_destroyed_after() {
+        let (fake, k) = kernel();
+        k.apply(&firewall("dogz4-a", &["10.0.0.1"], false)).unwrap();
+        let calls = fake.calls();
+        assert!(position(&calls, "fill dogz4-a") < position(&calls, "restore v4"));
+        assert_eq!(fake.set_members("dogz4-a"), Some(vec![net("10.0.0.1")]));
+        // the next firewall uses another set: rules move first, then the old set goes
+        fake.clear_calls();
+        k.apply(&firewall("dogz4-b", &["10.0.0.2"], false)).unwrap();
+        let calls = fake.calls();
+        assert!(position(&calls, "fill dogz4-b") < position(&calls, "restore v4"));
+        assert!(position(&calls, "restore v4") < position(&calls, "destroy dogz4-a"));
+        assert_eq!(fake.set_members("dogz4-a"), None);
+    }
+
+    #[test]
+    fn a_failed_ipv6_restore_puts_ipv4_back_and_removes_the_new_sets() {
+        let (fake, k) = kernel();
+        let first = firewall("dogz4-a", &["10.0.0.1"], false);
+        k.apply(&first).unwrap();
+        let before = fake.rules(Family::V4);
+        let mut next = firewall("dogz4-b", &["10.0.0.2"], true);
+        next.ipv6 = document(Family::V6, &["-A DOG-INPUT -j DROP"]);
+        // it fails on the plan from the cached state and again from a fresh read
+        fake.fail_next("restore v6");
+        fake.fail_next("restore v6");
+        let e = k.apply(&next).unwrap_err();
+        assert!(e.to_string().contains("restore IPv6 rules"), "{e}");
+        assert_eq!(fake.rules(Family::V4), before, "IPv4 rolled back");
+        assert_eq!(fake.set_members("dogz4-b"), None, "the new set is removed");
+        assert_eq!(fake.set_members("dogz4-a"), Some(vec![net("10.0.0.1")]));
+        // and the next try starts from a fresh read of the kernel
+        fake.clear_calls();
+        k.apply(&next).unwrap();
+        assert!(fake.calls()[0].starts_with("save v4"), "{:?}", fake.calls());
+    }
+
+    #[test]
+    fn a_one_member_change_is_written_and_proved_without_reading_the_set_back() {
+        let (fake, k) = kernel();
+        let members: Vec<String> = (0..1000)
+            .map(|i| format!("10.1.{}.{}", i / 256, i % 256))
+            .collect();
+        let mut m: Vec<&str> = members.iter().map(String::as_str).collect();
+        k.apply(&firewall("dogz4-a", &m, false)).unwrap();
+        fake.clear_calls();
+        m[7] = "192.0.2.7";
+        let r = k.apply(&firewall("dogz4-a", &m, false)).unwrap();
+        assert_eq!(
+            fake.calls(),
+            vec!["del dogz4-a", "add dogz4-a", "count dogz4-a"],
+            "no rule restore, no read of rules or sets"
+        );
+        assert_eq!(r.plan.sets.delta[0].add, vec![net("192.0.2.7")]);
+        assert_eq!(r.hashes, firewall("dogz4-a", &m, false).hashes());
+        assert!(fake
+            .set_members("dogz4-a")
+            .unwrap()
+            .contains(&net("192.0.2.7")));
+    }
+
+    #[test]
+    fn a_kernel_changed_behind_dogs_back_is_planned_again_from_a_fresh_read() {
+        let (fake, k) = kernel();
+        k.apply(&firewall("dogz4-a", &["10.0.0.1"], false)).unwrap();
+        // someone adds the member the next firewall adds: the strict add fails
+        fake.tamper("dogz4-a", net("10.0.0.9"), true);
+        fake.clear_calls();
+        let next = firewall("dogz4-a", &["10.0.0.1", "10.0.0.9"], false);
+        let r = k.apply(&next).unwrap();
+        let calls = fake.calls();
+        assert!(
+            position(&calls, "add dogz4-a") < position(&calls, "read dogz4-a"),
+            "{calls:?}"
+        );
+        assert!(r.steps.iter().any(|s| s.step == "read"));
+        assert_eq!(r.hashes, next.hashes());
+    }
+
+    #[test]
+    fn a_set_whose_count_differs_from_what_was_sent_fails_the_apply() {
+        let (fake, k) = kernel();
+        fake.miscount("dogz4-a");
+        let e = k
+            .apply(&firewall("dogz4-a", &["10.0.0.1"], false))
+            .unwrap_err();
+        match e {
+            ApplyError::Readback { differences } => assert_eq!(
+                differences,
+                vec!["set dogz4-a holds 2 members, 1 were sent".to_string()]
+            ),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn a_replaced_set_is_filled_under_a_temporary_name_and_swapped_in() {
+        let (fake, k) = kernel();
+        let old: Vec<String> = (0..200).map(|i| format!("10.0.{i}.1")).collect();
+        let new: Vec<String> = (0..200).map(|i| format!("10.9.{i}.1")).collect();
+        let old: Vec<&str> = old.iter().map(String::as_str).collect();
+        let new: Vec<&str> = new.iter().map(String::as_str).collect();
+        k.apply(&firewall("dogz4-a", &old, false)).unwrap();
+        fake.clear_calls();
+        let next = firewall("dogz4-a", &new, false);
+        k.apply(&next).unwrap();
+        let tmp = temp_name("dogz4-a");
+        assert_eq!(
+            fake.calls(),
+            vec![
+                format!("fill {tmp}"),
+                format!("swap {tmp} dogz4-a"),
+                format!("destroy {tmp}"),
+                "count dogz4-a".to_string()
+            ]
+        );
+        assert_eq!(fake.set_members("dogz4-a").unwrap()[0], net("10.9.0.1"));
+        // drift: a hand edit is found by the full read and repaired
+        fake.tamper("dogz4-a", net("10.9.0.1"), false);
+        let drift = k.verify(&next).unwrap();
+        assert!(!drift.is_clean());
+        k.repair(&next).unwrap();
+        assert!(k.verify(&next).unwrap().is_clean());
     }
 }

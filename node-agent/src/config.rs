@@ -1,5 +1,6 @@
 //! The agent's configuration: every flag is also settable by an environment variable.
 
+use crate::kernel::{BackendChoice, SetBackendChoice};
 use clap::{Parser, ValueEnum};
 use dog_protocol::broker::BrokerArgs;
 use dog_protocol::telemetry::LogFormat;
@@ -14,14 +15,6 @@ pub enum Mode {
     Enforce,
     /// Compute and report what would change; never touch the kernel.
     Observe,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendChoice {
-    /// Detect the backend the node uses, the way kube-proxy does.
-    Auto,
-    Nft,
-    Legacy,
 }
 
 /// dog-agent: applies the firewall the dog operator sends to this node, keeps it in place,
@@ -83,6 +76,11 @@ pub struct Config {
     pub mode: Mode,
     #[arg(long, env = "DOG_IPTABLES_BACKEND", value_enum, default_value = "auto")]
     pub iptables_backend: BackendChoice,
+    /// How the agent reaches the kernel's sets: `netlink` (in process), `cli` (the `ipset`
+    /// tool), or `auto` (netlink when the kernel answers on it). The choice is logged at start
+    /// and exported as `dog_agent_set_backend`.
+    #[arg(long, env = "DOG_SET_BACKEND", value_enum, default_value = "auto")]
+    pub set_backend: SetBackendChoice,
 
     /// Seconds between keepalives.
     #[arg(long, env = "DOG_KEEPALIVE_INTERVAL", default_value = "30", value_parser = parse_secs)]
@@ -118,14 +116,10 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 impl Config {
     /// How the kernel layer runs the tools: namespace, backend, the broker port to keep open.
     pub fn kernel_config(&self) -> crate::kernel::KernelConfig {
-        use crate::kernel::BackendChoice as Choice;
         crate::kernel::KernelConfig {
             netns: self.netns.clone(),
-            backend: match self.iptables_backend {
-                BackendChoice::Auto => Choice::Auto,
-                BackendChoice::Nft => Choice::Nft,
-                BackendChoice::Legacy => Choice::Legacy,
-            },
+            backend: self.iptables_backend,
+            sets: self.set_backend,
             broker_port: Some(self.broker.port()),
             lock_wait_secs: 5,
         }

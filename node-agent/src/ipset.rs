@@ -1,6 +1,7 @@
 //! Pure planning of dog's ipset changes: what to create, swap, change by delta or destroy, and
 //! the `ipset restore` scripts that do it.
 
+use crate::kernel::ReadSet;
 use crate::members::{MembersBuilder, SetContent};
 use dog_protocol::ruleset::{
     maxelem_for, parse_member, sha256_hex, write_member, Family, SET_NAME_MAX, SET_PREFIX,
@@ -30,6 +31,23 @@ impl LiveSet {
     }
 }
 
+impl LiveSet {
+    /// A set as read from the kernel. Its members, when equal to those of the same-named set
+    /// in `known`, share that set's content (and so its hash: the hash of identical members);
+    /// any other set is hashed from what was read.
+    pub fn from_read(read: ReadSet, known: &BTreeMap<String, Arc<SetContent>>) -> Self {
+        let content = match known.get(&read.name) {
+            Some(k) if k.members == read.members && k.name == read.name => Arc::clone(k),
+            _ => Arc::new(SetContent::new(read.name, read.members)),
+        };
+        LiveSet {
+            content,
+            kind: read.kind,
+            maxelem: read.maxelem,
+        }
+    }
+}
+
 /// A set seen in `ipset save` output, members still being collected.
 #[derive(Debug)]
 struct Reading {
@@ -38,7 +56,7 @@ struct Reading {
     members: MembersBuilder,
 }
 
-/// Reads `ipset save` output line by line (see [`crate::kernel::Kernel::ipset_save_lines`]),
+/// Reads `ipset save` output line by line (see [`crate::kernel::cli_sets::save_lines`]),
 /// keeping only dog's sets and only their packed members: no copy of the text, no `IpNet` list.
 #[derive(Debug, Default)]
 pub struct SaveReader {
@@ -86,24 +104,16 @@ impl SaveReader {
         }
     }
 
-    /// The sets read. A set whose members equal those of the same-named set in `known` shares
-    /// that set's content (and so its hash: the hash of identical members); any other set is
-    /// hashed from what was read.
-    pub fn finish(self, known: &BTreeMap<String, Arc<SetContent>>) -> BTreeMap<String, LiveSet> {
+    /// The sets read.
+    pub fn finish(self) -> Vec<ReadSet> {
         self.sets
             .into_iter()
-            .map(|(name, r)| {
-                let members = r.members.finish();
-                let content = match known.get(&name) {
-                    Some(k) if k.members == members && k.name == name => Arc::clone(k),
-                    _ => Arc::new(SetContent::new(name.clone(), members)),
-                };
-                let live = LiveSet {
-                    content,
-                    kind: r.kind,
-                    maxelem: r.maxelem,
-                };
-                (name, live)
+            .map(|(name, r)| ReadSet {
+                name,
+                kind: r.kind,
+                maxelem: r.maxelem,
+                elements: None,
+                members: r.members.finish(),
             })
             .collect()
     }
@@ -113,7 +123,33 @@ impl SaveReader {
 pub fn parse_live_sets(save_text: &str) -> BTreeMap<String, LiveSet> {
     let mut r = SaveReader::default();
     save_text.lines().for_each(|l| r.line(l));
-    r.finish(&BTreeMap::new())
+    r.finish()
+        .into_iter()
+        .map(|s| (s.name.clone(), LiveSet::from_read(s, &BTreeMap::new())))
+        .collect()
+}
+
+/// `ipset save` text of sets as read (what a dump request shows).
+pub fn render_save(sets: &[ReadSet]) -> String {
+    let mut out = String::new();
+    for s in sets {
+        out.push_str(&format!(
+            "create {} {} family {} hashsize {} maxelem {}\n",
+            s.name,
+            s.kind,
+            s.members.family().ipset_family(),
+            hashsize_for(s.members.len()),
+            s.maxelem
+        ));
+        for m in s.members.iter() {
+            out.push_str("add ");
+            out.push_str(&s.name);
+            out.push(' ');
+            write_member(&mut out, &m);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `hashsize` for a set of `len` members: sized so filling it needs no rehash.
@@ -444,7 +480,11 @@ mod tests {
         let text = "create dogz4-a hash:net family inet hashsize 64 maxelem 65536\nadd dogz4-a 10.0.0.0/8\nadd dogz4-a 1.2.3.4\ncreate dogz4-b hash:net family inet hashsize 64 maxelem 65536\nadd dogz4-b 6.6.6.6\n";
         let mut r = SaveReader::default();
         text.lines().for_each(|l| r.line(l));
-        let sets = r.finish(&known);
+        let sets: BTreeMap<String, LiveSet> = r
+            .finish()
+            .into_iter()
+            .map(|s| (s.name.clone(), LiveSet::from_read(s, &known)))
+            .collect();
         assert!(Arc::ptr_eq(&sets["dogz4-a"].content, &known["dogz4-a"]));
         let b = &sets["dogz4-b"].content;
         assert!(!Arc::ptr_eq(b, &known["dogz4-b"]));

@@ -26,7 +26,7 @@ fn print_keys(cfg: &Config) -> std::process::ExitCode {
 
 /// `--print-backend`: the iptables backend the agent would use here, detected as at start.
 fn print_backend(cfg: &Config) -> std::process::ExitCode {
-    match dog_agent::kernel::Kernel::new(cfg.kernel_config()) {
+    match dog_agent::apply::Applier::new(cfg.kernel_config()) {
         Ok(kernel) => {
             println!("{}", kernel.backend().word());
             std::process::ExitCode::SUCCESS

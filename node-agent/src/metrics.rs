@@ -19,6 +19,8 @@ pub struct AgentMetrics {
     /// `family` = `ipv4` | `ipv6`.
     pub rules_installed: IntGaugeVec,
     pub set_entries_installed: IntGauge,
+    /// 1 for the way the agent reaches the kernel's sets (`backend` = `netlink` | `cli`).
+    pub set_backend: IntGaugeVec,
     /// `reason` = [`Rejection::reason`] (and `malformed` for payloads that do not parse).
     pub rejected: IntCounterVec,
     pub broker_connected: IntGauge,
@@ -103,6 +105,16 @@ impl AgentMetrics {
                 IntGauge::new(
                     "dog_agent_set_entries_installed",
                     "Entries across dog's ipsets",
+                )?,
+            ),
+            set_backend: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "dog_agent_set_backend",
+                        "How the agent reaches the kernel's sets, chosen at start: netlink (in process) or cli (the ipset tool); 1 for the one in use",
+                    ),
+                    &["backend"],
                 )?,
             ),
             rejected: reg(
@@ -235,6 +247,8 @@ mod docs_tests {
     fn every_metric_is_documented() {
         let docs = include_str!("../../docs/operations.md");
         let m = AgentMetrics::new().unwrap();
+        // a labelled metric is only gathered once it has a series
+        m.set_backend.with_label_values(&["netlink"]).set(1);
         for family in m.registry.gather() {
             assert!(
                 docs.contains(&format!("`{}`", family.name())),

@@ -9,8 +9,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Whether netns tests can run: true as root; otherwise panics with a clear message unless
 /// `DOG_SKIP_NETNS=1`, in which case it prints that the test is skipped and returns false.
 pub fn available(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     if root {
         return true;
     }
@@ -74,12 +73,7 @@ impl NetNs {
     /// dedicated thread.
     pub fn enter_current_thread(&self) -> std::io::Result<()> {
         let f = std::fs::File::open(format!("/run/netns/{}", self.name))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
         Ok(())
     }
 

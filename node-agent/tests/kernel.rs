@@ -4,12 +4,13 @@
 mod common;
 
 use common::*;
+use dog_agent::apply::Applier;
 use dog_agent::apply::ApplyError;
 use dog_agent::ipset::SetDelta;
-use dog_agent::kernel::{Backend, BackendChoice, Kernel, KernelConfig};
+use dog_agent::kernel::{Backend, BackendChoice, KernelConfig, SetBackend, SetBackendChoice};
 use dog_agent::netns::{self, NetNs};
 use dog_protocol::ruleset::{
-    Failsafe, FailsafePort, FailsafeProtocol, Family, HostFirewall, RulesDocument,
+    parse_ipset_save, Failsafe, FailsafePort, FailsafeProtocol, Family, HostFirewall, RulesDocument,
 };
 use std::path::Path;
 
@@ -370,7 +371,7 @@ fn backend_is_detected_like_kube_proxy() {
         return;
     }
     let auto = |ns: &NetNs| {
-        Kernel::new(KernelConfig {
+        Applier::new(KernelConfig {
             netns: Some(ns.name().into()),
             ..Default::default()
         })
@@ -444,5 +445,84 @@ fn backend_is_detected_like_kube_proxy() {
     assert!(
         !plain_save(&ns).contains("10.244.0.0/16"),
         "plain iptables-save on an nft node shows the legacy tables"
+    );
+}
+
+/// What dog writes through netlink is what the `ipset` tool itself reads back, member for
+/// member (a fill spanning many messages, IPv4 and IPv6, every prefix length, then a one-member
+/// change), and what the tool wrote dog reads the same through netlink.
+#[test]
+fn netlink_writes_are_what_the_ipset_tool_reads_back() {
+    if !netns::available("netlink_writes_are_what_the_ipset_tool_reads_back") {
+        return;
+    }
+    let ns = NetNs::new().unwrap();
+    let k = kernel(&ns, BackendChoice::Nft);
+    assert_eq!(k.set_backend(), SetBackend::Netlink);
+    let v4: Vec<String> = (0..20_000u32)
+        .map(|i| {
+            let a = std::net::Ipv4Addr::from(0x0a00_0000 + i * 4);
+            format!("{a}/{}", 24 + (i % 9))
+        })
+        .collect();
+    let v6: Vec<String> = (0..3_000u32)
+        .map(|i| format!("fd00:{i:x}::/{}", 32 + (i % 97)))
+        .collect();
+    let sets = |v4: &[String]| {
+        firewall(
+            &["-A DOG-INPUT -m set --match-set dogz4-big src -j DROP"],
+            &["-A DOG-INPUT -m set --match-set dogz6-big src -j DROP"],
+            vec![
+                set(
+                    "dogz4-big",
+                    Family::V4,
+                    &v4.iter().map(String::as_str).collect::<Vec<_>>(),
+                ),
+                set(
+                    "dogz6-big",
+                    Family::V6,
+                    &v6.iter().map(String::as_str).collect::<Vec<_>>(),
+                ),
+            ],
+        )
+    };
+    let tool_view = || parse_ipset_save(&ns.exec(&["ipset", "save"]).unwrap());
+    let fw = sets(&v4);
+    k.apply(&fw).unwrap();
+    let seen = tool_view();
+    for name in ["dogz4-big", "dogz6-big"] {
+        assert_eq!(seen[name].members, fw.sets[name].members, "{name}");
+        assert!(seen[name].members.len() > 2_000);
+    }
+    // one member replaced: a strict delete and add, then only the count is read
+    let mut changed = v4.clone();
+    changed[123] = "192.0.2.0/24".into();
+    let fw2 = sets(&changed);
+    let r = k.apply(&fw2).unwrap();
+    assert_eq!(r.plan.sets.delta.len(), 1);
+    assert_eq!(
+        tool_view()["dogz4-big"].members,
+        fw2.sets["dogz4-big"].members
+    );
+    // the tool's writes read the same through netlink, and the other way round
+    let cli = Applier::new(KernelConfig {
+        netns: Some(ns.name().to_string()),
+        backend: BackendChoice::Nft,
+        sets: SetBackendChoice::Cli,
+        broker_port: Some(5672),
+        lock_wait_secs: 5,
+    })
+    .unwrap();
+    assert!(cli.verify(&fw2).unwrap().is_clean());
+    cli.apply(&fw).unwrap();
+    assert!(k.verify(&fw).unwrap().is_clean());
+    // a member written behind dog's back is drift, found by the netlink read
+    ns.exec(&["ipset", "add", "dogz4-big", "203.0.113.9"])
+        .unwrap();
+    let drift = k.verify(&fw).unwrap();
+    assert_eq!(drift.sets.len(), 1, "{drift:?}");
+    assert_eq!(
+        drift.sets[0].extra_members,
+        vec!["203.0.113.9/32".parse::<ipnet::IpNet>().unwrap()]
     );
 }

@@ -1,16 +1,24 @@
-//! Compiler at fleet scale: 5,000 hosts, 500 groups, 500 profiles × 20 rules and zones
-//! totalling 1,000,000 addresses (one 500k blocklist used by every profile, 999 small zones).
-//! (a) full compile, (b) recompile after one entry of one small zone changes, (c) the same
-//! fleet shape at 20,000 hosts and 2,000 groups (10 hosts per group) for the growth, and
-//! (d) resolving every host's groups at that size by the index against checking every group,
-//! and (e) the change (added and removed members) from a 1,000,000-entry set to the same set
-//! with one entry replaced, which the publish planner sends instead of the whole set.
-//! Prints the process's peak RSS (VmHWM) at the end.
+//! The compiler at fleet scale.
+//!
+//! Two fleets of 5,000 hosts (IPv4 + IPv6 each), 500 groups (10 hosts each, label selectors),
+//! 500 profiles × 20 inbound rules (peers: a Group, a Zone, `Self` or any):
+//! - the *goal fleet*: 50 zones × 20,000 addresses (1,000,000), one of them dropped by every
+//!   profile;
+//! - the *blocklist fleet*: one 500,500-entry blocklist dropped by every profile plus 999 zones
+//!   × 500 addresses (1,000,000 in all).
+//!
+//! `compile/…`: a full compile of each, and one change of each kind applied to a compiler
+//! holding the goal fleet (each iteration flips between two versions, so every call changes
+//! something): a zone entry in a 20,000-entry zone, a Host added or removed, a Host moved to
+//! another group, a Group's selector, one rule of a Profile; and an entry of the 500,500-entry
+//! blocklist. `scale/…`: a full compile and a Profile edit at 1k, 5k, 20k and 50k hosts
+//! (groups growing with hosts, 10 per group; the 50 × 20,000 zones fixed), with the memory the
+//! compiler holds at each size printed at the end. `publish/…`: the change between two
+//! 1,000,000-entry sets, which the publish planner sends instead of the whole set.
 //!
 //! `cargo bench -p dog-operator --bench compile`
 
-use criterion::{criterion_group, Criterion};
-use dog_operator::compile::resolve::{groups_of, GroupIndex};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use dog_operator::compile::{compile, CompileOptions, Compiler, Edit, Snapshot};
 use dog_operator::crd::*;
 use std::collections::BTreeMap;
@@ -19,148 +27,176 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const HOSTS: usize = 5_000;
-const GROUPS: usize = 500;
 const RULES: usize = 20;
-const SMALL_ZONES: usize = 999;
-const SMALL_ZONE_SIZE: usize = 500;
-const BLOCKLIST: usize = 1_000_000 - SMALL_ZONES * SMALL_ZONE_SIZE;
+
+/// The zones of a fleet: (count, entries each), and whether one 500,500-entry blocklist leads.
+#[derive(Clone, Copy)]
+struct Zones {
+    count: usize,
+    size: usize,
+    blocklist: Option<usize>,
+}
+
+const GOAL_ZONES: Zones = Zones {
+    count: 50,
+    size: 20_000,
+    blocklist: None,
+};
+const BLOCKLIST_ZONES: Zones = Zones {
+    count: 999,
+    size: 500,
+    blocklist: Some(500_500),
+};
 
 fn group_name(g: usize) -> String {
-    format!("g{g:04}")
+    format!("g{g:05}")
 }
 
-fn fleet() -> Snapshot {
-    fleet_sized(HOSTS, GROUPS)
+fn zone_name(z: usize) -> String {
+    format!("z{z:03}")
 }
 
-/// `hosts` hosts spread over `groups` groups (one profile each) and the zones above.
-fn fleet_sized(hosts: usize, groups: usize) -> Snapshot {
-    let mut s = Snapshot::default();
-    for h in 0..hosts {
-        let name = format!("host-{h:05}");
-        let mut host = Host::new(
-            &name,
-            HostSpec {
-                addresses: vec![
-                    format!("198.18.{}.{}", h / 250, h % 250 + 1),
-                    format!("fd00:d06::{:x}", h + 1),
-                ],
-                ..Default::default()
-            },
-        );
-        host.metadata.labels = Some(BTreeMap::from([(
-            "group".to_string(),
-            group_name(h % groups),
-        )]));
-        s.hosts.insert(name, Arc::new(host));
+/// Entry `i` of zone `z`: IPv4 mostly, every tenth IPv6.
+fn zone_entry(z: usize, i: usize) -> String {
+    if i.is_multiple_of(10) {
+        format!("2001:db8:{z:x}::{i:x}")
+    } else {
+        format!("100.{}.{}.{}", z % 250, (i / 250) % 256, i % 250)
     }
-    for g in 0..groups {
-        let name = group_name(g);
-        s.groups.insert(
-            name.clone(),
-            Arc::new(Group::new(
-                &name,
-                GroupSpec {
-                    profile: Some(format!("p{g:04}")),
-                    selector: Some(HostSelector {
-                        match_labels: BTreeMap::from([("group".to_string(), name.clone())]),
-                        match_expressions: vec![],
-                    }),
-                    ..Default::default()
-                },
-            )),
-        );
-    }
-    let block: Vec<String> = (0..BLOCKLIST)
-        .map(|i| {
-            format!(
-                "{}.{}.{}.{}",
-                20 + i / (1 << 16),
-                (i >> 8) & 255,
-                i & 255,
-                1
-            )
-        })
-        .collect();
-    s.zones.insert(
-        "blocklist".into(),
-        Arc::new(Zone::new(
-            "blocklist",
-            ZoneSpec {
-                addresses: block,
-                config_map_refs: vec![],
-            },
-        )),
+}
+
+fn host(h: usize, groups: usize) -> Host {
+    let name = format!("host-{h:05}");
+    let mut host = Host::new(
+        &name,
+        HostSpec {
+            addresses: vec![
+                format!("198.18.{}.{}", (h / 250) % 256, h % 250 + 1),
+                format!("fd00:d06::{:x}", h + 1),
+            ],
+            ..Default::default()
+        },
     );
-    for z in 0..SMALL_ZONES {
-        let name = format!("z{z:03}");
-        let addrs = (0..SMALL_ZONE_SIZE)
-            .map(|i| {
-                if i % 10 == 0 {
-                    format!("2001:db8:{z:x}::{i:x}")
-                } else {
-                    format!("100.{}.{}.{}", z % 250, i / 250, i % 250)
-                }
-            })
-            .collect();
-        s.zones.insert(
-            name.clone(),
-            Arc::new(Zone::new(
-                &name,
-                ZoneSpec {
-                    addresses: addrs,
-                    config_map_refs: vec![],
-                },
-            )),
-        );
+    host.metadata.labels = Some(BTreeMap::from([
+        ("group".to_string(), group_name(h % groups)),
+        (
+            "tier".to_string(),
+            if h.is_multiple_of(2) { "a" } else { "b" }.to_string(),
+        ),
+    ]));
+    host
+}
+
+fn selector(pairs: &[(&str, &str)]) -> HostSelector {
+    HostSelector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        match_expressions: vec![],
     }
-    for p in 0..groups {
-        let name = format!("p{p:04}");
-        let mut inbound = vec![Rule {
-            name: Some("blocklist".into()),
-            action: Action::Drop,
+}
+
+fn group(g: usize, sel: HostSelector) -> Group {
+    Group::new(
+        &group_name(g),
+        GroupSpec {
+            profile: Some(format!("p{g:05}")),
+            selector: Some(sel),
+            ..Default::default()
+        },
+    )
+}
+
+fn profile(p: usize, groups: usize, zones: usize, port: u16) -> Profile {
+    let mut inbound = vec![Rule {
+        name: Some("blocklist".into()),
+        action: Action::Drop,
+        peer: Peer {
+            kind: PeerKind::Zone,
+            name: Some(zone_name(0)),
+            cidrs: vec![],
+        },
+        ..rule()
+    }];
+    for r in 1..RULES {
+        let (kind, peer_name) = match r % 4 {
+            0 => (PeerKind::Group, Some(group_name((p + r) % groups))),
+            1 => (
+                PeerKind::Zone,
+                Some(zone_name(1 + (p * 7 + r) % (zones - 1))),
+            ),
+            2 => (PeerKind::SelfGroup, None),
+            _ => (PeerKind::Any, None),
+        };
+        inbound.push(Rule {
+            name: Some(format!("r{r}")),
             peer: Peer {
-                kind: PeerKind::Zone,
-                name: Some("blocklist".into()),
+                kind,
+                name: peer_name,
                 cidrs: vec![],
             },
+            protocol: Protocol::Tcp,
+            ports: vec![
+                format!("{}", if r == 5 { port } else { 1000 + r as u16 }),
+                format!("{}-{}", 2000 + r, 2100 + r),
+            ],
+            states: vec![ConntrackState::New],
             ..rule()
-        }];
-        for r in 1..RULES {
-            let (kind, peer_name) = match r % 4 {
-                0 => (PeerKind::Group, Some(group_name((p + r) % groups))),
-                1 => (
-                    PeerKind::Zone,
-                    Some(format!("z{:03}", (p * 7 + r) % SMALL_ZONES)),
-                ),
-                2 => (PeerKind::SelfGroup, None),
-                _ => (PeerKind::Any, None),
-            };
-            inbound.push(Rule {
-                peer: Peer {
-                    kind,
-                    name: peer_name,
-                    cidrs: vec![],
-                },
-                protocol: Protocol::Tcp,
-                ports: vec![
-                    format!("{}", 1000 + r),
-                    format!("{}-{}", 2000 + r, 2100 + r),
-                ],
-                states: vec![ConntrackState::New],
-                ..rule()
-            });
-        }
-        s.profiles.insert(
-            name.clone(),
-            Arc::new(Profile::new(
-                &name,
-                ProfileSpec {
-                    inbound,
-                    ..Default::default()
-                },
-            )),
+        });
+    }
+    Profile::new(
+        &format!("p{p:05}"),
+        ProfileSpec {
+            inbound,
+            ..Default::default()
+        },
+    )
+}
+
+/// `hosts` hosts in groups of ten, one profile per group, and `zones`.
+fn fleet(hosts: usize, zones: Zones) -> Snapshot {
+    let groups = hosts / 10;
+    let mut s = Snapshot::default();
+    for h in 0..hosts {
+        let host = host(h, groups);
+        s.hosts
+            .insert(host.metadata.name.clone().unwrap(), Arc::new(host));
+    }
+    for g in 0..groups {
+        let gr = group(g, selector(&[("group", &group_name(g))]));
+        s.groups.insert(group_name(g), Arc::new(gr));
+    }
+    let mut zone = |name: String, addresses: Vec<String>| {
+        let z = Zone::new(
+            &name,
+            ZoneSpec {
+                addresses,
+                config_map_refs: vec![],
+            },
         );
+        s.zones.insert(name, Arc::new(z));
+    };
+    let first = match zones.blocklist {
+        Some(n) => {
+            let block = (0..n)
+                .map(|i| format!("{}.{}.{}.1", 20 + i / (1 << 16), (i >> 8) & 255, i & 255))
+                .collect();
+            zone(zone_name(0), block);
+            1
+        }
+        None => 0,
+    };
+    for z in first..first + zones.count {
+        zone(
+            zone_name(z),
+            (0..zones.size).map(|i| zone_entry(z, i)).collect(),
+        );
+    }
+    let zone_count = first + zones.count;
+    for p in 0..groups {
+        let pr = profile(p, groups, zone_count, 1005);
+        s.profiles.insert(format!("p{p:05}"), Arc::new(pr));
     }
     s
 }
@@ -185,10 +221,8 @@ fn rule() -> Rule {
     }
 }
 
-fn bench(c: &mut Criterion) {
-    let snap = fleet();
-    let opts = CompileOptions::default();
-    let out = compile(&snap, &opts);
+fn describe(name: &str, snap: &Snapshot) {
+    let out = compile(snap, &CompileOptions::default());
     assert!(out.diagnostics.is_empty(), "{:?}", out.diagnostics);
     let total: usize = out
         .zones
@@ -196,66 +230,203 @@ fn bench(c: &mut Criterion) {
         .map(|z| (z.ipv4_count + z.ipv6_count) as usize)
         .sum();
     eprintln!(
-        "fleet: {} hosts, {} groups, {} profiles x {RULES} rules, {} zones with {total} addresses, {} sets in use",
+        "{name}: {} hosts, {} groups, {} profiles x {RULES} rules, {} zones with {total} addresses, {} sets in use",
         snap.hosts.len(),
         snap.groups.len(),
         snap.profiles.len(),
         snap.zones.len(),
         out.sets.len()
     );
-    drop(out);
+}
 
-    let mut g = c.benchmark_group("compile");
-    g.sample_size(10).measurement_time(Duration::from_secs(20));
-    g.bench_function("full", |b| b.iter(|| black_box(compile(&snap, &opts))));
-
-    let mut compiler = Compiler::new(opts.clone());
+/// Benchmarks `edits` (two versions of one change, applied in turn) on a compiler holding
+/// `snap`; every call must change at least one host or set.
+fn flip(
+    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    snap: &Snapshot,
+    edits: [Edit; 2],
+) {
+    let mut compiler = Compiler::new(CompileOptions::default());
     compiler.load(snap.clone());
-    let zone = snap.zones["z042"].clone();
-    let mut changed = (*zone).clone();
-    changed.spec.addresses[1] = "100.42.99.99".into();
-    let changed = Arc::new(changed);
-    let mut flip = false;
-    g.sample_size(50).measurement_time(Duration::from_secs(5));
-    g.bench_function("one_zone_entry", |b| {
+    let mut i = 0;
+    c.bench_function(id, |b| {
         b.iter(|| {
-            flip = !flip;
-            let z = if flip { changed.clone() } else { zone.clone() };
-            let ch = compiler.apply([Edit::Zone("z042".into(), Some(z))]);
-            assert!(!ch.full && !ch.hosts.is_empty());
+            i += 1;
+            let ch = compiler.apply([edits[i % 2].clone()]);
+            let changed = !ch.hosts.is_empty() || !ch.sets.is_empty();
+            assert!(!ch.full && changed, "{id}");
             black_box(ch)
         })
     });
+}
 
-    let big = fleet_sized(4 * HOSTS, 4 * GROUPS);
-    g.sample_size(10).measurement_time(Duration::from_secs(30));
-    g.bench_function("full_20k_hosts_2k_groups", |b| {
-        b.iter(|| black_box(compile(&big, &opts)))
+fn changed_zone(snap: &Snapshot, name: &str, i: usize, entry: &str) -> Arc<Zone> {
+    let mut z = (*snap.zones[name]).clone();
+    z.spec.addresses[i] = entry.to_string();
+    Arc::new(z)
+}
+
+fn bench(c: &mut Criterion) {
+    let goal = fleet(HOSTS, GOAL_ZONES);
+    let blocklist = fleet(HOSTS, BLOCKLIST_ZONES);
+    describe("goal fleet", &goal);
+    describe("blocklist fleet", &blocklist);
+    let opts = CompileOptions::default();
+
+    let mut g = c.benchmark_group("compile");
+    g.sample_size(10).measurement_time(Duration::from_secs(15));
+    g.bench_function("full_goal_fleet", |b| {
+        b.iter(|| black_box(compile(&goal, &opts)))
     });
-    g.sample_size(10).measurement_time(Duration::from_secs(10));
-    g.bench_function("memberships_20k_index", |b| {
-        b.iter(|| {
-            let index = GroupIndex::new(&big.groups);
-            let n: usize = big
-                .hosts
-                .values()
-                .map(|h| index.groups_of(h, &big.groups).len())
-                .sum();
-            assert_eq!(n, big.hosts.len());
-            black_box(n)
-        })
+    g.bench_function("full_blocklist_fleet", |b| {
+        b.iter(|| black_box(compile(&blocklist, &opts)))
     });
-    g.bench_function("memberships_20k_every_group", |b| {
-        b.iter(|| {
-            let n: usize = big
-                .hosts
-                .values()
-                .map(|h| groups_of(h, &big.groups).len())
-                .sum();
-            black_box(n)
-        })
-    });
+
+    g.sample_size(50).measurement_time(Duration::from_secs(5));
+    let z = zone_name(7);
+    flip(
+        &mut g,
+        "zone_entry_20k",
+        &goal,
+        [
+            Edit::Zone(z.clone(), Some(changed_zone(&goal, &z, 1, "100.7.99.99"))),
+            Edit::Zone(z.clone(), Some(goal.zones[&z].clone())),
+        ],
+    );
+    let new_host = host(HOSTS + 1, HOSTS / 10);
+    flip(
+        &mut g,
+        "host_added_removed",
+        &goal,
+        [
+            Edit::Host("host-new".into(), Some(Arc::new(new_host))),
+            Edit::Host("host-new".into(), None),
+        ],
+    );
+    let moved = {
+        let mut h = (*goal.hosts["host-00042"]).clone();
+        h.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("group".into(), group_name(43));
+        Arc::new(h)
+    };
+    flip(
+        &mut g,
+        "host_relabelled",
+        &goal,
+        [
+            Edit::Host("host-00042".into(), Some(moved)),
+            Edit::Host("host-00042".into(), Some(goal.hosts["host-00042"].clone())),
+        ],
+    );
+    let narrowed = group(42, selector(&[("group", &group_name(42)), ("tier", "a")]));
+    flip(
+        &mut g,
+        "group_selector",
+        &goal,
+        [
+            Edit::Group(group_name(42), Some(Arc::new(narrowed))),
+            Edit::Group(group_name(42), Some(goal.groups[&group_name(42)].clone())),
+        ],
+    );
+    let zones = goal.zones.len();
+    let edited = profile(42, HOSTS / 10, zones, 1105);
+    flip(
+        &mut g,
+        "profile_edited",
+        &goal,
+        [
+            Edit::Profile("p00042".into(), Some(Arc::new(edited))),
+            Edit::Profile("p00042".into(), Some(goal.profiles["p00042"].clone())),
+        ],
+    );
+    g.sample_size(20).measurement_time(Duration::from_secs(10));
+    let b0 = zone_name(0);
+    flip(
+        &mut g,
+        "zone_entry_500k_blocklist",
+        &blocklist,
+        [
+            Edit::Zone(
+                b0.clone(),
+                Some(changed_zone(&blocklist, &b0, 1, "19.0.0.1")),
+            ),
+            Edit::Zone(b0.clone(), Some(blocklist.zones[&b0].clone())),
+        ],
+    );
     g.finish();
+}
+
+/// Resident memory of this process, in MiB.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn scale(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scale");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    let mut memory = Vec::new();
+    for hosts in [1_000, 5_000, 20_000, 50_000] {
+        let snap = fleet(hosts, GOAL_ZONES);
+        let opts = CompileOptions::default();
+        g.bench_with_input(BenchmarkId::new("full", hosts), &snap, |b, s| {
+            b.iter(|| black_box(compile(s, &opts)))
+        });
+        // what a compiler holding this fleet costs, beyond the snapshot itself
+        let before = rss_mib();
+        let mut compiler = Compiler::new(opts.clone());
+        compiler.load(snap.clone());
+        memory.push((hosts, rss_mib() - before));
+        let zones = snap.zones.len();
+        let edits = [
+            Edit::Profile(
+                "p00042".into(),
+                Some(Arc::new(profile(42, hosts / 10, zones, 1105))),
+            ),
+            Edit::Profile("p00042".into(), Some(snap.profiles["p00042"].clone())),
+        ];
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new("profile_edited", hosts), |b| {
+            b.iter(|| {
+                i += 1;
+                black_box(compiler.apply([edits[i % 2].clone()]))
+            })
+        });
+        let moved = {
+            let mut h = (*snap.hosts["host-00042"]).clone();
+            h.metadata
+                .labels
+                .as_mut()
+                .unwrap()
+                .insert("group".into(), group_name(43));
+            Arc::new(h)
+        };
+        let edits = [
+            Edit::Host("host-00042".into(), Some(moved)),
+            Edit::Host("host-00042".into(), Some(snap.hosts["host-00042"].clone())),
+        ];
+        g.bench_function(BenchmarkId::new("host_relabelled", hosts), |b| {
+            b.iter(|| {
+                i += 1;
+                black_box(compiler.apply([edits[i % 2].clone()]))
+            })
+        });
+    }
+    g.finish();
+    for (hosts, mib) in memory {
+        eprintln!("scale: compiler holding {hosts} hosts: +{mib:.0} MiB resident");
+    }
 }
 
 fn set_change(c: &mut Criterion) {
@@ -282,7 +453,7 @@ fn set_change(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, set_change);
+criterion_group!(benches, bench, scale, set_change);
 
 fn main() {
     benches();

@@ -19,13 +19,14 @@
 //! The pure helpers (answer cache, drift events, rejection log pacing, key file parsing,
 //! summaries) are in `report`, with their unit tests.
 
+use crate::apply::Applier;
 use crate::apply::{ApplyError, ApplyReport, Plan};
 use crate::backoff::Backoff;
 use crate::broker_user::{own_user_refused, Login};
 use crate::config::{Config, Mode as ConfigMode};
 use crate::drift::DriftReport;
 use crate::firewall::Firewall;
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::KernelError;
 use crate::live::LiveState;
 use crate::members::SetContent;
 use crate::metrics::AgentMetrics;
@@ -38,7 +39,7 @@ use dog_protocol::messages::{
     limits, AgentMessage, Detail, DriftEvent, DriftSummary, ErrorKind, Heartbeat, Interface,
     Keepalive, Mode, OperatorMessage, Outcome, Request, RequestKind, Response, SetDelta,
 };
-use dog_protocol::ruleset::{sha256_hex, FirewallHashes, SET_PREFIX};
+use dog_protocol::ruleset::{sha256_hex, FirewallHashes};
 use dog_protocol::telemetry::{self, Health};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
@@ -100,7 +101,7 @@ struct Pending {
 pub struct Agent {
     cfg: Config,
     hostname: String,
-    kernel: Arc<Kernel>,
+    kernel: Arc<Applier>,
     store: StateStore,
     opener: Opener,
     sealer: Sealer,
@@ -183,10 +184,16 @@ impl Agent {
         );
 
         let kcfg = cfg.kernel_config();
-        let kernel = blocking(move || Kernel::new(kcfg))
+        let kernel = blocking(move || Applier::new(kcfg))
             .await
             .context("cannot run the iptables tools")?;
-        info!(backend = ?kernel.backend(), netns = cfg.netns.as_deref(), mode = ?cfg.mode, "kernel ready");
+        info!(
+            backend = kernel.backend().word(),
+            sets = kernel.set_backend().word(),
+            netns = cfg.netns.as_deref(),
+            mode = ?cfg.mode,
+            "kernel ready"
+        );
 
         let store = StateStore::new(&cfg.state_dir);
         let applied = match store.load() {
@@ -224,6 +231,10 @@ impl Agent {
         let sealer = Sealer::new(hostname.clone(), keys.signing);
 
         let metrics = AgentMetrics::new().context("metrics")?;
+        metrics
+            .set_backend
+            .with_label_values(&[kernel.set_backend().word()])
+            .set(1);
         let health = Health::default();
         health.set_not_ready("starting");
         let metrics_addr =
@@ -453,8 +464,7 @@ fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if md.uid() != me {
         anyhow::bail!(
             "state directory {} is owned by uid {} but the agent runs as uid {me}",

@@ -427,13 +427,14 @@ impl Agent {
 
     pub(super) async fn status(&mut self, id: Uuid) -> Response {
         let text = format!(
-            "mode={:?} applied_revision={:?} pending_retry={:?} drifted={:?} repairs={} backend={:?}",
+            "mode={:?} applied_revision={:?} pending_retry={:?} drifted={:?} repairs={} backend={:?} sets={}",
             self.cfg.mode,
             self.applied_revision(),
             self.pending.as_ref().map(|p| p.revision),
             self.drift.drifted,
             self.drift.repairs,
             self.kernel.backend(),
+            self.kernel.set_backend().word(),
         );
         text_ok(id, self.applied_revision(), self.live_hashes().await, text)
     }
@@ -441,14 +442,7 @@ impl Agent {
     pub(super) async fn dump(&mut self, id: Uuid) -> Response {
         let k = self.kernel.clone();
         let r = blocking(move || -> Result<(LiveState, String), KernelError> {
-            let live = k.snapshot()?;
-            let names: Vec<String> = k
-                .ipset_names()?
-                .into_iter()
-                .filter(|n| n.starts_with(SET_PREFIX))
-                .collect();
-            let sets = k.ipset_save(&names)?;
-            Ok((live, sets))
+            Ok((k.snapshot()?, k.dump_sets()?))
         })
         .await;
         match r {

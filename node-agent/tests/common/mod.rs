@@ -1,7 +1,8 @@
 //! Shared helpers for the kernel tests: firewall builders and namespace-backed kernels.
 #![allow(dead_code)]
 
-use dog_agent::kernel::{BackendChoice, Kernel, KernelConfig};
+use dog_agent::apply::Applier;
+use dog_agent::kernel::{BackendChoice, KernelConfig, SetBackendChoice};
 use dog_agent::netns::NetNs;
 use dog_protocol::ruleset::{
     Failsafe, Family, HostFirewall, IpSet, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT,
@@ -10,10 +11,17 @@ use std::collections::BTreeMap;
 
 pub const BACKENDS: [BackendChoice; 2] = [BackendChoice::Nft, BackendChoice::Legacy];
 
-pub fn kernel(ns: &NetNs, backend: BackendChoice) -> Kernel {
-    Kernel::new(KernelConfig {
+/// An applier in `ns`. The nft backend's sets go through netlink, the legacy backend's through
+/// the `ipset` tool, so every test that runs both backends runs both ways to the sets.
+pub fn kernel(ns: &NetNs, backend: BackendChoice) -> Applier {
+    Applier::new(KernelConfig {
         netns: Some(ns.name().to_string()),
         backend,
+        sets: match backend {
+            BackendChoice::Nft => SetBackendChoice::Netlink,
+            BackendChoice::Legacy => SetBackendChoice::Cli,
+            BackendChoice::Auto => SetBackendChoice::Auto,
+        },
         broker_port: Some(5672),
         lock_wait_secs: 5,
     })
