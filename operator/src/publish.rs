@@ -13,7 +13,7 @@
 //! elected operator that seeded its state from the hosts' reports continues above them without
 //! sending anything when nothing changed.
 
-use crate::compile::{Compiled, CompiledFirewall, HostOutcome};
+use crate::compile::{Changes, Compiled, CompiledFirewall, HostOutcome};
 use dog_protocol::messages::SetChange;
 use dog_protocol::ruleset::{FirewallHashes, IpSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,14 +28,32 @@ pub struct Delivered {
     pub set_hashes: BTreeMap<String, String>,
 }
 
-/// What was last sent to every host and every shared set.
-#[derive(Clone, Debug, Default)]
+/// What was last sent to every host and every shared set, and which hosts the next plan must
+/// look at besides those the compiler reports changed.
+#[derive(Clone, Debug)]
 pub struct PublishState {
     pub hosts: BTreeMap<String, Delivered>,
     /// Last version published per shared set.
     pub set_versions: BTreeMap<String, u64>,
     /// Every set as of the previous plan: the base a change is computed against.
     pub last_sets: BTreeMap<String, Arc<IpSet>>,
+    /// Hosts to look at in the next plan whatever the compiler says: forgotten ones (a failed
+    /// publish, a reconnect with other hashes, a new key) and ones that could not be sent to.
+    revisit: BTreeSet<String>,
+    /// The next plan looks at every host (the first one, after a start or takeover).
+    everyone: bool,
+}
+
+impl Default for PublishState {
+    fn default() -> Self {
+        PublishState {
+            hosts: BTreeMap::new(),
+            set_versions: BTreeMap::new(),
+            last_sets: BTreeMap::new(),
+            revisit: BTreeSet::new(),
+            everyone: true,
+        }
+    }
 }
 
 /// What turns `old` into `new` (both sorted and deduplicated, as [`IpSet::new`] keeps them),
@@ -113,6 +131,7 @@ impl PublishState {
     /// different hashes, on a failed apply, on persistent drift).
     pub fn forget(&mut self, host: &str) {
         self.hosts.remove(host);
+        self.revisit.insert(host.to_string());
     }
 
     pub fn revision(&self, host: &str) -> Option<u64> {
@@ -139,21 +158,34 @@ fn delivered(revision: u64, fw: &CompiledFirewall, all: &BTreeMap<String, String
 }
 
 /// Plans the publishes that bring every reachable host to `compiled`, updating `state` as if
-/// they were all delivered. `reachable` says whether a host can be sent to (its keys are known).
+/// they were all delivered. Only the hosts `changed` names (what the compiler reported since
+/// the last plan) and those `state` keeps to revisit are looked at: the others already run
+/// what was delivered. `reachable` says whether a host can be sent to (its keys are known).
 pub fn plan(
     state: &mut PublishState,
     compiled: &Compiled,
+    changed: &Changes,
     reachable: &dyn Fn(&str) -> bool,
     now_ms: u64,
 ) -> Vec<Publish> {
     let mut out = Vec::new();
     // set name -> hosts that need only a set update, with the hash of their copy
     let mut set_recipients: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
-    for (host, outcome) in &compiled.hosts {
-        let HostOutcome::Firewall { firewall, .. } = outcome else {
+    let candidates: Vec<String> = if std::mem::take(&mut state.everyone) {
+        state.revisit.clear();
+        compiled.hosts.keys().cloned().collect()
+    } else {
+        let mut c = std::mem::take(&mut state.revisit);
+        c.extend(changed.hosts.iter().cloned());
+        c.into_iter().collect()
+    };
+    for host in &candidates {
+        let Some(HostOutcome::Firewall { firewall, .. }) = compiled.hosts.get(host) else {
             continue;
         };
         if !reachable(host) {
+            // looked at again once it can be sent to
+            state.revisit.insert(host.clone());
             continue;
         }
         let prev = state.hosts.get(host);
@@ -181,19 +213,19 @@ pub fn plan(
         let Some(prev) = state.hosts.get_mut(host) else {
             continue;
         };
-        let mut changed = false;
-        for (name, set) in &firewall.sets {
-            let h = set.hash();
+        let mut any = false;
+        for name in firewall.sets.keys() {
+            let h = compiled.set_hashes.get(name).cloned().unwrap_or_default();
             if prev.set_hashes.get(name) != Some(&h) {
                 let copy = prev.set_hashes.insert(name.clone(), h);
                 set_recipients
                     .entry(name.clone())
                     .or_default()
                     .push((host.clone(), copy));
-                changed = true;
+                any = true;
             }
         }
-        if changed {
+        if any {
             prev.hashes = firewall.hashes();
         }
     }
@@ -203,15 +235,27 @@ pub fn plan(
         };
         let version = next_revision(state.set_versions.get(&name).copied(), now_ms);
         state.set_versions.insert(name.clone(), version);
-        // the change, for the hosts that hold the previous content, when it is the smaller message
+        // the change, for the hosts that hold the previous content, when it is the smaller
+        // message: as the compiler found it when it is against that content, else a merge
         let base = state.last_sets.get(&name);
         let base_hash = base.map(|b| b.hash());
         let (on_base, others): (Vec<_>, Vec<_>) = recipients
             .into_iter()
             .partition(|(_, copy)| copy.is_some() && *copy == base_hash);
+        let new_hash = compiled.set_hashes.get(&name).cloned().unwrap_or_default();
         let change = base
             .filter(|_| !on_base.is_empty())
-            .map(|b| set_change(b, set, version))
+            .map(|b| match changed.set_diffs.get(&name) {
+                Some(d) if Some(&d.base_hash) == base_hash.as_ref() => SetChange {
+                    name: name.clone(),
+                    version,
+                    base_hash: d.base_hash.clone(),
+                    hash: new_hash.clone(),
+                    add: d.add.clone(),
+                    remove: d.remove.clone(),
+                },
+                _ => set_change(b, set, version),
+            })
             .filter(|c| c.add.len() + c.remove.len() < set.members.len());
         let hosts = |v: Vec<(String, Option<String>)>| v.into_iter().map(|(h, _)| h).collect();
         let full: Vec<String> = match change {
@@ -283,6 +327,14 @@ mod tests {
         })
     }
 
+    /// The compiler's report that every host of `c` changed.
+    fn all(c: &Compiled) -> Changes {
+        Changes {
+            hosts: c.hosts.keys().cloned().collect(),
+            ..Default::default()
+        }
+    }
+
     fn compiled(hosts: &[(&str, Arc<CompiledFirewall>)]) -> Compiled {
         let mut c = Compiled::default();
         for (h, f) in hosts {
@@ -309,10 +361,10 @@ mod tests {
             ("a", fw("a", "-j DROP", &["1.1.1.1"])),
             ("b", fw("b", "-j DROP", &["1.1.1.1"])),
         ]);
-        let out = plan(&mut st, &c, &|h| h != "b", 1000);
+        let out = plan(&mut st, &c, &all(&c), &|h| h != "b", 1000);
         assert_eq!(out.len(), 1);
         assert!(matches!(&out[0], Publish::Apply { host, revision: 1000, .. } if host == "a"));
-        assert!(plan(&mut st, &c, &|h| h != "b", 2000).is_empty());
+        assert!(plan(&mut st, &c, &all(&c), &|h| h != "b", 2000).is_empty());
     }
 
     #[test]
@@ -322,12 +374,12 @@ mod tests {
             ("a", fw("a", "-j DROP", &["1.1.1.1"])),
             ("b", fw("b", "-j DROP", &["1.1.1.1"])),
         ]);
-        plan(&mut st, &c1, &|_| true, 1000);
+        plan(&mut st, &c1, &all(&c1), &|_| true, 1000);
         let c2 = compiled(&[
             ("a", fw("a", "-j DROP", &["2.2.2.2"])),
             ("b", fw("b", "-j DROP", &["2.2.2.2"])),
         ]);
-        let out = plan(&mut st, &c2, &|_| true, 1000);
+        let out = plan(&mut st, &c2, &all(&c2), &|_| true, 1000);
         assert_eq!(out.len(), 1);
         match &out[0] {
             Publish::SharedSet {
@@ -348,7 +400,7 @@ mod tests {
             ("a", fw("a", "-j ACCEPT", &["2.2.2.2"])),
             ("b", fw("b", "-j DROP", &["2.2.2.2"])),
         ]);
-        let out = plan(&mut st, &c3, &|_| true, 500);
+        let out = plan(&mut st, &c3, &all(&c3), &|_| true, 500);
         assert!(matches!(&out[..], [Publish::Apply { host, revision: 1001, .. }] if host == "a"));
     }
 
@@ -372,17 +424,17 @@ mod tests {
             ("a", fw("a", "-j DROP", &refs(&nine))),
             ("b", fw("b", "-j DROP", &refs(&nine))),
         ]);
-        plan(&mut st, &c0, &|_| true, 1000);
+        plan(&mut st, &c0, &all(&c0), &|_| true, 1000);
         let c1 = compiled(&[
             ("a", fw("a", "-j DROP", &refs(&ten))),
             ("b", fw("b", "-j DROP", &refs(&ten))),
         ]);
-        plan(&mut st, &c1, &|h| h == "a", 1001);
+        plan(&mut st, &c1, &all(&c1), &|h| h == "a", 1001);
         let c2 = compiled(&[
             ("a", fw("a", "-j DROP", &refs(&changed))),
             ("b", fw("b", "-j DROP", &refs(&changed))),
         ]);
-        let out = plan(&mut st, &c2, &|_| true, 1002);
+        let out = plan(&mut st, &c2, &all(&c2), &|_| true, 1002);
         let [Publish::SharedSet {
             recipients: to_change,
             change: Some(change),
@@ -436,14 +488,86 @@ mod tests {
     }
 
     #[test]
+    fn only_reported_forgotten_and_waiting_hosts_are_looked_at() {
+        let mut st = PublishState::default();
+        let c1 = compiled(&[
+            ("a", fw("a", "-j DROP", &["1.1.1.1"])),
+            ("b", fw("b", "-j DROP", &["1.1.1.1"])),
+            ("c", fw("c", "-j DROP", &["1.1.1.1"])),
+        ]);
+        // the first plan looks at every host; c cannot be sent to yet
+        let out = plan(&mut st, &c1, &Changes::default(), &|h| h != "c", 1000);
+        assert_eq!(out.len(), 2);
+        // a new rule for everyone, but the compiler reports only a: b is not looked at
+        let c2 = compiled(&[
+            ("a", fw("a", "-j ACCEPT", &["1.1.1.1"])),
+            ("b", fw("b", "-j ACCEPT", &["1.1.1.1"])),
+            ("c", fw("c", "-j ACCEPT", &["1.1.1.1"])),
+        ]);
+        let only_a = Changes {
+            hosts: ["a".to_string()].into(),
+            ..Default::default()
+        };
+        let out = plan(&mut st, &c2, &only_a, &|_| true, 2000);
+        let hosts: Vec<&str> = out
+            .iter()
+            .filter_map(|p| match p {
+                Publish::Apply { host, .. } => Some(host.as_str()),
+                _ => None,
+            })
+            .collect();
+        // c waited for its keys and is sent now; b is forgotten next and then sent
+        assert_eq!(hosts, vec!["a", "c"]);
+        st.forget("b");
+        let out = plan(&mut st, &c2, &Changes::default(), &|_| true, 3000);
+        assert!(matches!(&out[..], [Publish::Apply { host, .. }] if host == "b"));
+        assert!(plan(&mut st, &c2, &Changes::default(), &|_| true, 4000).is_empty());
+    }
+
+    #[test]
+    fn the_compilers_member_change_is_sent_without_comparing_the_sets() {
+        let mut st = PublishState::default();
+        let ten = members(10);
+        let c1 = compiled(&[("a", fw("a", "-j DROP", &refs(&ten)))]);
+        plan(&mut st, &c1, &all(&c1), &|_| true, 1000);
+        let mut more = ten.clone();
+        more.push("10.0.9.9".into());
+        let c2 = compiled(&[("a", fw("a", "-j DROP", &refs(&more)))]);
+        let net = |s: &str| dog_protocol::ruleset::parse_member(s).unwrap();
+        let mut changes = all(&c2);
+        changes.sets.insert("dogz4-a".into());
+        changes.set_diffs.insert(
+            "dogz4-a".into(),
+            crate::compile::SetDiff {
+                base_hash: c1.set_hashes["dogz4-a"].clone(),
+                hash: c2.set_hashes["dogz4-a"].clone(),
+                add: vec![net("10.0.9.9")],
+                remove: vec![],
+            },
+        );
+        let out = plan(&mut st, &c2, &changes, &|_| true, 2000);
+        let [Publish::SharedSet {
+            change: Some(c), ..
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(c.add, vec![net("10.0.9.9")]);
+        assert_eq!(c.hash, c2.set_hashes["dogz4-a"]);
+        // the same as the merge of the two sets gives
+        let merged = set_change(&c1.sets["dogz4-a"], &c2.sets["dogz4-a"], c.version);
+        assert_eq!(c, &merged);
+    }
+
+    #[test]
     fn seeded_state_publishes_nothing_and_forget_resends() {
         let f = fw("a", "-j DROP", &["1.1.1.1"]);
         let c = compiled(&[("a", f.clone())]);
         let mut st = PublishState::default();
         st.seed("a", 77, &f, &c);
-        assert!(plan(&mut st, &c, &|_| true, 10).is_empty());
+        assert!(plan(&mut st, &c, &all(&c), &|_| true, 10).is_empty());
         st.forget("a");
-        let out = plan(&mut st, &c, &|_| true, 10);
+        let out = plan(&mut st, &c, &all(&c), &|_| true, 10);
         assert!(matches!(&out[..], [Publish::Apply { revision: 10, .. }]));
     }
 }

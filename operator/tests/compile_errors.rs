@@ -177,11 +177,15 @@ fn zone_entry_change_is_incremental_and_equals_full_compile() {
         changes.hosts.iter().cloned().collect::<Vec<_>>(),
         vec!["bastion-1".to_string(), "db-1".to_string()]
     );
-    // only the IPv4 set changed (an IPv4 entry was added)
-    assert_eq!(
-        changes.sets.iter().collect::<Vec<_>>(),
-        vec![&set_name(SetSource::Zone, "office", Family::V4)]
-    );
+    // only the IPv4 set changed (an IPv4 entry was added), and the change is known member by
+    // member, against the content the hosts hold
+    let v4 = set_name(SetSource::Zone, "office", Family::V4);
+    assert_eq!(changes.sets.iter().collect::<Vec<_>>(), vec![&v4]);
+    let diff = &changes.set_diffs[&v4];
+    assert_eq!(diff.add, vec!["203.0.113.99/32".parse().unwrap()]);
+    assert!(diff.remove.is_empty());
+    assert_eq!(diff.base_hash, before.set_hashes[&v4]);
+    assert_eq!(diff.hash, c.compiled().set_hashes[&v4]);
     let mut snap2 = snap.clone();
     snap2.zones.insert("office".into(), z);
     let full = compile(&snap2, &CompileOptions::default());

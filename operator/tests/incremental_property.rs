@@ -324,12 +324,48 @@ fn changed_sets(a: &Compiled, b: &Compiled) -> BTreeSet<String> {
         .collect()
 }
 
+/// `diffs` turn the sets of `old` into those of `new`.
+fn diffs_rebuild(
+    diffs: &BTreeMap<String, dog_operator::compile::SetDiff>,
+    old: &Compiled,
+    new: &Compiled,
+) -> Result<(), TestCaseError> {
+    for (name, diff) in diffs {
+        let (Some(from), Some(to)) = (old.sets.get(name), new.sets.get(name)) else {
+            continue;
+        };
+        prop_assert_eq!(&diff.base_hash, &old.set_hashes[name]);
+        prop_assert_eq!(&diff.hash, &new.set_hashes[name]);
+        let gone: BTreeSet<_> = diff.remove.iter().collect();
+        let mut rebuilt: Vec<_> = from
+            .members
+            .iter()
+            .filter(|m| !gone.contains(m))
+            .chain(&diff.add)
+            .copied()
+            .collect();
+        rebuilt.sort();
+        prop_assert_eq!(&rebuilt, &to.members, "{}", name);
+    }
+    Ok(())
+}
+
 fn run(steps: Vec<Vec<Edit>>, against_fresh: bool) -> Result<(), TestCaseError> {
     let mut inc = Compiler::new(options());
     let mut full = Compiler::new(options());
+    // changes of several calls folded together, as a publish after them sees them
+    let mut folded = (
+        Compiled::default(),
+        dog_operator::compile::Changes::default(),
+    );
     for (i, edits) in steps.into_iter().enumerate() {
         let before = inc.compiled().clone();
+        if i % 3 == 0 {
+            diffs_rebuild(&folded.1.set_diffs, &folded.0, &before)?;
+            folded = (before.clone(), Default::default());
+        }
         let changes = inc.apply(edits.clone());
+        folded.1.absorb(changes.clone());
         full.load(inc.snapshot().clone());
         let (a, b) = (inc.compiled(), full.compiled());
         prop_assert_eq!(&a.hosts, &b.hosts, "step {}: {:?}", i, edits);
@@ -347,6 +383,8 @@ fn run(steps: Vec<Vec<Edit>>, against_fresh: bool) -> Result<(), TestCaseError> 
             edits
         );
         prop_assert_eq!(&changes.sets, &changed_sets(&before, a), "step {}", i);
+        // a member-by-member change turns the content the hosts hold into the new one
+        diffs_rebuild(&changes.set_diffs, &before, a)?;
         if against_fresh {
             let fresh: Compiled = compile(inc.snapshot(), &options());
             prop_assert_eq!(a, &fresh, "step {}: {:?}", i, edits);

@@ -21,13 +21,14 @@ use super::profiles::{self, ProfileBuild};
 use super::resolve::{is_member_of, GroupIndex, Resolution};
 use super::setname::{set_name, SetSource};
 use super::validate::RefProblem;
-use super::zones::ZoneBuild;
+use super::zones::{Moved, ZoneBuild};
 use super::{
     CompileOptions, Compiled, Diagnostic, GroupSummary, HostFacts, HostOutcome, ObjectKind,
     ProfileSummary, Reason, SetPair, Severity, Snapshot,
 };
 use crate::crd::{ConfigMapAddressSource, Group, Host, Profile, Zone};
 use dog_protocol::ruleset::Family;
+use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -41,8 +42,78 @@ const MANY_GROUPS: usize = 8;
 pub struct Changes {
     pub hosts: BTreeSet<String>,
     pub sets: BTreeSet<String>,
+    /// For sets whose change is known member by member (a Zone's entries edited): the members
+    /// added and removed, and the hash of the content they change.
+    pub set_diffs: BTreeMap<String, SetDiff>,
     /// Whether everything was recomputed ([`Compiler::load`]).
     pub full: bool,
+}
+
+impl Changes {
+    /// Folds a later call's changes into these (what a publish that comes after several
+    /// compiles must cover). A set changed twice keeps a member-by-member change only when the
+    /// second starts from where the first ended.
+    pub fn absorb(&mut self, later: Changes) {
+        self.hosts.extend(later.hosts);
+        self.full |= later.full;
+        for name in &later.sets {
+            if let Some(first) = self.set_diffs.remove(name) {
+                if let Some(second) = later.set_diffs.get(name) {
+                    if let Some(both) = first.then(second) {
+                        self.set_diffs.insert(name.clone(), both);
+                    }
+                }
+            } else if !self.sets.contains(name) {
+                if let Some(d) = later.set_diffs.get(name) {
+                    self.set_diffs.insert(name.clone(), d.clone());
+                }
+            }
+        }
+        self.sets.extend(later.sets);
+    }
+}
+
+/// The members a set gained and lost, against the content whose hash is `base_hash`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetDiff {
+    pub base_hash: String,
+    /// The hash once the change is made.
+    pub hash: String,
+    pub add: Vec<IpNet>,
+    pub remove: Vec<IpNet>,
+}
+
+impl SetDiff {
+    /// This change followed by `next` (which must start where this one ends), as one change.
+    fn then(self, next: &SetDiff) -> Option<SetDiff> {
+        if next.base_hash != self.hash {
+            return None;
+        }
+        let removed_now: BTreeSet<&IpNet> = next.remove.iter().collect();
+        let added_now: BTreeSet<&IpNet> = next.add.iter().collect();
+        let mut add: BTreeSet<IpNet> = self
+            .add
+            .iter()
+            .filter(|m| !removed_now.contains(m))
+            .copied()
+            .collect();
+        let mut remove: BTreeSet<IpNet> = self
+            .remove
+            .iter()
+            .filter(|m| !added_now.contains(m))
+            .copied()
+            .collect();
+        let first_removed: BTreeSet<&IpNet> = self.remove.iter().collect();
+        let first_added: BTreeSet<&IpNet> = self.add.iter().collect();
+        add.extend(next.add.iter().filter(|m| !first_removed.contains(m)));
+        remove.extend(next.remove.iter().filter(|m| !first_added.contains(m)));
+        Some(SetDiff {
+            base_hash: self.base_hash,
+            hash: next.hash.clone(),
+            add: add.into_iter().collect(),
+            remove: remove.into_iter().collect(),
+        })
+    }
 }
 
 /// One change of the compiler's input: the new version of an object, or `None` when it is gone.
@@ -76,6 +147,8 @@ enum Producer {
 #[derive(Debug, Default)]
 struct Dirty {
     full: bool,
+    /// Zones whose members changed entry by entry: (added, removed), both families.
+    zone_moves: BTreeMap<String, (Vec<IpNet>, Vec<IpNet>)>,
     zones: BTreeSet<String>,
     /// A Group or Zone appeared or disappeared: set names may collide differently.
     names: bool,
@@ -394,7 +467,9 @@ impl Compiler {
         self.group_set_phase(&mut d);
         self.group_profile_phase(&mut d);
         self.profile_phase(&mut d);
+        let hashes_before = self.out.set_hashes.clone();
         let sets = self.firewall_phase(&mut d);
+        let set_diffs = self.set_diffs(&d, &sets, &hashes_before);
         let hosts = self.outcome_phase(&d);
         self.forget_phase();
         self.summary_phase(&d);
@@ -405,8 +480,43 @@ impl Compiler {
         Changes {
             hosts,
             sets,
+            set_diffs,
             full: d.full,
         }
+    }
+
+    /// The member-by-member changes of the zones' sets in `changed`, per family.
+    fn set_diffs(
+        &self,
+        d: &Dirty,
+        changed: &BTreeSet<String>,
+        before: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, SetDiff> {
+        let mut out = BTreeMap::new();
+        for (zone, (added, removed)) in &d.zone_moves {
+            for f in Family::BOTH {
+                let name = set_name(SetSource::Zone, zone, f);
+                let (Some(base_hash), Some(hash)) =
+                    (before.get(&name), self.out.set_hashes.get(&name))
+                else {
+                    continue;
+                };
+                if !changed.contains(&name) {
+                    continue;
+                }
+                let pick = |v: &[IpNet]| v.iter().filter(|m| Family::of(m) == f).copied().collect();
+                out.insert(
+                    name,
+                    SetDiff {
+                        base_hash: base_hash.clone(),
+                        hash: hash.clone(),
+                        add: pick(added),
+                        remove: pick(removed),
+                    },
+                );
+            }
+        }
+        out
     }
 
     // ---- the phases ----------------------------------------------------------------------
@@ -418,15 +528,23 @@ impl Compiler {
             match self.snap.zones.get(&name) {
                 Some(zone) => {
                     let incremental = !d.full && self.zones.contains_key(&name);
-                    let changed = match self.zones.get_mut(&name) {
+                    let moved = match self.zones.get_mut(&name) {
                         Some(b) if incremental => b.update(&name, zone, maps),
                         old => {
                             let b = ZoneBuild::new(&name, zone, maps);
-                            let changed = old.is_none_or(|o| !o.pair.same_content(&b.pair));
+                            let same = old.is_some_and(|o| o.pair.same_content(&b.pair));
                             self.zones.insert(name.clone(), b);
-                            changed
+                            if same {
+                                Moved::Same
+                            } else {
+                                Moved::Rebuilt
+                            }
                         }
                     };
+                    let changed = moved != Moved::Same;
+                    if let Moved::Members { added, removed } = moved {
+                        d.zone_moves.insert(name.clone(), (added, removed));
+                    }
                     let (summary, diags) = {
                         let b = &self.zones[&name];
                         (b.summary.clone(), b.diags.clone())
@@ -979,5 +1097,45 @@ fn same_outcome(a: &HostOutcome, b: &HostOutcome) -> bool {
             },
         ) => g1 == g2 && p1 == p2 && (Arc::ptr_eq(f1, f2) || f1.hashes == f2.hashes),
         _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn two_member_changes_fold_into_one() {
+        let (a, b, c) = (net("10.0.0.1/32"), net("10.0.0.2/32"), net("10.0.0.3/32"));
+        // {a, b} -> {b, c} -> {a, b, c}... then back
+        let first = SetDiff {
+            base_hash: "h0".into(),
+            hash: "h1".into(),
+            add: vec![c],
+            remove: vec![a],
+        };
+        let back = SetDiff {
+            base_hash: "h1".into(),
+            hash: "h2".into(),
+            add: vec![a],
+            remove: vec![c],
+        };
+        let both = first.clone().then(&back).unwrap();
+        assert_eq!((both.add, both.remove), (vec![], vec![]));
+        assert_eq!((both.base_hash.as_str(), both.hash.as_str()), ("h0", "h2"));
+        let more = SetDiff {
+            base_hash: "h1".into(),
+            hash: "h3".into(),
+            add: vec![a],
+            remove: vec![b],
+        };
+        let both = first.clone().then(&more).unwrap();
+        assert_eq!((both.add, both.remove), (vec![c], vec![b]));
+        // a change that does not start where the first ended cannot be folded
+        assert!(first.then(&SetDiff::default()).is_none());
     }
 }

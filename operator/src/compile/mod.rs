@@ -18,7 +18,7 @@ pub mod setname;
 pub mod validate;
 mod zones;
 
-pub use compiler::{config_map_key, Changes, Compiler, Edit};
+pub use compiler::{config_map_key, Changes, Compiler, Edit, SetDiff};
 
 use crate::crd::{Group, Host, HostState, Interface, Profile, Zone};
 use dog_protocol::ruleset::{Failsafe, Family, FirewallHashes, HostFirewall, IpSet, RulesDocument};

@@ -48,6 +48,19 @@ struct Source {
     entries: Vec<Entry>,
 }
 
+/// What an update did to a zone's members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Moved {
+    Same,
+    /// Rebuilt from scratch (its ConfigMap references changed): different members.
+    Rebuilt,
+    /// These members appeared and these left (sorted; both families).
+    Members {
+        added: Vec<IpNet>,
+        removed: Vec<IpNet>,
+    },
+}
+
 /// A zone's sets and what they were built from.
 #[derive(Clone, Debug)]
 pub(super) struct ZoneBuild {
@@ -215,14 +228,13 @@ impl ZoneBuild {
         b
     }
 
-    /// Moves to `zone` (and the ConfigMap lines it now reads); true when the sets' members
-    /// changed.
+    /// Moves to `zone` (and the ConfigMap lines it now reads): what happened to its members.
     pub fn update(
         &mut self,
         name: &str,
         zone: &Arc<Zone>,
         maps: &BTreeMap<String, Arc<Vec<String>>>,
-    ) -> bool {
+    ) -> Moved {
         let wanted = origins(zone, maps);
         let same_layout = wanted.len() == self.sources.len()
             && wanted
@@ -236,7 +248,11 @@ impl ZoneBuild {
         if !same_layout {
             let before = self.pair.clone();
             *self = ZoneBuild::new(name, zone, maps);
-            return !self.pair.same_content(&before);
+            return if self.pair.same_content(&before) {
+                Moved::Same
+            } else {
+                Moved::Rebuilt
+            };
         }
         let mut tally = Tally {
             counts: &mut self.counts,
@@ -307,7 +323,11 @@ impl ZoneBuild {
             };
         }
         self.describe(name);
-        changed
+        if changed {
+            Moved::Members { added, removed }
+        } else {
+            Moved::Same
+        }
     }
 
     /// The summary and diagnostics of the entries as they are now.

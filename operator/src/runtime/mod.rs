@@ -176,6 +176,8 @@ pub struct Runtime {
     /// even where the source does not hand status back (local mode).
     last_conditions: HashMap<String, Vec<crate::crd::Condition>>,
     needs_compile: bool,
+    /// What the compiles since the last publish changed (the publish plan looks only there).
+    unpublished: crate::compile::Changes,
     needs_publish: bool,
     needs_status: bool,
     last_status: Option<Instant>,
@@ -333,6 +335,7 @@ impl Runtime {
             logged_rejections: HashMap::new(),
             last_conditions: HashMap::new(),
             needs_compile: true,
+            unpublished: Default::default(),
             needs_publish: false,
             needs_status: true,
             last_status: None,
@@ -501,10 +504,13 @@ impl Runtime {
             .compile_duration
             .observe(started.elapsed().as_secs_f64());
         debug!(
-            ?changes,
+            hosts = changes.hosts.len(),
+            sets = changes.sets.len(),
+            full = changes.full,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compiled"
         );
+        self.unpublished.absorb(changes);
         for d in self.compiler.compiled().diagnostics.iter() {
             debug!(kind = ?d.kind, name = %d.name, field = %d.field, reason = %d.reason, "{}", d.message);
         }

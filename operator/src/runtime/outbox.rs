@@ -28,11 +28,12 @@ impl Runtime {
 
     pub(super) async fn publish_changes(&mut self) -> bool {
         let now_ms = unix_ms();
+        let changed = std::mem::take(&mut self.unpublished);
         let actions = {
             let compiled = self.compiler.compiled();
             let fleet = &self.fleet;
             let reachable = |h: &str| fleet.get(h).is_some_and(HostRt::reachable);
-            publish::plan(&mut self.publish, compiled, &reachable, now_ms)
+            publish::plan(&mut self.publish, compiled, &changed, &reachable, now_ms)
         };
         if actions.is_empty() {
             return true;
