@@ -10,10 +10,10 @@
 
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use dog_agent::apply::Applier;
-use dog_agent::ipset::render_fill;
+use dog_agent::core::members::SetContent;
+use dog_agent::core::sets::render_fill;
 use dog_agent::kernel::exec::Runner;
 use dog_agent::kernel::{BackendChoice, KernelConfig, SetBackendChoice};
-use dog_agent::members::SetContent;
 use dog_agent::netns::NetNs;
 use dog_protocol::ruleset::{
     Failsafe, Family, HostFirewall, IpSet, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT,

@@ -15,16 +15,18 @@
 //! dog's back (a strict write fails): the apply is then planned once more from a fresh read.
 //! Also observe-mode planning, drift verification and repair, set deltas and removal.
 
-use crate::drift::{compute_drift, DriftReport};
-use crate::firewall::Firewall;
-use crate::ipset::{apply_delta, plan_sets, temp_name, LiveSet, SetDelta, SetPlan, SetPlanError};
-use crate::iptables::{
+use crate::core::drift::{compute_drift, DriftReport};
+use crate::core::firewall::Firewall;
+use crate::core::live::{LiveState, StateCache};
+use crate::core::members::SetContent;
+use crate::core::rules::{
     plan_rules, render_remove_all, render_rollback, validate_document, DocumentError, FilterState,
     RulesPlan,
 };
-use crate::kernel::{Backend, KernelConfig, KernelError, SetBackend, SetOp, SystemTools, Tools};
-use crate::live::{LiveState, StateCache};
-use crate::members::SetContent;
+use crate::core::sets::SetOp;
+use crate::core::sets::{plan_sets, temp_name, LiveSet, SetPlan, SetPlanError};
+use crate::kernel::{Backend, KernelConfig, KernelError, SetBackend, SystemTools, Tools};
+use dog_protocol::messages::SetDelta;
 use dog_protocol::ruleset::{FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,7 +97,7 @@ impl Plan {
     pub fn change_count(&self) -> u64 {
         let s = &self.sets;
         let sets = s.create.len() + s.swap.len() + s.destroy.len();
-        let members: usize = s.delta.iter().map(|d| d.add.len() + d.del.len()).sum();
+        let members: usize = s.delta.iter().map(|d| d.add.len() + d.remove.len()).sum();
         let rules: usize = [&self.ipv4, &self.ipv6]
             .iter()
             .filter_map(|r| r.restore.as_deref())
@@ -269,7 +271,7 @@ impl Applier {
     /// `ipset save` text of dog's sets (what a dump request shows).
     pub fn dump_sets(&self) -> Result<String, KernelError> {
         let sets = self.tools.read_sets(&self.dog_sets()?)?;
-        Ok(crate::ipset::render_save(&sets))
+        Ok(crate::core::sets::render_save(&sets))
     }
 
     /// Checks a firewall without touching anything: failsafe, document shape.
@@ -419,10 +421,10 @@ impl Applier {
         }
         let mut delta: Vec<SetOp<'_>> = Vec::new();
         for d in &plan.sets.delta {
-            if !d.del.is_empty() {
+            if !d.remove.is_empty() {
                 delta.push(SetOp::Del {
                     name: &d.name,
-                    members: &d.del,
+                    members: &d.remove,
                 });
             }
             if !d.add.is_empty() {
@@ -614,15 +616,9 @@ impl Applier {
         base: &HostFirewall,
         deltas: &[SetDelta],
     ) -> Result<(HostFirewall, ApplyReport), ApplyError> {
-        let mut next = Firewall::from(base);
-        for d in deltas {
-            let set = next
-                .sets
-                .get(&d.name)
-                .ok_or_else(|| ApplyError::UnknownSet(d.name.clone()))?;
-            let changed = apply_delta(set, d);
-            next.sets.insert(d.name.clone(), Arc::new(changed));
-        }
+        let next = Firewall::from(base)
+            .with_deltas(deltas)
+            .map_err(ApplyError::UnknownSet)?;
         let report = self.apply_firewall(&next)?;
         Ok((next.to_host_firewall(), report))
     }

@@ -1,6 +1,6 @@
 //! The agent's Prometheus metrics. Names and labels are a contract (docs/operations.md).
 
-use crate::live::LiveState;
+use crate::core::live::LiveState;
 use dog_protocol::envelope::Rejection;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,

@@ -1,7 +1,7 @@
 //! Persistence of the last applied firewall, so a restarted agent can re-verify and keep
 //! enforcing before the operator speaks again.
 
-use crate::firewall::Firewall;
+use crate::core::firewall::Firewall;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::BufWriter;

@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use dog_agent::apply::Applier;
 use dog_agent::apply::ApplyError;
-use dog_agent::ipset::SetDelta;
 use dog_agent::kernel::{Backend, BackendChoice, KernelConfig, SetBackend, SetBackendChoice};
 use dog_agent::netns::{self, NetNs};
+use dog_protocol::messages::SetDelta;
 use dog_protocol::ruleset::{
     parse_ipset_save, Failsafe, FailsafePort, FailsafeProtocol, Family, HostFirewall, RulesDocument,
 };
@@ -262,7 +262,7 @@ fn a_leftover_temporary_set_is_drift_and_the_repair_removes_it() {
         let ns = NetNs::new().unwrap();
         let a = fw1();
         kernel(&ns, backend).apply(&a).unwrap();
-        let tmp = dog_agent::ipset::temp_name("dogz4-web");
+        let tmp = dog_agent::core::sets::temp_name("dogz4-web");
         ns.exec(&["ipset", "create", &tmp, "hash:net", "family", "inet"])
             .unwrap();
         ns.exec(&["ipset", "add", &tmp, "192.0.2.1"]).unwrap();
@@ -320,7 +320,7 @@ fn observe_plans_without_touching_and_deltas_apply() {
     let deltas = vec![SetDelta {
         name: "dogz4-web".into(),
         add: vec!["198.18.9.0/24".parse().unwrap()],
-        del: vec!["198.18.2.5/32".parse().unwrap()],
+        remove: vec!["198.18.2.5/32".parse().unwrap()],
     }];
     let (next, r) = k.apply_set_deltas(&a, &deltas).unwrap();
     assert_eq!(r.plan.sets.delta, deltas);

@@ -128,22 +128,22 @@ pub struct AdmissionArgs {
     /// Kubernetes mode: the ServiceAccount (`namespace/name`) whose Pod-bound tokens identify
     /// agents (default: `<--namespace>/dog-agent`).
     #[arg(long, env = "DOG_AGENT_SERVICE_ACCOUNT")]
-    pub agent_service_account: Option<crate::identity::AgentAccount>,
+    pub agent_service_account: Option<crate::kube::identity::AgentAccount>,
     /// Kubernetes mode: the audience of the agents' identity tokens.
     #[arg(long, env = "DOG_IDENTITY_AUDIENCE", default_value = "dogfw.io")]
     pub identity_audience: String,
 }
 
 impl AdmissionArgs {
-    pub fn intake(&self) -> crate::intake::IntakePolicy {
-        crate::intake::IntakePolicy {
+    pub fn intake(&self) -> crate::core::intake::IntakePolicy {
+        crate::core::intake::IntakePolicy {
             burst: self.sender_burst.max(1),
             per_minute: self.sender_messages_per_minute,
         }
     }
 
-    pub fn policy(&self) -> crate::admission::AdmissionPolicy {
-        crate::admission::AdmissionPolicy {
+    pub fn policy(&self) -> crate::core::admission::AdmissionPolicy {
+        crate::core::admission::AdmissionPolicy {
             trust_on_first_use: self.trust_on_first_use,
             max_hosts: self.max_hosts,
             per_minute: self.registrations_per_minute,
@@ -251,7 +251,7 @@ impl RunArgs {
     pub fn failsafe(&self) -> Failsafe {
         self.firewall.failsafe()
     }
-    pub fn compile_options(&self) -> crate::compile::CompileOptions {
+    pub fn compile_options(&self) -> crate::core::compile::CompileOptions {
         self.firewall.compile_options()
     }
     pub fn inactive_after(&self) -> Duration {
@@ -261,8 +261,8 @@ impl RunArgs {
 
 impl FirewallArgs {
     /// What the compiler needs of these flags (shared by `run`, `compile` and `explain`).
-    pub fn compile_options(&self) -> crate::compile::CompileOptions {
-        crate::compile::CompileOptions {
+    pub fn compile_options(&self) -> crate::core::compile::CompileOptions {
+        crate::core::compile::CompileOptions {
             failsafe: self.failsafe(),
             trust_reported_addresses: self.trust_reported_addresses.0.clone(),
         }
@@ -312,7 +312,7 @@ impl FirewallArgs {
             None => interfaces.iter().map(|s| s.to_string()).collect(),
         };
         for i in &pod_interfaces {
-            if !crate::compile::validate::is_interface_name(i) {
+            if !crate::core::compile::validate::is_interface_name(i) {
                 return Err(format!(
                     "--pod-interfaces: `{i}` is not a Linux interface name"
                 ));

@@ -1,26 +1,20 @@
 //! dog-operator: compiles dog's custom resources into per-host firewalls and publishes them.
-pub mod access;
-pub mod admission;
-pub mod broker_users;
-pub mod cluster;
-pub mod compile;
+//!
+//! - [`core`]: the pure core: compiling, the publish plan, lifecycle, admission, status
+//!   computation, previews. No Kubernetes client, broker, clock or files.
+//! - [`runtime`]: the loop both modes run around the core: agent messages, publishing,
+//!   statuses, ticks; it talks to the outside through the traits in [`runtime::sinks`].
+//! - [`kube`]: Kubernetes mode, the shell that feeds the loop from watches and writes status,
+//!   Events, Hosts and the Lease through the API server.
+//! - [`dir`]: `--from-dir` mode, the shell that feeds the loop from YAML files and writes a
+//!   status file.
+//! - [`crd`] and [`crdgen`]: the resources and their generated schemas; [`config`]: the flags;
+//!   [`metrics`]: what the operator exports.
 pub mod config;
+pub mod core;
 pub mod crd;
 pub mod crdgen;
-pub mod events;
-pub mod explain;
-pub mod fromdir;
-pub mod identity;
-pub mod intake;
-pub mod leader;
-pub mod lifecycle;
-pub mod listing;
-pub mod local;
+pub mod dir;
+pub mod kube;
 pub mod metrics;
-pub mod nodes;
-pub mod preview;
-pub mod publish;
-pub mod report;
 pub mod runtime;
-pub mod status;
-pub mod store;

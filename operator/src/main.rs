@@ -80,7 +80,7 @@ async fn run_logged(args: dog_operator::config::RunArgs) -> std::process::ExitCo
 }
 
 async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
-    use dog_operator::local::{self, FileStatusSink, StatusFile};
+    use dog_operator::dir::{dir_source, FileStatusSink, LocalRegistrar, StatusFile, STATUS_FILE};
     use dog_operator::runtime::{Parts, Runtime};
     use std::sync::Arc;
     dog_protocol::broker::install_rustls_ring_provider();
@@ -107,24 +107,24 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
         .config(format!("dog-operator/{}", args.operator_name));
     match args.from_dir.clone() {
         None => {
-            dog_operator::cluster::run(args, sealer, broker, metrics, health, shutdown_signal())
-                .await
+            dog_operator::kube::run(args, sealer, broker, metrics, health, shutdown_signal()).await
         }
         Some(dir) => {
             let status_path = args
                 .status_file
                 .clone()
-                .unwrap_or_else(|| dir.join(local::STATUS_FILE));
+                .unwrap_or_else(|| dir.join(STATUS_FILE));
             let initial = StatusFile::read(&status_path).unwrap_or_default();
             let seed = initial.hosts.clone();
             let sink = FileStatusSink::new(status_path, initial);
             tokio::spawn(sink.clone().flusher(std::time::Duration::from_millis(200)));
-            let source = local::dir_source(
+            let source = dir_source(
                 dir.clone(),
                 args.debounce.max(std::time::Duration::from_millis(100)),
                 sink.clone(),
             )?;
-            let broker_users = dog_operator::broker_users::from_args(&args.management, &broker)?;
+            let broker_users =
+                dog_operator::runtime::broker_users::from_args(&args.management, &broker)?;
             let (link, deliveries) = dog_protocol::broker::OperatorLink::start(broker)?;
             tracing::info!(dir = %dir.display(), "running on a resource directory (local mode)");
             // the only replica there is: always the active one
@@ -139,8 +139,8 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
                 deliveries,
                 source,
                 status: sink.clone(),
-                events: Arc::new(dog_operator::events::LogEventSink),
-                registrar: Arc::new(local::LocalRegistrar),
+                events: Arc::new(dog_operator::runtime::sinks::LogEventSink),
+                registrar: Arc::new(LocalRegistrar),
                 metrics,
                 health,
                 seed,
@@ -185,12 +185,12 @@ struct ExplainArgs {
     #[arg(long, env = "DOG_HOST")]
     host: String,
     #[arg(long, env = "DOG_DIRECTION", value_enum, default_value = "in")]
-    direction: dog_operator::explain::Direction,
+    direction: dog_operator::core::explain::Direction,
     /// The other end: the source of inbound traffic, the destination of outbound.
     #[arg(long, env = "DOG_PEER")]
     peer: std::net::IpAddr,
     #[arg(long, env = "DOG_PROTOCOL", value_enum)]
-    protocol: dog_operator::explain::Proto,
+    protocol: dog_operator::core::explain::Proto,
     /// Destination port (tcp, udp, sctp) or ICMP type (icmp, icmpv6).
     #[arg(long, env = "DOG_PORT")]
     port: Option<u16>,
@@ -213,28 +213,28 @@ struct ExplainArgs {
 fn explain_input(
     args: &ExplainArgs,
 ) -> anyhow::Result<(
-    dog_operator::compile::Snapshot,
+    dog_operator::core::compile::Snapshot,
     String,
     Option<dog_operator::crd::FirewallHashes>,
 )> {
     Ok(match &args.from_dir {
         Some(dir) => {
-            let (mut snap, errors) = dog_operator::fromdir::load_dir(dir)?;
+            let (mut snap, errors) = dog_operator::dir::load::load_dir(dir)?;
             for e in &errors {
                 eprintln!("warning: {e}");
             }
             let status_path = args
                 .status_file
                 .clone()
-                .unwrap_or_else(|| dir.join(dog_operator::local::STATUS_FILE));
-            let status_file = dog_operator::local::StatusFile::read(&status_path);
+                .unwrap_or_else(|| dir.join(dog_operator::dir::STATUS_FILE));
+            let status_file = dog_operator::dir::StatusFile::read(&status_path);
             // what the running operator recorded of each host is what it compiles with
             if let Some(st) = &status_file {
                 for name in snap.hosts.keys() {
                     if let Some(reported) = st.hosts.get(name) {
                         snap.facts.insert(
                             name.clone(),
-                            dog_operator::compile::HostFacts {
+                            dog_operator::core::compile::HostFacts {
                                 state: reported.state,
                                 interfaces: reported.interfaces.clone(),
                             },
@@ -255,7 +255,7 @@ fn explain_input(
                 .build()?
                 .block_on(async {
                     let client = kube::Client::try_default().await?;
-                    anyhow::Ok(dog_operator::listing::snapshot(client).await?)
+                    anyhow::Ok(dog_operator::kube::listing::snapshot(client).await?)
                 })?;
             snap.facts_from_status();
             let reported = snap
@@ -296,12 +296,12 @@ fn live_check(
 }
 
 fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
-    use dog_operator::compile::setname::{set_name, SetSource};
-    use dog_operator::explain::{explain, Query};
+    use dog_operator::core::compile::setname::{set_name, SetSource};
+    use dog_operator::core::explain::{explain, Query};
     use dog_protocol::ruleset::Family;
     args.firewall.cluster().map_err(anyhow::Error::msg)?;
     let (snap, source, reported) = explain_input(&args)?;
-    let compiled = dog_operator::compile::compile(&snap, &args.firewall.compile_options());
+    let compiled = dog_operator::core::compile::compile(&snap, &args.firewall.compile_options());
     let Some(fw) = compiled.host_firewall(&args.host) else {
         anyhow::bail!(
             "host `{}` runs no firewall compiled from {source} ({:?})",
@@ -309,7 +309,7 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
             compiled.hosts.get(&args.host)
         );
     };
-    let mut names = dog_operator::explain::SetNames::new();
+    let mut names = dog_operator::core::explain::SetNames::new();
     for f in Family::BOTH {
         for g in snap.groups.keys() {
             names.insert(set_name(SetSource::Group, g, f), format!("Group {g}"));
@@ -324,7 +324,7 @@ fn run_explain(args: ExplainArgs) -> anyhow::Result<()> {
             ("out", "outbound", &profile.spec.outbound),
         ] {
             for (idx, rule) in rules.iter().enumerate() {
-                let id = dog_operator::compile::render::rule_id(rule);
+                let id = dog_operator::core::compile::render::rule_id(rule);
                 let name = rule
                     .name
                     .as_ref()
@@ -395,22 +395,22 @@ enum Format {
 fn load(
     dir: &std::path::Path,
     firewall: &dog_operator::config::FirewallArgs,
-) -> anyhow::Result<dog_operator::compile::Compiled> {
+) -> anyhow::Result<dog_operator::core::compile::Compiled> {
     firewall.cluster().map_err(anyhow::Error::msg)?;
-    let (snap, errors) = dog_operator::fromdir::load_dir(dir)?;
+    let (snap, errors) = dog_operator::dir::load::load_dir(dir)?;
     for e in &errors {
         eprintln!("warning: {e}");
     }
-    Ok(dog_operator::compile::compile(
+    Ok(dog_operator::core::compile::compile(
         &snap,
         &firewall.compile_options(),
     ))
 }
 
 fn run_compile(args: CompileArgs) -> anyhow::Result<()> {
-    use dog_operator::preview;
+    use dog_operator::core::preview;
     let old = load(&args.from_dir, &args.firewall)?;
-    let known = |c: &dog_operator::compile::Compiled, dir: &std::path::Path| {
+    let known = |c: &dog_operator::core::compile::Compiled, dir: &std::path::Path| {
         if c.hosts.contains_key(&args.host) {
             Ok(())
         } else {

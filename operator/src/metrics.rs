@@ -128,16 +128,16 @@ impl OperatorMetrics {
         for r in dog_protocol::envelope::Rejection::ALL {
             m.rejected.with_label_values(&[r.reason()]);
         }
-        for r in crate::admission::Refusal::REASONS
+        for r in crate::core::admission::Refusal::REASONS
             .iter()
             .chain(&["rate_limited"])
         {
             m.rejected.with_label_values(&[r]);
         }
         for how in [
-            crate::admission::Admitted::ServiceAccount,
-            crate::admission::Admitted::FirstUse,
-            crate::admission::Admitted::BrokerUser,
+            crate::core::admission::Admitted::ServiceAccount,
+            crate::core::admission::Admitted::FirstUse,
+            crate::core::admission::Admitted::BrokerUser,
         ] {
             m.hosts_registered.with_label_values(&[how.label()]);
         }

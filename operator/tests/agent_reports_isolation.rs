@@ -10,9 +10,9 @@
 //! so a sequence of messages reduces to the last interfaces it reported: that is what is
 //! generated here.
 
-use dog_operator::compile::{compile, CompileOptions, Compiled, HostOutcome, Snapshot};
+use dog_operator::core::compile::{compile, CompileOptions, Compiled, HostOutcome, Snapshot};
 use dog_operator::crd::Interface;
-use dog_operator::fromdir::load_dir;
+use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::Family;
 use ipnet::IpNet;
 use proptest::prelude::*;

@@ -1,9 +1,9 @@
 //! The cluster profile in compiled output: after the failsafe rules, before the profile's, and
 //! each Profile's choice for traffic from the node's own pods.
 
-use dog_operator::compile::{compile, CompileOptions, HostOutcome, Snapshot};
+use dog_operator::core::compile::{compile, CompileOptions, HostOutcome, Snapshot};
 use dog_operator::crd::PodToHost;
-use dog_operator::fromdir::load_dir;
+use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::{ClusterNetwork, Failsafe, FailsafePort, FailsafeProtocol, Family};
 use std::path::Path;
 

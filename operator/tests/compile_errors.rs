@@ -1,11 +1,11 @@
 //! Compiler behaviour on bad input, determinism, and incremental == full compile.
 
-use dog_operator::compile::setname::{set_name, SetSource};
-use dog_operator::compile::{
+use dog_operator::core::compile::setname::{set_name, SetSource};
+use dog_operator::core::compile::{
     compile, CompileOptions, Compiler, Edit, HostOutcome, ObjectKind, Snapshot,
 };
 use dog_operator::crd::{Profile, Zone};
-use dog_operator::fromdir::load_dir;
+use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::Family;
 use std::path::Path;
 use std::sync::Arc;
@@ -308,9 +308,11 @@ fn entries_with_host_bits_are_applied_as_their_network_and_said_so() {
             "{kind:?} {name}: {d:?}"
         );
         let conditions = match kind {
-            ObjectKind::Zone => dog_operator::report::zone_status(&c, name).conditions,
-            ObjectKind::Group => dog_operator::report::group_status(&c, name, &views).conditions,
-            _ => dog_operator::report::profile_status(&c, name, &views).conditions,
+            ObjectKind::Zone => dog_operator::core::report::zone_status(&c, name).conditions,
+            ObjectKind::Group => {
+                dog_operator::core::report::group_status(&c, name, &views).conditions
+            }
+            _ => dog_operator::core::report::profile_status(&c, name, &views).conditions,
         };
         let degraded = conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
         assert_eq!(degraded.status, "True", "{kind:?} {name}");

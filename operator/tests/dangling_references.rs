@@ -6,12 +6,12 @@
 //! - a DROP or REJECT rule whose peer the compiler never saw (e.g. after a restart) withholds
 //!   the profile: the hosts keep what they run, nothing opens.
 
-use dog_operator::compile::setname::{set_name, SetSource};
-use dog_operator::compile::{
+use dog_operator::core::compile::setname::{set_name, SetSource};
+use dog_operator::core::compile::{
     CompileOptions, Compiled, Compiler, HostOutcome, ObjectKind, Severity, Snapshot,
 };
-use dog_operator::fromdir::load_dir;
-use dog_operator::report::{profile_status, HostView};
+use dog_operator::core::report::{profile_status, HostView};
+use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::Family;
 use std::collections::BTreeMap;
 use std::path::Path;

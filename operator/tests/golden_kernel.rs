@@ -5,8 +5,8 @@
 //! Each test works in its own throwaway network namespace (deleted by a Drop guard) and never
 //! touches the root namespace's firewall. Needs root; with DOG_SKIP_NETNS=1 the tests skip.
 
-use dog_operator::compile::{compile, CompileOptions, Compiled, HostOutcome};
-use dog_operator::fromdir::load_dir;
+use dog_operator::core::compile::{compile, CompileOptions, Compiled, HostOutcome};
+use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::{
     owned_lines, parse_ipset_save, rules_hash, Family, IpSet, RulesDocument,
 };

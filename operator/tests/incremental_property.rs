@@ -9,7 +9,7 @@
 //! the same inputs after every step and recompiles everything ([`Compiler::load`]); without
 //! deletions of Groups and Zones the reference is also a fresh [`compile`] of the final objects.
 
-use dog_operator::compile::{
+use dog_operator::core::compile::{
     compile, CompileOptions, Compiled, Compiler, Edit, HostFacts, HostOutcome,
 };
 use dog_operator::crd::*;
@@ -326,7 +326,7 @@ fn changed_sets(a: &Compiled, b: &Compiled) -> BTreeSet<String> {
 
 /// `diffs` turn the sets of `old` into those of `new`.
 fn diffs_rebuild(
-    diffs: &BTreeMap<String, dog_operator::compile::SetDiff>,
+    diffs: &BTreeMap<String, dog_operator::core::compile::SetDiff>,
     old: &Compiled,
     new: &Compiled,
 ) -> Result<(), TestCaseError> {
@@ -356,7 +356,7 @@ fn run(steps: Vec<Vec<Edit>>, against_fresh: bool) -> Result<(), TestCaseError> 
     // changes of several calls folded together, as a publish after them sees them
     let mut folded = (
         Compiled::default(),
-        dog_operator::compile::Changes::default(),
+        dog_operator::core::compile::Changes::default(),
     );
     for (i, edits) in steps.into_iter().enumerate() {
         let before = inc.compiled().clone();

@@ -3,9 +3,9 @@
 //! the hosts that ran the broken object keep their last rules (withheld, never a wider or
 //! partial ruleset), and every other host's output is unaffected.
 
-use dog_operator::compile::{compile, CompileOptions, HostOutcome, ObjectKind};
-use dog_operator::fromdir::{load_dir, load_text};
-use dog_operator::report;
+use dog_operator::core::compile::{compile, CompileOptions, HostOutcome, ObjectKind};
+use dog_operator::core::report;
+use dog_operator::dir::load::{load_dir, load_text};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -3,11 +3,13 @@
 //! A missing request fails on the verifier's timeout; an extra one fails the client call
 //! (the mock service is closed once the scenario ends).
 
+use dog_operator::core::events::DogEvent;
 use dog_operator::crd::{AgentKeys, GroupStatus, Host, HostSpec, HostState, HostStatus, Interface};
-use dog_operator::events::{DogEvent, EventSink, KubeEventSink, LogEventSink};
-use dog_operator::leader::{LeaderConfig, LeaderElector};
-use dog_operator::nodes::NodeSync;
-use dog_operator::status::{KubeStatusSink, StatusSink};
+use dog_operator::kube::events::KubeEventSink;
+use dog_operator::kube::leader::{LeaderConfig, LeaderElector};
+use dog_operator::kube::nodes::NodeSync;
+use dog_operator::kube::status::KubeStatusSink;
+use dog_operator::runtime::sinks::{EventSink, LogEventSink, StatusSink};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
 use kube::client::Body;

@@ -1,9 +1,9 @@
 //! `compile --diff` names rules by identity, not position: removing one rule shows that rule's
 //! lines and nothing else, named or not, and the summary line counts what changed.
 
-use dog_operator::compile::{compile, CompileOptions, Snapshot};
-use dog_operator::fromdir::load_dir;
-use dog_operator::preview::host_diff;
+use dog_operator::core::compile::{compile, CompileOptions, Snapshot};
+use dog_operator::core::preview::host_diff;
+use dog_operator::dir::load::load_dir;
 use std::path::Path;
 
 fn fleet() -> Snapshot {

@@ -17,12 +17,12 @@ enum Scope {
 /// (API group, resource or resource/subresource, verb, scope)
 type Call = (&'static str, &'static str, &'static str, Scope);
 
-/// Every API call the operator makes, from `dog_operator::access::API_ACCESS` (kept next to
+/// Every API call the operator makes, from `dog_operator::kube::access::API_ACCESS` (kept next to
 /// the code that makes the calls).
 fn expected_calls() -> Vec<Call> {
     use Scope::*;
     let mut calls = Vec::new();
-    for (group, resource, verbs) in dog_operator::access::API_ACCESS {
+    for (group, resource, verbs) in dog_operator::kube::access::API_ACCESS {
         // the Lease and the agents' Pods live in the operator's namespace; everything else
         // is cluster-wide
         let scope = if *resource == "leases" || *resource == "pods" {

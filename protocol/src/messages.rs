@@ -285,7 +285,7 @@ pub enum AgentMessage {
 // ------------------------------------------------------------------------------------------
 
 /// Members to add to and remove from one set.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SetDelta {
     pub name: String,
     #[serde(default)]

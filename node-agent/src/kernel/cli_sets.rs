@@ -3,8 +3,9 @@
 //! so as strict as the netlink path), reads one `ipset save` of the named sets.
 
 use super::exec::Runner;
-use super::{KernelError, ReadSet, SetOp};
-use crate::ipset::{write_fill, SaveReader};
+use super::KernelError;
+use crate::core::sets::{write_fill, SaveReader};
+use crate::core::sets::{ReadSet, SetOp};
 use dog_protocol::ruleset::write_member;
 use std::io::Write;
 

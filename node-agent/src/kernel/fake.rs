@@ -3,8 +3,9 @@
 //! changes nothing), and sets with the real ones' strict add/delete. It records every call,
 //! and a test can make the next call of a kind fail.
 
-use super::{Backend, KernelError, ReadSet, SetBackend, SetOp, Tools};
-use crate::members::Members;
+use super::{Backend, KernelError, SetBackend, Tools};
+use crate::core::members::Members;
+use crate::core::sets::{ReadSet, SetOp};
 use dog_protocol::ruleset::Family;
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};

@@ -12,10 +12,9 @@ pub mod exec;
 pub mod fake;
 pub mod netlink;
 
-use crate::members::{Members, SetContent};
+use crate::core::sets::{ReadSet, SetOp};
 use dog_protocol::ruleset::Family;
 use exec::Runner;
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Which iptables implementation the host uses.
@@ -174,39 +173,6 @@ impl Default for KernelConfig {
             lock_wait_secs: 5,
         }
     }
-}
-
-/// A set as read from the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ReadSet {
-    pub name: String,
-    /// `hash:net`, … (the set's type).
-    pub kind: String,
-    pub maxelem: usize,
-    /// How many members the kernel says it holds, when it said.
-    pub elements: Option<usize>,
-    pub members: Members,
-}
-
-/// One write to the kernel's sets. Adds and deletes are strict: adding a member that is there,
-/// or deleting one that is not, fails (so what was acknowledged is what changed).
-#[derive(Clone, Copy, Debug)]
-pub enum SetOp<'a> {
-    /// Creates set `name` (which must not exist) holding `set`'s members.
-    Fill {
-        name: &'a str,
-        set: &'a SetContent,
-    },
-    Add {
-        name: &'a str,
-        members: &'a [IpNet],
-    },
-    Del {
-        name: &'a str,
-        members: &'a [IpNet],
-    },
-    Swap(&'a str, &'a str),
-    Destroy(&'a str),
 }
 
 /// What the applier asks of the kernel (see the module docs).

@@ -14,8 +14,9 @@
 //!
 //! `Codec` builds and reads the messages (pure, unit-tested); [`NetlinkSets`] is the socket.
 
-use super::{KernelError, ReadSet, SetOp};
-use crate::members::{Members, MembersBuilder};
+use super::KernelError;
+use crate::core::members::{Members, MembersBuilder};
+use crate::core::sets::{ReadSet, SetOp};
 use dog_protocol::ruleset::Family;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_sys::Socket;
@@ -504,7 +505,7 @@ impl NetlinkSets {
                         m.attr(ATTR_REVISION, &[self.revision]);
                         m.attr(ATTR_FAMILY, &[family_code(family)]);
                         m.begin(ATTR_DATA);
-                        m.be32(ATTR_HASHSIZE, crate::ipset::hashsize_for(len) as u32);
+                        m.be32(ATTR_HASHSIZE, crate::core::sets::hashsize_for(len) as u32);
                         m.be32(ATTR_MAXELEM, set.maxelem() as u32);
                         m.end();
                     },

@@ -143,7 +143,7 @@ pub fn plan_summary(plan: &Plan) -> String {
         let d: Vec<String> = s
             .delta
             .iter()
-            .map(|d| format!("{} (+{} -{})", d.name, d.add.len(), d.del.len()))
+            .map(|d| format!("{} (+{} -{})", d.name, d.add.len(), d.remove.len()))
             .collect();
         out.push(format!("change sets {}", d.join(", ")));
     }
@@ -350,7 +350,7 @@ mod tests {
             live: h("l4", "e6", "ls"),
             ipv4: Default::default(),
             ipv6: Default::default(),
-            sets: vec![crate::drift::SetDrift {
+            sets: vec![crate::core::drift::SetDrift {
                 name: "dogz4-web".into(),
                 missing_set: false,
                 extra_set: false,

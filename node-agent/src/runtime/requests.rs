@@ -399,28 +399,18 @@ impl Agent {
                 )
             }
         };
-        let mut next = base;
-        for d in &deltas {
-            let Some(set) = next.sets.get(&d.name) else {
+        let next = match base.with_deltas(&deltas) {
+            Ok(next) => next,
+            Err(set) => {
                 return Response::error(
                     id,
                     ErrorKind::Refused,
                     format!(
-                        "deltas name set {:?}, which revision {base_revision} does not have",
-                        d.name
+                        "deltas name set {set:?}, which revision {base_revision} does not have"
                     ),
-                );
-            };
-            let changed = crate::ipset::apply_delta(
-                set,
-                &crate::ipset::SetDelta {
-                    name: d.name.clone(),
-                    add: d.add.clone(),
-                    del: d.remove.clone(),
-                },
-            );
-            next.sets.insert(d.name.clone(), Arc::new(changed));
-        }
+                )
+            }
+        };
         self.pending = None;
         self.apply_desired(id, revision, next).await
     }

@@ -61,12 +61,12 @@ impl Agent {
             );
         }
         let (added, removed) = (add.len(), remove.len());
-        let delta = crate::ipset::SetDelta {
+        let delta = dog_protocol::messages::SetDelta {
             name: name.clone(),
             add,
-            del: remove,
+            remove,
         };
-        let changed = crate::ipset::apply_delta(copy, &delta);
+        let changed = crate::core::sets::apply_delta(copy, &delta);
         if changed.hash() != hash {
             return Response::error(
                 id,

@@ -1,5 +1,5 @@
 //! Agent messages: intake limits, opening, admission of first heartbeats (through
-//! `crate::admission` and the identity authority), pinning, node broker users, keepalives and
+//! `crate::core::admission` and the identity authority), pinning, node broker users, keepalives and
 //! responses.
 
 use super::*;
@@ -122,7 +122,7 @@ impl Runtime {
     }
 
     /// Whether the host of a first heartbeat (no pin) is admitted: the pure checks, then the
-    /// authority on its identity token, then the decision (crate::admission).
+    /// authority on its identity token, then the decision (crate::core::admission).
     /// `by_own_user`: the broker says the host's own broker user published it.
     pub(super) async fn admit(
         &mut self,
@@ -372,7 +372,7 @@ impl Runtime {
             }
             return;
         };
-        let sent = crate::broker_users::hand_out(
+        let sent = crate::runtime::broker_users::hand_out(
             users.as_ref(),
             &self.link,
             &self.sealer,

@@ -14,19 +14,19 @@
 //! [`Runtime`] goes on in `agents` (agent messages and admission), `outbox` (publishing),
 //! `reports` (statuses, metrics, readiness) and `ticks` (lifecycle and collection).
 
-use crate::admission::{Admission, Admitted, Evidence, Refusal};
-use crate::broker_users::BrokerUsers;
-use crate::compile::{Compiled, Compiler, HostFacts, HostOutcome, Snapshot};
 use crate::config::RunArgs;
+use crate::core::admission::{Admission, Admitted, Evidence, Refusal};
+use crate::core::compile::{Compiled, Compiler, HostFacts, HostOutcome, Snapshot};
+use crate::core::events::DogEvent;
+use crate::core::intake::Intake;
+use crate::core::lifecycle::{
+    self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange,
+};
+use crate::core::publish::{self, Publish, PublishState};
+use crate::core::report::{self, HostView};
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
-use crate::events::{DogEvent, EventSink};
-use crate::identity::IdentityVerifier;
-use crate::intake::Intake;
-use crate::lifecycle::{self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange};
 use crate::metrics::OperatorMetrics;
-use crate::publish::{self, Publish, PublishState};
-use crate::report::{self, HostView};
-use crate::status::StatusSink;
+use crate::runtime::broker_users::BrokerUsers;
 use dog_protocol::broker::{Deliveries, Delivery, MessageMeta, OperatorLink};
 use dog_protocol::envelope::{Opened, Opener, Sealer};
 use dog_protocol::keys::pinning::{Pin, Pins};
@@ -36,19 +36,20 @@ use dog_protocol::messages::{
 };
 use dog_protocol::ruleset::FirewallHashes;
 use dog_protocol::telemetry::Health;
-use futures::future::BoxFuture;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
+pub use sinks::{EventSink, IdentityVerifier, Registrar, Source, StatusSink};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 mod agents;
+pub mod broker_users;
 mod outbox;
 mod reports;
+pub mod sinks;
 mod ticks;
 
 /// How long a request stays valid on the broker (an agent that comes back later gets its full
@@ -77,32 +78,6 @@ const REVIEW_BACKOFF: dog_protocol::broker::Backoff = dog_protocol::broker::Back
 /// Statuses are written at most this often: a burst of agent responses must not turn into a
 /// status pass (over every host) per response.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
-
-/// Creates the Host object for an agent that registered itself (a VM, not a Kubernetes Node),
-/// and deletes a Host retired for longer than the retention.
-pub trait Registrar: Send + Sync {
-    fn register<'a>(
-        &'a self,
-        name: &'a str,
-        keys: &'a AgentKeys,
-        interfaces: &'a [Interface],
-    ) -> BoxFuture<'a, Result<(), String>>;
-    /// Deletes the Host (gone already counts as done).
-    fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
-    /// Whether this mode deletes Hosts at all (`--from-dir` mode does not: its Hosts are
-    /// files an administrator owns).
-    fn collects(&self) -> bool {
-        true
-    }
-}
-
-/// Where the loop reads the resources from.
-pub struct Source {
-    /// Bumped (coalesced) whenever the resources changed.
-    pub changes: watch::Receiver<u64>,
-    /// The current resources.
-    pub snapshot: Box<dyn Fn() -> Snapshot + Send + Sync>,
-}
 
 /// What the operator knows of one host at run time.
 #[derive(Clone, Debug, Default)]
@@ -177,7 +152,7 @@ pub struct Runtime {
     last_conditions: HashMap<String, Vec<crate::crd::Condition>>,
     needs_compile: bool,
     /// What the compiles since the last publish changed (the publish plan looks only there).
-    unpublished: crate::compile::Changes,
+    unpublished: crate::core::compile::Changes,
     needs_publish: bool,
     needs_status: bool,
     last_status: Option<Instant>,

@@ -1,5 +1,5 @@
 //! The sending side: what a restart or takeover already delivered, which hosts can be sent to,
-//! and publishing the plan of `crate::publish` sealed to each host (confirmed by the broker).
+//! and publishing the plan of `crate::core::publish` sealed to each host (confirmed by the broker).
 
 use super::*;
 

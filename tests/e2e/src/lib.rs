@@ -8,7 +8,7 @@
 pub mod attacker;
 pub mod fixtures;
 
-use dog_operator::local::StatusFile;
+use dog_operator::dir::StatusFile;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -164,7 +164,7 @@ impl Fleet {
         self.dir.path().join("fleet")
     }
     pub fn status_path(&self) -> PathBuf {
-        self.resources().join(dog_operator::local::STATUS_FILE)
+        self.resources().join(dog_operator::dir::STATUS_FILE)
     }
 
     /// Writes (replaces) one resource file; `{p}` in the text is replaced by the prefix.

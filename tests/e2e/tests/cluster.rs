@@ -319,7 +319,7 @@ fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
 fn lease_holder(api: &ApiServer) -> Option<String> {
     api.get_json(
         "leases",
-        dog_operator::leader::LEASE_NAME,
+        dog_operator::kube::leader::LEASE_NAME,
         Some(CHART_NAMESPACE),
     )
     .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))

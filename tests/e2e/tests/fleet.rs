@@ -412,7 +412,7 @@ fn an_operator_restart_changes_nothing_on_the_hosts() {
     let mut f = start(&["web", "db"]);
     let before = f.status();
     let hosts = [f.host("web"), f.host("db")];
-    let revisions = |st: &dog_operator::local::StatusFile| {
+    let revisions = |st: &dog_operator::dir::StatusFile| {
         hosts
             .iter()
             .map(|h| st.hosts.get(h).and_then(|h| h.applied_revision))

@@ -1,7 +1,7 @@
 //! Offline preview of what one host would run (`dog-operator compile`): its documents, sets,
 //! hashes and diagnostics as text or JSON, and a diff between two directories.
 
-use crate::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind};
+use crate::core::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind};
 use dog_protocol::ruleset::{member_text, Family};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -167,7 +167,7 @@ pub fn host_diff(old: &Compiled, new: &Compiled, host: &str) -> String {
     let mut rules = String::new();
     let mut summary = Vec::new();
     for f in Family::BOTH {
-        let t = |x: &Option<std::sync::Arc<crate::compile::CompiledFirewall>>| {
+        let t = |x: &Option<std::sync::Arc<crate::core::compile::CompiledFirewall>>| {
             x.as_ref()
                 .map(|x| x.document(f).text.clone())
                 .unwrap_or_default()

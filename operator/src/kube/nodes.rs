@@ -12,10 +12,11 @@
 //! [`NodeSync::ensure_host_for_agent`] creates the Host of a non-Kubernetes agent on its first
 //! heartbeat.
 
+use crate::core::events::DogEvent;
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
-use crate::events::{DogEvent, EventSink};
-use crate::status::{StatusError, StatusSink, FIELD_MANAGER};
-use crate::store::SnapshotStore;
+use crate::kube::status::FIELD_MANAGER;
+use crate::kube::store::SnapshotStore;
+use crate::runtime::sinks::{EventSink, StatusError, StatusSink};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};

@@ -1,7 +1,7 @@
 //! Status of every object, computed from the compiler's output and what the agents reported.
 //! Pure: the status writers (server-side apply, or a file in local mode) only store the result.
 
-use crate::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind, Severity};
+use crate::core::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind, Severity};
 use crate::crd::{
     AgentKeys, Condition, FirewallHashes as CrdHashes, GroupStatus, HostState, HostStatus,
     Interface, ProfileStatus, ZoneStatus,

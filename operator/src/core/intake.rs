@@ -4,7 +4,7 @@
 //! refused cheaply by the opener, and would otherwise grow this map without bound); a key
 //! that was re-pinned keeps a few bytes of bucket until the operator restarts.
 
-use crate::admission::TokenBucket;
+use crate::core::admission::TokenBucket;
 use std::collections::HashMap;
 
 /// Messages per key: `burst` at once, then `per_minute`.

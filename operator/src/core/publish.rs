@@ -13,7 +13,7 @@
 //! elected operator that seeded its state from the hosts' reports continues above them without
 //! sending anything when nothing changed.
 
-use crate::compile::{Changes, Compiled, CompiledFirewall, HostOutcome};
+use crate::core::compile::{Changes, Compiled, CompiledFirewall, HostOutcome};
 use dog_protocol::messages::SetChange;
 use dog_protocol::ruleset::{FirewallHashes, IpSet};
 use std::collections::{BTreeMap, BTreeSet};
@@ -538,7 +538,7 @@ mod tests {
         changes.sets.insert("dogz4-a".into());
         changes.set_diffs.insert(
             "dogz4-a".into(),
-            crate::compile::SetDiff {
+            crate::core::compile::SetDiff {
                 base_hash: c1.set_hashes["dogz4-a"].clone(),
                 hash: c2.set_hashes["dogz4-a"].clone(),
                 add: vec![net("10.0.9.9")],

@@ -1,5 +1,5 @@
 //! Kubernetes as the authority on which node an agent runs on (IO shell around
-//! [`crate::admission`]).
+//! [`crate::core::admission`]).
 //!
 //! An agent in the DaemonSet carries a projected ServiceAccount token with dog's own audience
 //! (not usable against the API server). On a first heartbeat the operator asks the API server
@@ -8,6 +8,7 @@
 //! then the node the sender runs on. A token only vouches for its own node: root on one node
 //! can read the tokens of that node's pods, never another node's.
 
+use crate::runtime::sinks::IdentityVerifier;
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::Pod;
@@ -17,12 +18,6 @@ use kube::api::{Api, PostParams};
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
-
-/// Answers which node the holder of an identity token runs on.
-pub trait IdentityVerifier: Send + Sync {
-    /// `Ok(node)` when the authority vouches for the token; `Err(why)` otherwise.
-    fn node_of<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, String>>;
-}
 
 /// The ServiceAccount the agents run as, `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -83,9 +83,17 @@ impl Firewalls {
                 sets.insert(set.name.clone(), set);
             }
         }
+        // a document kept from the previous firewall keeps its hash
+        let rules_hash = |doc: &Arc<RulesDocument>, f: Family| match previous {
+            Some(p) if Arc::ptr_eq(p.fw.document_arc(f), doc) => match f {
+                Family::V4 => p.fw.hashes.ipv4_rules.clone(),
+                Family::V6 => p.fw.hashes.ipv6_rules.clone(),
+            },
+            _ => doc.hash(),
+        };
         let hashes = FirewallHashes {
-            ipv4_rules: ipv4.hash(),
-            ipv6_rules: ipv6.hash(),
+            ipv4_rules: rules_hash(&ipv4, Family::V4),
+            ipv6_rules: rules_hash(&ipv6, Family::V6),
             sets: sets_hash(hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
         };
         let fw = CompiledFirewall {
@@ -97,8 +105,16 @@ impl Firewalls {
             failsafe: failsafe.clone(),
             hashes,
         };
+        // the hashes cover every document and set, so equal hashes are equal content (and
+        // no set is compared member by member)
         let fw = match previous {
-            Some(p) if *p.fw == fw => p.fw.clone(),
+            Some(p)
+                if p.fw.hashes == fw.hashes
+                    && p.fw.group == fw.group
+                    && p.fw.profile == fw.profile =>
+            {
+                p.fw.clone()
+            }
             _ => Arc::new(fw),
         };
         Entry {

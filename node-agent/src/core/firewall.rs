@@ -3,7 +3,8 @@
 //! runtime, the retry state and the kernel's cached live state share the same set contents, so
 //! a large set is held once and hashed once per version received.
 
-use crate::members::{Members, SetContent};
+use crate::core::members::{Members, SetContent};
+use dog_protocol::messages::SetDelta;
 use dog_protocol::ruleset::{
     rules_hash, sets_hash, Failsafe, Family, FirewallHashes, HostFirewall, RulesDocument,
 };
@@ -103,6 +104,18 @@ impl Firewall {
     /// Total members over all sets.
     pub fn set_entries(&self) -> usize {
         self.sets.values().map(|s| s.members.len()).sum()
+    }
+
+    /// This firewall with `deltas` applied to its sets; the other sets stay shared. Err names
+    /// a set the firewall does not have.
+    pub fn with_deltas(&self, deltas: &[SetDelta]) -> Result<Firewall, String> {
+        let mut next = self.clone();
+        for d in deltas {
+            let set = next.sets.get(&d.name).ok_or_else(|| d.name.clone())?;
+            let changed = crate::core::sets::apply_delta(set, d);
+            next.sets.insert(d.name.clone(), Arc::new(changed));
+        }
+        Ok(next)
     }
 }
 

@@ -3,8 +3,8 @@
 //! keys Zones read, and the names of the Nodes. An IO shell; the running operator watches
 //! instead (`store`).
 
-use crate::compile::config_map_key;
-use crate::compile::Snapshot;
+use crate::core::compile::config_map_key;
+use crate::core::compile::Snapshot;
 use crate::crd::{Group, Host, Profile, Zone};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, ListParams};

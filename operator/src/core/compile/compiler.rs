@@ -467,7 +467,13 @@ impl Compiler {
         self.group_set_phase(&mut d);
         self.group_profile_phase(&mut d);
         self.profile_phase(&mut d);
-        let hashes_before = self.out.set_hashes.clone();
+        // the hashes the member-by-member changes start from
+        let hashes_before: BTreeMap<String, String> = d
+            .zone_moves
+            .keys()
+            .flat_map(|z| Family::BOTH.map(|f| set_name(SetSource::Zone, z, f)))
+            .filter_map(|n| self.out.set_hashes.get(&n).map(|h| (n, h.clone())))
+            .collect();
         let sets = self.firewall_phase(&mut d);
         let set_diffs = self.set_diffs(&d, &sets, &hashes_before);
         let hosts = self.outcome_phase(&d);

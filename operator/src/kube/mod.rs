@@ -1,22 +1,37 @@
 //! Kubernetes mode: the reconcile loop fed by watches, writing status with server-side apply,
 //! recording Events, creating Hosts for Nodes and for registering agents, and running only
 //! while this replica holds the Lease.
+//!
+//! [`store`] watches the resources, [`status`] and [`events`] write what users read,
+//! [`nodes`] keeps a Host per Node, [`identity`] asks the API server who an agent is,
+//! [`leader`] holds the Lease, [`listing`] reads everything once (for `compile`), [`access`]
+//! lists every API call for RBAC.
+
+pub mod access;
+pub mod events;
+pub mod identity;
+pub mod leader;
+pub mod listing;
+pub mod nodes;
+pub mod status;
+pub mod store;
 
 use crate::config::RunArgs;
 use crate::crd::{AgentKeys, Interface};
-use crate::events::{EventSink, KubeEventSink};
-use crate::identity::{AgentAccount, IdentityVerifier, TokenReviewVerifier};
-use crate::leader::{LeaderConfig, LeaderElector};
 use crate::metrics::OperatorMetrics;
-use crate::nodes::NodeSync;
-use crate::runtime::{Parts, Registrar, Runtime, Source};
-use crate::status::{KubeStatusSink, StatusSink};
-use crate::store::SnapshotStore;
+use crate::runtime::sinks::{EventSink, IdentityVerifier, Registrar, Source, StatusSink};
+use crate::runtime::{Parts, Runtime};
 use dog_protocol::broker::{BrokerConfig, OperatorLink};
 use dog_protocol::envelope::Sealer;
 use dog_protocol::telemetry::Health;
+use events::KubeEventSink;
 use futures::future::BoxFuture;
+use identity::{AgentAccount, TokenReviewVerifier};
+use leader::{LeaderConfig, LeaderElector};
+use nodes::NodeSync;
+use status::KubeStatusSink;
 use std::sync::Arc;
+use store::SnapshotStore;
 use tracing::{info, warn};
 
 struct NodeRegistrar(NodeSync);
@@ -91,7 +106,7 @@ pub async fn run(
         events.clone(),
     )));
 
-    let broker_users = crate::broker_users::from_args(&args.management, &broker)?;
+    let broker_users = crate::runtime::broker_users::from_args(&args.management, &broker)?;
 
     tokio::pin!(shutdown);
     // A term's loop takes ownership of these; the next term gets them back from it.

@@ -17,7 +17,7 @@
 //! ConfigMap lines are stored raw (every line of the key's value, comments included) under
 //! `namespace/name/key`, so the compiler can report line numbers.
 
-use crate::compile::Snapshot;
+use crate::core::compile::Snapshot;
 use crate::crd::{Group, Host, Profile, Zone};
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};

@@ -1,17 +1,11 @@
-//! Writing the status of Hosts, Groups, Profiles and Zones.
-//!
-//! [`StatusSink`] is the seam: the reconcile loop hands it the *whole* status struct of an
-//! object and the object's `metadata.generation`; the sink sets `observedGeneration` and
-//! writes. [`KubeStatusSink`] writes through the status subresource with server-side apply
-//! (field manager `dog-operator`, `force`), so the operator owns every status field it sends
-//! and nothing in `spec`/`metadata`. It remembers the last status written per object and skips
+//! Writing the status of Hosts, Groups, Profiles and Zones through the API server:
+//! [`KubeStatusSink`] writes through the status subresource with server-side apply (field
+//! manager `dog-operator`, `force`), so the operator owns every status field it sends and
+//! nothing in `spec`/`metadata`. It remembers the last status written per object and skips
 //! identical writes, so a reconcile loop may call it on every pass without API churn.
-//!
-//! The trait is object-safe (`Arc<dyn StatusSink>`): its methods return boxed futures instead
-//! of using `async fn` in the trait, because `async fn` in traits is not dyn-compatible on
-//! Rust 1.95 and we avoid the `async-trait` macro.
 
 use crate::crd::{Group, GroupStatus, Host, HostStatus, Profile, ProfileStatus, Zone, ZoneStatus};
+use crate::runtime::sinks::{StatusError, StatusSink};
 use futures::future::BoxFuture;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
@@ -21,63 +15,6 @@ use std::sync::Mutex;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "dog-operator";
-
-#[derive(Debug, thiserror::Error)]
-pub enum StatusError {
-    #[error("writing status of {kind} {name}: {source}")]
-    Kube {
-        kind: &'static str,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("serializing status of {kind} {name}: {source}")]
-    Serialize {
-        kind: &'static str,
-        name: String,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("writing status of {kind} {name}: {message}")]
-    Other {
-        kind: &'static str,
-        name: String,
-        message: String,
-    },
-}
-
-/// Where statuses go: the API server ([`KubeStatusSink`]) or files in `--from-dir` mode.
-///
-/// `generation` is the object's `metadata.generation` (None when unknown); implementations
-/// store it as the status' `observedGeneration`.
-pub trait StatusSink: Send + Sync {
-    fn write_host<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        status: HostStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
-    fn write_group<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        status: GroupStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
-    fn write_profile<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        status: ProfileStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
-    fn write_zone<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        status: ZoneStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
-    /// The object is gone: drop whatever the sink remembers about it.
-    fn forget(&self, kind: &'static str, name: &str);
-}
 
 /// Server-side-apply status writer with a last-written cache.
 pub struct KubeStatusSink {

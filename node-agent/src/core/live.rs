@@ -3,8 +3,8 @@
 //! Read by the applier (`apply`), compared by the drift check (`drift`), kept by the tool
 //! runner (`kernel`); it depends on none of them.
 
-use crate::ipset::LiveSet;
-use crate::iptables::FilterState;
+use crate::core::rules::FilterState;
+use crate::core::sets::LiveSet;
 use dog_protocol::ruleset::{rules_hash, sets_hash, Family, FirewallHashes};
 use std::collections::BTreeMap;
 use std::sync::Mutex;

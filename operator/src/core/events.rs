@@ -1,20 +1,9 @@
-//! Kubernetes Events for what a person should see: a host going inactive / active / retired,
-//! drift detected and repaired, an apply that failed on a host, a group conflict.
-//!
-//! [`EventSink`] is the seam; [`KubeEventSink`] publishes `events.k8s.io/v1` Events through
-//! kube-runtime's [`Recorder`] (reporter `dog-operator`; repeats within a few minutes become a
-//! series patch instead of a new Event). Events of the cluster-scoped dog objects land in the
-//! `default` namespace. [`LogEventSink`] logs instead, for `--from-dir` mode. Publishing is best
-//! effort: a failure is logged, never propagated, because an Event must not stop a reconcile.
+//! The Events a person should see: a host going inactive / active / retired, drift detected
+//! and repaired, an apply that failed on a host, a group conflict. Where they go is the
+//! runtime's [`crate::runtime::sinks::EventSink`]: the API server in Kubernetes mode, the log
+//! in `--from-dir` mode.
 
-use crate::crd::{HostState, API_GROUP, API_VERSION};
-use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::Client;
-
-/// The reporting controller name on every Event.
-pub const REPORTER: &str = "dog-operator";
+use crate::crd::HostState;
 
 /// Severity, mirroring Kubernetes' `Normal` / `Warning`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,79 +113,6 @@ impl DogEvent {
         self.uid = uid;
         self
     }
-
-    /// The reference Kubernetes attaches the Event to (`regarding`).
-    pub fn object_ref(&self) -> ObjectReference {
-        ObjectReference {
-            api_version: Some(format!("{API_GROUP}/{API_VERSION}")),
-            kind: Some(self.kind.to_string()),
-            name: Some(self.name.clone()),
-            uid: self.uid.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-/// Where events go. Object-safe (`Arc<dyn EventSink>`), boxed futures for the same reason as
-/// [`crate::status::StatusSink`].
-pub trait EventSink: Send + Sync {
-    /// Best effort: failures are logged by the implementation.
-    fn publish<'a>(&'a self, event: DogEvent) -> BoxFuture<'a, ()>;
-}
-
-/// Publishes through the API server.
-pub struct KubeEventSink {
-    recorder: Recorder,
-}
-
-impl KubeEventSink {
-    /// `instance` is the pod name (reportingInstance), e.g. from the downward API.
-    pub fn new(client: Client, instance: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: REPORTER.to_string(),
-            instance,
-        };
-        Self {
-            recorder: Recorder::new(client, reporter),
-        }
-    }
-}
-
-impl EventSink for KubeEventSink {
-    fn publish<'a>(&'a self, event: DogEvent) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let ev = Event {
-                type_: match event.severity {
-                    Severity::Normal => EventType::Normal,
-                    Severity::Warning => EventType::Warning,
-                },
-                reason: event.reason.clone(),
-                note: Some(event.note.clone()),
-                action: event.action.clone(),
-                secondary: None,
-            };
-            if let Err(e) = self.recorder.publish(&ev, &event.object_ref()).await {
-                tracing::warn!(kind = event.kind, name = %event.name, reason = %event.reason,
-                    error = %e, "could not publish Kubernetes Event");
-            }
-        })
-    }
-}
-
-/// Logs events as structured lines (local / `--from-dir` mode).
-#[derive(Default)]
-pub struct LogEventSink;
-
-impl EventSink for LogEventSink {
-    fn publish<'a>(&'a self, event: DogEvent) -> BoxFuture<'a, ()> {
-        match event.severity {
-            Severity::Normal => tracing::info!(kind = event.kind, name = %event.name,
-                reason = %event.reason, action = %event.action, "{}", event.note),
-            Severity::Warning => tracing::warn!(kind = event.kind, name = %event.name,
-                reason = %event.reason, action = %event.action, "{}", event.note),
-        }
-        Box::pin(async {})
-    }
 }
 
 #[cfg(test)]
@@ -214,9 +130,5 @@ mod tests {
             (e.reason.as_str(), e.severity),
             ("HostActive", Severity::Normal)
         );
-        let r = DogEvent::conflict("n1", &["a".into(), "b".into()]).object_ref();
-        assert_eq!(r.api_version.as_deref(), Some("dogfw.io/v1alpha1"));
-        assert_eq!(r.kind.as_deref(), Some("Host"));
-        assert_eq!(r.namespace, None);
     }
 }

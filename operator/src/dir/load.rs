@@ -11,7 +11,7 @@
 //! A running operator keeps the last good version of whatever a broken file held
 //! ([`keep_last_good`]): a YAML error never makes objects vanish as if deleted.
 
-use crate::compile::{ObjectKind, Snapshot};
+use crate::core::compile::{ObjectKind, Snapshot};
 use crate::crd::{Group, Host, Profile, Zone};
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde::Deserialize;
@@ -474,8 +474,8 @@ dataa: {addresses: "10.0.0.1"}
             !s.zones.contains_key("lab"),
             "a deleted file takes its objects with it"
         );
-        let compiled = crate::compile::compile(s, &Default::default());
-        let valid = crate::report::zone_status(&compiled, "blocklist").conditions[0].clone();
+        let compiled = crate::core::compile::compile(s, &Default::default());
+        let valid = crate::core::report::zone_status(&compiled, "blocklist").conditions[0].clone();
         assert_eq!(
             (valid.type_.as_str(), valid.status.as_str()),
             ("Valid", "False")

@@ -280,6 +280,10 @@ impl CompiledFirewall {
     }
 
     pub fn document(&self, family: Family) -> &RulesDocument {
+        self.document_arc(family)
+    }
+
+    pub(crate) fn document_arc(&self, family: Family) -> &Arc<RulesDocument> {
         match family {
             Family::V4 => &self.ipv4,
             Family::V6 => &self.ipv6,

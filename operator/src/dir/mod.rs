@@ -2,11 +2,11 @@
 //! Kubernetes and for the demo. The directory is polled for changes; status goes to one YAML
 //! file (a dot file inside the directory by default, which the loader never reads back).
 
-use crate::compile::Snapshot;
+pub mod load;
+
+use crate::core::compile::Snapshot;
 use crate::crd::{AgentKeys, GroupStatus, HostStatus, Interface, ProfileStatus, ZoneStatus};
-use crate::fromdir;
-use crate::runtime::{Registrar, Source};
-use crate::status::{StatusError, StatusSink};
+use crate::runtime::sinks::{Registrar, Source, StatusError, StatusSink};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -221,8 +221,8 @@ pub fn dir_source(
     dir: PathBuf,
     every: Duration,
     sink: Arc<FileStatusSink>,
-) -> Result<Source, fromdir::DirError> {
-    let first = fromdir::load_dir_traced(&dir)?;
+) -> Result<Source, load::DirError> {
+    let first = load::load_dir_traced(&dir)?;
     report_load_errors(&first.errors, &sink);
     let current = Arc::new(Mutex::new(first.snapshot.clone()));
     let (tx, rx) = watch::channel(0u64);
@@ -238,9 +238,9 @@ pub fn dir_source(
                 continue;
             }
             last = now;
-            match fromdir::load_dir_traced(&dir) {
+            match load::load_dir_traced(&dir) {
                 Ok(mut next) => {
-                    fromdir::keep_last_good(&previous, &mut next);
+                    load::keep_last_good(&previous, &mut next);
                     report_load_errors(&next.errors, &sink);
                     let snap = &next.snapshot;
                     info!(dir = %dir.display(), zones = snap.zones.len(), hosts = snap.hosts.len(), groups = snap.groups.len(), profiles = snap.profiles.len(), stale = snap.stale.len(), "resources changed");
@@ -270,7 +270,7 @@ pub fn dir_source(
     })
 }
 
-fn report_load_errors(errors: &[fromdir::LoadError], sink: &FileStatusSink) {
+fn report_load_errors(errors: &[load::LoadError], sink: &FileStatusSink) {
     for e in errors {
         warn!(error = %e, "skipping a document that could not be read; everything else is used");
     }

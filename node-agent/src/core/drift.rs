@@ -1,8 +1,8 @@
 //! Drift: how dog's live chains and sets differ from what was applied (pure comparison).
 
-use crate::firewall::Firewall;
-use crate::iptables::{diff_chains, ChainDiff, FilterState, JumpState, HOOKS};
-use crate::live::LiveState;
+use crate::core::firewall::Firewall;
+use crate::core::live::LiveState;
+use crate::core::rules::{diff_chains, ChainDiff, FilterState, JumpState, HOOKS};
 use dog_protocol::ruleset::{Family, FirewallHashes};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};

@@ -1,8 +1,8 @@
 //! Pure planning of dog's ipset changes: what to create, swap, change by delta or destroy, and
 //! the `ipset restore` scripts that do it.
 
-use crate::kernel::ReadSet;
-use crate::members::{MembersBuilder, SetContent};
+use crate::core::members::{Members, MembersBuilder, SetContent};
+use dog_protocol::messages::SetDelta;
 use dog_protocol::ruleset::{
     maxelem_for, parse_member, sha256_hex, write_member, Family, SET_NAME_MAX, SET_PREFIX,
 };
@@ -14,6 +14,39 @@ use std::sync::Arc;
 
 /// Prefix of the temporary sets used to replace a set by swap.
 pub const TEMP_PREFIX: &str = "dogtmp-";
+
+/// A set as read from the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadSet {
+    pub name: String,
+    /// `hash:net`, … (the set's type).
+    pub kind: String,
+    pub maxelem: usize,
+    /// How many members the kernel says it holds, when it said.
+    pub elements: Option<usize>,
+    pub members: Members,
+}
+
+/// One write to the kernel's sets. Adds and deletes are strict: adding a member that is there,
+/// or deleting one that is not, fails (so what was acknowledged is what changed).
+#[derive(Clone, Copy, Debug)]
+pub enum SetOp<'a> {
+    /// Creates set `name` (which must not exist) holding `set`'s members.
+    Fill {
+        name: &'a str,
+        set: &'a SetContent,
+    },
+    Add {
+        name: &'a str,
+        members: &'a [IpNet],
+    },
+    Del {
+        name: &'a str,
+        members: &'a [IpNet],
+    },
+    Swap(&'a str, &'a str),
+    Destroy(&'a str),
+}
 
 /// One of dog's sets as it is in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,20 +196,6 @@ pub fn temp_name(name: &str) -> String {
     format!("{TEMP_PREFIX}{}", &sha256_hex(name.as_bytes())[..room])
 }
 
-/// Members to add to and remove from one set.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
-pub struct SetDelta {
-    pub name: String,
-    pub add: Vec<IpNet>,
-    pub del: Vec<IpNet>,
-}
-
-impl SetDelta {
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.del.is_empty()
-    }
-}
-
 /// Members of `want` missing from `have` and members of `have` not in `want` (both sorted).
 pub fn member_diff(want: &[IpNet], have: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
     let (mut add, mut del) = (Vec::new(), Vec::new());
@@ -287,11 +306,13 @@ pub fn plan_sets(
         }
         let limit = delta_limit(want.members.len());
         match want.members.diff_within(&have.content.members, limit) {
-            Some((add, del)) if want.members.len() <= have.maxelem => plan.delta.push(SetDelta {
-                name: name.clone(),
-                add,
-                del,
-            }),
+            Some((add, remove)) if want.members.len() <= have.maxelem => {
+                plan.delta.push(SetDelta {
+                    name: name.clone(),
+                    add,
+                    remove,
+                })
+            }
             _ => plan.swap.push(name.clone()),
         }
     }
@@ -337,22 +358,9 @@ pub fn render_fill(out: &mut String, set: &SetContent, as_name: &str) {
     out.push_str(&String::from_utf8_lossy(&buf));
 }
 
-/// `add`/`del` lines of a delta (run with `ipset restore -exist`).
-pub fn render_delta(out: &mut String, d: &SetDelta) {
-    for (verb, members) in [("del ", &d.del), ("add ", &d.add)] {
-        for m in members {
-            out.push_str(verb);
-            out.push_str(&d.name);
-            out.push(' ');
-            write_member(out, &m.trunc());
-            out.push('\n');
-        }
-    }
-}
-
 /// Applies a delta to a set's members (pure): the result is canonical and hashed.
 pub fn apply_delta(set: &SetContent, delta: &SetDelta) -> SetContent {
-    let del: std::collections::BTreeSet<IpNet> = delta.del.iter().map(|m| m.trunc()).collect();
+    let del: std::collections::BTreeSet<IpNet> = delta.remove.iter().map(|m| m.trunc()).collect();
     let mut b = MembersBuilder::new(set.family());
     set.members
         .iter()
@@ -365,7 +373,7 @@ pub fn apply_delta(set: &SetContent, delta: &SetDelta) -> SetContent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::members::Members;
+    use crate::core::members::Members;
 
     fn net(s: &str) -> IpNet {
         parse_member(s).unwrap()
@@ -419,7 +427,7 @@ mod tests {
         assert_eq!(p.destroy, vec!["dogold"]);
         assert_eq!(p.stale_temps, vec![temp_name("dogbig")]);
         assert_eq!(p.delta.len(), 1);
-        assert_eq!(p.delta[0].del, vec![net("10.1.0.0/24")]);
+        assert_eq!(p.delta[0].remove, vec![net("10.1.0.0/24")]);
         assert!(p.delta[0].add.is_empty());
         assert!(temp_name("dogbig").len() <= SET_NAME_MAX);
     }
@@ -454,15 +462,12 @@ mod tests {
         let d = SetDelta {
             name: "dogx".into(),
             add: vec![net("3.3.3.3/24")],
-            del: vec![net("1.1.1.1/32")],
+            remove: vec![net("1.1.1.1/32")],
         };
         assert_eq!(
             apply_delta(&s, &d),
             *set("dogx", &["2.2.2.0/24", "3.3.3.0/24"])
         );
-        let mut text = String::new();
-        render_delta(&mut text, &d);
-        assert_eq!(text, "del dogx 1.1.1.1\nadd dogx 3.3.3.0/24\n");
     }
 
     #[test]
@@ -517,7 +522,7 @@ mod tests {
             vec![SetDelta {
                 name: "dogbig".into(),
                 add: vec![net("10.0.0.0/32"), net("192.0.2.1/32")],
-                del: vec![],
+                remove: vec![],
             }]
         );
         let mut fill = String::new();
