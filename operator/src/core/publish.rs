@@ -323,7 +323,7 @@ mod tests {
             ipv4: Arc::new(hf.ipv4),
             ipv6: Arc::new(hf.ipv6),
             sets: [(set.name.clone(), Arc::new(set))].into_iter().collect(),
-            failsafe: hf.failsafe,
+            failsafe: Arc::new(hf.failsafe),
         })
     }
 

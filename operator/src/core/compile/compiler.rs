@@ -178,6 +178,8 @@ struct SetNames {
 #[derive(Debug, Default)]
 pub struct Compiler {
     opts: CompileOptions,
+    /// `opts.failsafe`, shared by every firewall.
+    failsafe: Arc<dog_protocol::ruleset::Failsafe>,
     snap: Snapshot,
     zones: BTreeMap<String, ZoneBuild>,
     set_names: SetNames,
@@ -259,6 +261,7 @@ fn diff_values<T: PartialEq + Clone>(
 impl Compiler {
     pub fn new(opts: CompileOptions) -> Self {
         Compiler {
+            failsafe: Arc::new(opts.failsafe.clone()),
             opts,
             ..Default::default()
         }
@@ -337,10 +340,10 @@ impl Compiler {
     fn record(&mut self, edit: Edit, d: &mut Dirty) {
         match edit {
             Edit::Zone(name, zone) => {
+                // a zone's entries are compared once, by the zone phase (they may be many)
                 let old = self.snap.zones.get(&name);
                 if let (Some(a), Some(b)) = (old, &zone) {
-                    if Arc::ptr_eq(a, b) || a.spec == b.spec {
-                        self.snap.zones.insert(name, b.clone());
+                    if Arc::ptr_eq(a, b) {
                         return;
                     }
                 }
@@ -927,14 +930,10 @@ impl Compiler {
                         }
                         .or_else(|| remembered.get(&(src, n.to_string())).cloned())
                     };
-                    Some(self.firewalls.make(
-                        &g,
-                        p,
-                        r,
-                        &self.opts.failsafe,
-                        previous.as_ref(),
-                        &pair_of,
-                    ))
+                    Some(
+                        self.firewalls
+                            .make(&g, p, r, &self.failsafe, previous.as_ref(), &pair_of),
+                    )
                 }
                 _ => None,
             };
@@ -953,6 +952,29 @@ impl Compiler {
     fn outcome_phase(&mut self, d: &Dirty) -> BTreeSet<String> {
         let mut changed = BTreeSet::new();
         for h in &d.outcomes {
+            // a host that keeps its group and profile only has its firewall swapped in place
+            if let (
+                Some(HostBuild {
+                    resolution: Resolution::Runs { group, profile },
+                    ..
+                }),
+                Some(HostOutcome::Firewall {
+                    group: g,
+                    profile: p,
+                    firewall,
+                }),
+            ) = (self.hosts.get(h), self.out.hosts.get_mut(h))
+            {
+                let same = g == group && p == profile;
+                if let Some(e) = self.firewalls.by_group.get(group).filter(|_| same) {
+                    // a new firewall allocation is made only for new hashes
+                    if !Arc::ptr_eq(firewall, &e.fw) {
+                        changed.insert(h.clone());
+                        *firewall = e.fw.clone();
+                    }
+                    continue;
+                }
+            }
             let outcome = self.hosts.get(h).map(|b| match &b.resolution {
                 Resolution::Unmanaged => HostOutcome::Unmanaged,
                 Resolution::Conflict { groups } => HostOutcome::Conflict {

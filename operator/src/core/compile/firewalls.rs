@@ -13,7 +13,7 @@ use std::sync::Arc;
 #[derive(Clone, Debug)]
 pub(super) struct Entry {
     pub fw: Arc<CompiledFirewall>,
-    pub sources: BTreeSet<(SetSource, String)>,
+    pub sources: Arc<BTreeSet<(SetSource, String)>>,
 }
 
 #[derive(Debug, Default)]
@@ -49,7 +49,7 @@ impl Firewalls {
         group: &str,
         profile: &str,
         rendered: &RenderedProfile,
-        failsafe: &Failsafe,
+        failsafe: &Arc<Failsafe>,
         previous: Option<&Entry>,
         pair_of: &dyn Fn(SetSource, &str) -> Option<SetPair>,
     ) -> Entry {
@@ -102,7 +102,7 @@ impl Firewalls {
             ipv4,
             ipv6,
             sets,
-            failsafe: failsafe.clone(),
+            failsafe: Arc::clone(failsafe),
             hashes,
         };
         // the hashes cover every document and set, so equal hashes are equal content (and
@@ -117,10 +117,11 @@ impl Firewalls {
             }
             _ => Arc::new(fw),
         };
-        Entry {
-            fw,
-            sources: rendered.sources.clone(),
-        }
+        let sources = match previous {
+            Some(p) if *p.sources == rendered.sources => p.sources.clone(),
+            _ => Arc::new(rendered.sources.clone()),
+        };
+        Entry { fw, sources }
     }
 
     /// Puts `entry` in place of `group`'s firewall (`None` removes it), keeping the users and
@@ -133,9 +134,24 @@ impl Firewalls {
         out: &mut Compiled,
         touched: &mut BTreeSet<String>,
     ) -> bool {
+        // the common case, new set contents under the same names: only the sets that are
+        // other allocations now are written (no users or use counts change)
+        if let (Some(o), Some(e)) = (self.by_group.get_mut(group), &entry) {
+            if o.sources == e.sources && o.fw.sets.keys().eq(e.fw.sets.keys()) {
+                for ((name, was), (_, now)) in o.fw.sets.iter().zip(&e.fw.sets) {
+                    if !Arc::ptr_eq(was, now) {
+                        out.sets.insert(name.clone(), now.clone());
+                        touched.insert(name.clone());
+                    }
+                }
+                let changed = !Arc::ptr_eq(&o.fw, &e.fw);
+                o.fw = e.fw.clone();
+                return changed;
+            }
+        }
         let old = self.by_group.remove(group);
         if let Some(o) = &old {
-            for s in &o.sources {
+            for s in o.sources.iter() {
                 if let Some(u) = self.users.get_mut(s) {
                     u.remove(group);
                     if u.is_empty() {
@@ -155,7 +171,7 @@ impl Firewalls {
             }
         }
         if let Some(e) = &entry {
-            for s in &e.sources {
+            for s in e.sources.iter() {
                 self.users
                     .entry(s.clone())
                     .or_default()

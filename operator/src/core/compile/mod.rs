@@ -269,7 +269,8 @@ pub struct CompiledFirewall {
     pub ipv6: Arc<RulesDocument>,
     /// Sets referenced by either document, by name.
     pub sets: BTreeMap<String, Arc<IpSet>>,
-    pub failsafe: Failsafe,
+    /// The same for every firewall of a compile (shared, not copied per group).
+    pub failsafe: Arc<Failsafe>,
     /// Content hashes (computed once; set hashes are cached between compiles).
     pub hashes: FirewallHashes,
 }
@@ -301,7 +302,7 @@ impl CompiledFirewall {
                 .iter()
                 .map(|(n, s)| (n.clone(), (**s).clone()))
                 .collect(),
-            failsafe: self.failsafe.clone(),
+            failsafe: (*self.failsafe).clone(),
         }
     }
 }

@@ -264,16 +264,20 @@ impl ZoneBuild {
             let was = match (&source.origin, &origin) {
                 (Origin::Spec, Origin::Spec) => {
                     let (old, new) = (&old_zone.spec.addresses, &zone.spec.addresses);
-                    if Arc::ptr_eq(&old_zone, zone) || old == new {
+                    if Arc::ptr_eq(&old_zone, zone) {
                         continue;
                     }
+                    // one pass from each end; equal lists leave empty spans
                     let (was, now) = changed_span(old, new);
+                    if was.is_empty() && now.is_empty() {
+                        continue;
+                    }
                     fresh = new[now].iter().map(|a| parse_spec(a)).collect();
                     was
                 }
                 (Origin::Map { lines: old, .. }, Origin::Map { lines: new, .. }) => {
                     let same = match (old, new) {
-                        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                         (None, None) => true,
                         _ => false,
                     };
@@ -285,6 +289,10 @@ impl ZoneBuild {
                     let old_lines = old.as_deref().unwrap_or(&empty);
                     let new_lines = new.as_deref().unwrap_or(&empty);
                     let (was, now) = changed_span(old_lines, new_lines);
+                    if was.is_empty() && now.is_empty() {
+                        source.origin = origin;
+                        continue;
+                    }
                     fresh = new_lines[now].iter().map(|l| parse_line(l)).collect();
                     was
                 }
