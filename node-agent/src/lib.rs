@@ -7,10 +7,9 @@
 //! - [`apply`]: the applier that drives the tools through a plan and proves the result;
 //! - [`runtime`]: the agent's loop: the broker link, requests, reports, drift checks;
 //! - [`addresses`] discovers interfaces, [`state`] persists the last applied firewall,
-//!   [`backoff`] paces retries, [`netns`] gives tests and benches throwaway namespaces.
+//!   [`netns`] gives tests and benches throwaway namespaces.
 pub mod addresses;
 pub mod apply;
-pub mod backoff;
 pub mod broker_user;
 pub mod config;
 pub mod core;

@@ -1,42 +1,100 @@
 //! Runs the kernel's command-line tools (`iptables-*-save/-restore`, `ipset`, `ip`), each
-//! inside the configured network namespace: the child joins it with `setns(2)` between fork
-//! and exec (what `ip netns exec NAME` does, without an extra process and mount namespace per
-//! call), so tests and benches use a throwaway namespace while the agent itself stays in its
-//! own to reach the broker. Calls are blocking; an async caller wraps them in `spawn_blocking`.
+//! inside the configured network namespace, so tests and benches use a throwaway namespace
+//! while the agent itself stays in its own to reach the broker. The children are started by a
+//! thread that joined the namespace once (a child is born in its parent thread's namespace):
+//! no extra process per call as with `ip netns exec`, and no `fork` of the whole agent as a
+//! `setns` between fork and exec would need (which copies the agent's page tables, the most of
+//! a tool call's cost for 200 agents on one machine); the standard library then uses
+//! `posix_spawn`. Calls are blocking; an async caller wraps them in `spawn_blocking`.
 
 use super::KernelError;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::debug;
 
 /// Writes a tool's stdin (see [`Runner::run_feeding`]).
 pub type Feed<'a> = dyn FnMut(&mut dyn Write) -> std::io::Result<()> + Send + 'a;
 
+/// A command to start, and where to send the started child.
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// A thread living in the tools' namespace that starts their processes.
+#[derive(Debug)]
+struct Spawner {
+    jobs: Mutex<mpsc::Sender<SpawnJob>>,
+}
+
+impl Spawner {
+    /// Starts the thread and joins it to `ns`.
+    fn start(ns: &std::fs::File) -> std::io::Result<Spawner> {
+        let ns = ns.try_clone()?;
+        let (jobs, rx) = mpsc::channel::<SpawnJob>();
+        let (ready_tx, ready) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("netns-spawner".into())
+            .spawn(move || {
+                let joined = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from);
+                let ok = joined.is_ok();
+                let _ = ready_tx.send(joined);
+                if !ok {
+                    return;
+                }
+                // until every runner sharing it is gone
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        ready
+            .recv()
+            .map_err(|_| std::io::Error::other("the spawner thread ended"))??;
+        Ok(Spawner {
+            jobs: Mutex::new(jobs),
+        })
+    }
+
+    fn spawn(&self, cmd: Command) -> std::io::Result<Child> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs
+            .lock()
+            .map_err(|_| std::io::Error::other("spawner poisoned"))?
+            .send((cmd, tx))
+            .map_err(|_| std::io::Error::other("the spawner thread ended"))?;
+        rx.recv()
+            .map_err(|_| std::io::Error::other("the spawner thread ended"))?
+    }
+}
+
 /// Runs tools in one network namespace.
 #[derive(Clone, Debug, Default)]
 pub struct Runner {
     /// The namespace tools run in, opened once (`/run/netns/NAME`).
     netns: Option<Arc<std::fs::File>>,
+    /// Starts the tools inside `netns`.
+    spawner: Option<Arc<Spawner>>,
 }
 
 impl Runner {
     /// A runner for `netns` (`/run/netns/NAME`, as `ip netns` creates it), or for the agent's
     /// own namespace.
     pub fn new(netns: Option<&str>) -> Result<Self, KernelError> {
-        let netns = match netns {
-            Some(ns) => {
-                let path = std::path::Path::new("/run/netns").join(ns);
-                let file = std::fs::File::open(&path).map_err(|source| KernelError::Spawn {
-                    command: format!("open network namespace {}", path.display()),
-                    source,
-                })?;
-                Some(Arc::new(file))
-            }
-            None => None,
+        let Some(ns) = netns else {
+            return Ok(Runner::default());
         };
-        Ok(Runner { netns })
+        let path = std::path::Path::new("/run/netns").join(ns);
+        let open_err = |source| KernelError::Spawn {
+            command: format!("open network namespace {}", path.display()),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(open_err)?;
+        let spawner = Spawner::start(&file).map_err(open_err)?;
+        Ok(Runner {
+            netns: Some(Arc::new(file)),
+            spawner: Some(Arc::new(spawner)),
+        })
     }
 
     /// The namespace, when one is configured.
@@ -89,22 +147,12 @@ impl Runner {
         .map(drop)
     }
 
-    /// The command for `program`, joining the configured namespace in the child.
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        if let Some(ns) = &self.netns {
-            use std::os::unix::process::CommandExt;
-            let ns = ns.clone();
-            // SAFETY: runs in the forked child before exec; setns(2) is a single system call
-            // (async-signal-safe) on a descriptor this runner keeps open for its lifetime.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sched::setns(&*ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)
-                });
-            }
+    /// Starts `cmd` inside the configured namespace.
+    fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        match &self.spawner {
+            Some(s) => s.spawn(cmd),
+            None => cmd.spawn(),
         }
-        cmd
     }
 
     /// Runs a tool: `feed` writes its stdin, `on_line` takes its stdout line by line (else
@@ -122,7 +170,7 @@ impl Runner {
             command.push_str(a);
         }
         let started = Instant::now();
-        let mut cmd = self.command(program);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(if feed.is_some() {
                 Stdio::piped()
@@ -131,7 +179,7 @@ impl Runner {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| KernelError::Spawn {
+        let mut child = self.spawn(cmd).map_err(|source| KernelError::Spawn {
             command: command.clone(),
             source,
         })?;

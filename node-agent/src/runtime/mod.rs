@@ -21,7 +21,6 @@
 
 use crate::apply::Applier;
 use crate::apply::{ApplyError, ApplyReport, Plan};
-use crate::backoff::Backoff;
 use crate::broker_user::{own_user_refused, Login};
 use crate::config::{Config, Mode as ConfigMode};
 use crate::core::drift::DriftReport;
@@ -93,9 +92,17 @@ fn unix_now() -> u64 {
 struct Pending {
     revision: u64,
     firewall: Firewall,
-    backoff: Backoff,
+    /// Failed attempts so far (the delay grows with them, see [`RETRY_BACKOFF`]).
+    attempts: u32,
     next_try: tokio::time::Instant,
 }
+
+/// How a failed apply is retried: from about half a second to a minute, with full jitter (the
+/// same backoff the broker link reconnects with).
+const RETRY_BACKOFF: dog_protocol::broker::Backoff = dog_protocol::broker::Backoff {
+    initial: std::time::Duration::from_millis(500),
+    max: std::time::Duration::from_secs(60),
+};
 
 /// The running agent. Build it with [`Agent::start`], then [`Agent::run`] it.
 pub struct Agent {
@@ -325,7 +332,7 @@ impl Agent {
                     revision = saved.revision,
                     "could not restore the saved firewall; retrying with backoff"
                 );
-                self.schedule_retry(saved.revision, saved.firewall, None);
+                self.schedule_retry(saved.revision, saved.firewall, 0);
             }
             None => {}
         }

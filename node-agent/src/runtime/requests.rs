@@ -234,7 +234,7 @@ impl Agent {
             Err(e) => {
                 warn!(revision, error = %e, "apply failed; the previous firewall stays in force; retrying with backoff");
                 let message = e.to_string();
-                self.schedule_retry(revision, firewall, None);
+                self.schedule_retry(revision, firewall, 0);
                 Response::error(id, ErrorKind::ApplyFailed, message)
             }
         }
@@ -335,18 +335,12 @@ impl Agent {
         release_freed_memory();
     }
 
-    pub(super) fn schedule_retry(
-        &mut self,
-        revision: u64,
-        firewall: Firewall,
-        backoff: Option<Backoff>,
-    ) {
-        let mut backoff = backoff.unwrap_or_default();
-        let delay = backoff.next_delay();
+    pub(super) fn schedule_retry(&mut self, revision: u64, firewall: Firewall, failed_before: u32) {
+        let delay = RETRY_BACKOFF.delay(failed_before);
         self.pending = Some(Pending {
             revision,
             firewall,
-            backoff,
+            attempts: failed_before + 1,
             next_try: tokio::time::Instant::now() + delay,
         });
     }
@@ -355,7 +349,7 @@ impl Agent {
         let Some(p) = self.pending.take() else { return };
         info!(
             revision = p.revision,
-            attempt = p.backoff.attempts(),
+            attempt = p.attempts,
             "retrying apply"
         );
         match self.kernel_apply(&p.firewall).await {
@@ -371,7 +365,7 @@ impl Agent {
             }
             Err(e) => {
                 warn!(revision = p.revision, error = %e, "retry failed");
-                self.schedule_retry(p.revision, p.firewall, Some(p.backoff));
+                self.schedule_retry(p.revision, p.firewall, p.attempts);
             }
         }
     }

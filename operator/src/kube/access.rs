@@ -8,7 +8,7 @@
 /// (apiGroup, resource, verbs). `""` is the core group.
 pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
     // store.rs: watchers; nodes.rs: get/create in ensure_host_for_agent, SSA patch from Nodes,
-    // delete of Hosts retired longer than the retention (runtime.rs collects them).
+    // delete of Hosts retired longer than the retention (runtime/ticks.rs collects them).
     (
         "dogfw.io",
         "hosts",

@@ -491,20 +491,14 @@ impl BrokerArgs {
         cfg
     }
 
-    /// The broker's TCP port from the URL (the failsafe list must keep it open).
+    /// The broker's TCP port from the URL (the failsafe list must keep it open): the URL's
+    /// port, else the scheme's default (5672, 5671 for `amqps`). A URL that does not parse
+    /// is refused at connect; its default port is assumed here.
     pub fn port(&self) -> u16 {
-        let default = if self.url.starts_with("amqps://") {
-            5671
-        } else {
-            5672
-        };
-        let after_scheme = self.url.split("://").nth(1).unwrap_or("");
-        let authority = after_scheme.split('/').next().unwrap_or("");
-        let hostport = authority.rsplit('@').next().unwrap_or("");
-        hostport
-            .rsplit_once(':')
-            .filter(|(h, _)| !h.ends_with(']') || hostport.starts_with('['))
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(default)
+        match AMQPUri::from_str(&self.url) {
+            Ok(uri) => uri.authority.port,
+            Err(_) if self.url.starts_with("amqps://") => 5671,
+            Err(_) => 5672,
+        }
     }
 }
