@@ -43,6 +43,7 @@ async fn agent_applies_rejects_forgeries_and_replays_and_answers_unknown_request
         .request(RequestKind::Apply {
             revision: 10,
             firewall: fw.clone(),
+            kept_sets: Default::default(),
         })
         .await;
     let (rev, hashes) = ok_hashes(&r);
@@ -170,6 +171,7 @@ async fn agent_repairs_a_hand_edit_and_reports_it_in_the_next_keepalive() {
         .request(RequestKind::Apply {
             revision: 7,
             firewall: fw.clone(),
+            kept_sets: Default::default(),
         })
         .await;
     ok_hashes(&r);
@@ -257,6 +259,7 @@ async fn started_with_revision_42(h: &mut Harness) -> dog_protocol::ruleset::Hos
         &h.request(RequestKind::Apply {
             revision: 42,
             firewall: fw.clone(),
+            kept_sets: Default::default(),
         })
         .await,
     );
@@ -290,6 +293,7 @@ async fn agent_restarted_after_kill9_reenforces_its_saved_state_and_sigterm_keep
     let (id, bytes) = h.seal(RequestKind::Apply {
         revision: 41,
         firewall: fw.clone(),
+        kept_sets: Default::default(),
     });
     h.publish(id, &bytes).await;
     let r = h.request(RequestKind::Status).await;
@@ -338,6 +342,7 @@ async fn agent_in_observe_mode_reports_what_would_change_and_never_touches_the_k
         .request(RequestKind::Apply {
             revision: 5,
             firewall: fw.clone(),
+            kept_sets: Default::default(),
         })
         .await;
     match &r.result {
@@ -480,5 +485,69 @@ async fn a_shared_set_change_applies_only_to_its_base() {
     let mut expected = fw.clone();
     expected.sets.insert("dogz4-web".into(), after.clone());
     assert_eq!(hashes, expected.hashes());
+    h.cleanup().await;
+}
+
+/// A rule change that keeps the host's sets names them instead of sending them: the agent
+/// takes them from what it holds (the result is the full firewall, by hash); a kept set it does
+/// not hold as named is answered `base_mismatch`, and nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_that_keeps_sets_takes_them_from_what_the_agent_holds() {
+    let Some(mut h) = Harness::new("agent_kept_sets").await else {
+        return;
+    };
+    h.spawn_agent();
+    h.heartbeat(30).await;
+    let fw = test_firewall(&h.host);
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 10,
+            firewall: fw.clone(),
+            kept_sets: Default::default(),
+        })
+        .await;
+    assert_eq!(ok_hashes(&r).0, Some(10));
+    // new rules, the same sets: only their names and hashes travel
+    let mut next = fw.clone();
+    next.ipv4.text = next.ipv4.text.replace("--dport 80", "--dport 8080");
+    let kept: std::collections::BTreeMap<String, String> = next
+        .sets
+        .iter()
+        .map(|(n, s)| (n.clone(), s.hash()))
+        .collect();
+    let mut sent = next.clone();
+    sent.sets.clear();
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 11,
+            firewall: sent.clone(),
+            kept_sets: kept.clone(),
+        })
+        .await;
+    let (rev, hashes) = ok_hashes(&r);
+    assert_eq!(rev, Some(11));
+    assert_eq!(hashes, next.hashes(), "the kept sets are part of what runs");
+    // a kept set named with another hash than the agent's copy: nothing is applied
+    let mut wrong = kept.clone();
+    wrong.insert("dogz4-web".into(), "0".repeat(64));
+    let mut other = sent.clone();
+    other.ipv4.text = other.ipv4.text.replace("--dport 8080", "--dport 9090");
+    let r = h
+        .request(RequestKind::Apply {
+            revision: 12,
+            firewall: other,
+            kept_sets: wrong,
+        })
+        .await;
+    assert!(
+        matches!(&r.result, Outcome::Error { kind: ErrorKind::BaseMismatch, message } if message.contains("dogz4-web")),
+        "{r:?}"
+    );
+    let r = h.request(RequestKind::Status).await;
+    assert_eq!(
+        ok_hashes(&r),
+        (Some(11), next.hashes()),
+        "still revision 11"
+    );
     h.cleanup().await;
 }

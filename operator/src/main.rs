@@ -134,7 +134,7 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
                 verifier: None,
                 broker_users,
                 args,
-                sealer,
+                sealer: Arc::new(sealer),
                 link: link.clone(),
                 deliveries,
                 source,

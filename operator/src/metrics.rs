@@ -15,6 +15,8 @@ pub struct OperatorMetrics {
     pub hosts: IntGaugeVec,
     pub hosts_drifted: IntGauge,
     pub rejected: IntCounterVec,
+    /// `kind` = `heartbeat` | `keepalive` | `response`.
+    pub agent_messages: IntCounterVec,
     pub hosts_registered: IntCounterVec,
     /// `result` = `ok` | `not_configured` | `management_api` | `publish`.
     pub broker_users: IntCounterVec,
@@ -62,6 +64,10 @@ impl OperatorMetrics {
                 Opts::new("dog_operator_rejected_messages_total", "Agent messages refused, by reason"),
                 &["reason"],
             )?,
+            agent_messages: IntCounterVec::new(
+                Opts::new("dog_operator_agent_messages_total", "Agent messages opened (signature and sender checked), by kind (heartbeat, keepalive, response)"),
+                &["kind"],
+            )?,
             hosts_registered: IntCounterVec::new(
                 Opts::new("dog_operator_hosts_registered_total", "Hosts whose agent keys were pinned on a first heartbeat, by how the agent was admitted (service_account, broker_user, first_use)"),
                 &["how"],
@@ -106,6 +112,7 @@ impl OperatorMetrics {
             Box::new(m.hosts.clone()),
             Box::new(m.hosts_drifted.clone()),
             Box::new(m.rejected.clone()),
+            Box::new(m.agent_messages.clone()),
             Box::new(m.hosts_registered.clone()),
             Box::new(m.broker_users.clone()),
             Box::new(m.safety_valve_frozen.clone()),

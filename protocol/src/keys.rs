@@ -537,8 +537,9 @@ impl TrustedKeys {
         t
     }
 
-    /// Parses one base64 public key per line (blank lines and `#` comments ignored), as the
-    /// chart mounts them. `what` names the source in errors (with the line number).
+    /// Parses one public key per line, either `base64` or `key-id base64` (what `dog-operator
+    /// keygen` prints; the key id must then match the key). Blank lines and `#` comments are
+    /// ignored. `what` names the source in errors (with the line number).
     pub fn parse(text: &str, what: &str) -> Result<Self, KeyError> {
         let mut t = TrustedKeys::default();
         for (i, line) in text.lines().enumerate() {
@@ -546,10 +547,25 @@ impl TrustedKeys {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            t.insert(SigningPublicKey::from_base64(
-                line,
-                &format!("{what} line {}", i + 1),
-            )?);
+            let at = format!("{what} line {}", i + 1);
+            let bad = |reason: String| KeyError::BadPublicKey {
+                what: at.clone(),
+                kind: "Ed25519",
+                reason,
+            };
+            let (id, key) = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [key] => (None, *key),
+                [id, key] => (Some(*id), *key),
+                _ => return Err(bad("expected `base64` or `key-id base64`".into())),
+            };
+            let k = SigningPublicKey::from_base64(key, &at)?;
+            if let Some(id) = id.filter(|id| *id != k.fingerprint()) {
+                return Err(bad(format!(
+                    "key id {id} does not match the key (its id is {})",
+                    k.fingerprint()
+                )));
+            }
+            t.insert(k);
         }
         Ok(t)
     }

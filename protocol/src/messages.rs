@@ -325,10 +325,16 @@ impl std::fmt::Debug for Password {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RequestKind {
-    /// Apply this full desired state.
+    /// Apply this full desired state. The sets named in `kept_sets` are not in
+    /// `firewall.sets`: the agent holds them already (the value is the hash its copy must
+    /// have) and takes them from the state it holds; a copy with another hash is answered
+    /// `base_mismatch`, and the operator sends the sets in full. A rule change of a host
+    /// whose sets did not change then costs the rules, not every member of every set.
     Apply {
         revision: u64,
         firewall: HostFirewall,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        kept_sets: BTreeMap<String, String>,
     },
     /// Patch the sets of the state at `base_revision`, giving `revision`.
     ApplySetDeltas {
@@ -554,7 +560,11 @@ impl AgentMessage {
 impl Request {
     pub fn validate(&self) -> Result<(), LimitError> {
         match &self.request {
-            RequestKind::Apply { firewall, .. } => {
+            RequestKind::Apply {
+                firewall,
+                kept_sets,
+                ..
+            } => {
                 check(
                     || "request.firewall.host".into(),
                     firewall.host.len(),
@@ -575,6 +585,10 @@ impl Request {
                     firewall.sets.len(),
                     limits::SETS,
                 )?;
+                check(|| "request.kept_sets".into(), kept_sets.len(), limits::SETS)?;
+                for name in kept_sets.keys() {
+                    check(|| "request.kept_sets".into(), name.len(), SET_NAME_MAX)?;
+                }
                 for (name, set) in &firewall.sets {
                     let prefix = format!("request.firewall.sets[{name:.32}]");
                     check(|| prefix.clone(), name.len(), SET_NAME_MAX)?;

@@ -23,6 +23,7 @@ use dog_protocol::keys::{EncryptionKey, SigningKey, TrustedKeys};
 use dog_protocol::messages::{
     AgentMessage, DriftSummary, Heartbeat, Mode, OperatorMessage, Outcome, RequestKind, Response,
 };
+use dog_protocol::ruleset::{rules_hash, sets_hash, FirewallHashes};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
@@ -87,7 +88,25 @@ fn host_yaml(name: &str, i: usize, signing: &str, encryption: &str) -> String {
 /// The answer of a host that applies everything it is sent.
 fn answer(host: &Host, kind: RequestKind, id: uuid::Uuid) -> Response {
     let (applied_revision, hashes) = match &kind {
-        RequestKind::Apply { revision, firewall } => (Some(*revision), Some(firewall.hashes())),
+        RequestKind::Apply {
+            revision,
+            firewall,
+            kept_sets,
+        } => {
+            // the kept sets count as held with the hashes the request names
+            let mut set_hashes: Vec<(String, String)> = firewall
+                .sets
+                .iter()
+                .map(|(n, s)| (n.clone(), s.hash()))
+                .collect();
+            set_hashes.extend(kept_sets.iter().map(|(n, h)| (n.clone(), h.clone())));
+            let hashes = FirewallHashes {
+                ipv4_rules: rules_hash(&firewall.ipv4.text),
+                ipv6_rules: rules_hash(&firewall.ipv6.text),
+                sets: sets_hash(set_hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
+            };
+            (Some(*revision), Some(hashes))
+        }
         _ => (None, None),
     };
     let _ = &host.name;
@@ -125,48 +144,46 @@ async fn publish(
 }
 
 /// Serves one host's queue: opens each request, answers it, acknowledges it.
-async fn serve(
-    host: Arc<Host>,
-    connection: Arc<Connection>,
-    channel: Channel,
-    queue: String,
-    args: Arc<Args>,
-) {
+async fn serve(host: Arc<Host>, channel: Channel, queue: String, args: Arc<Args>) {
     let exchange = format!("{}.operator", args.broker.topology_prefix);
-    // the operator declares the queue when it first publishes: wait for it
-    let consumer = loop {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        // a failed passive declare closes its channel: probe on a channel of its own
-        let Ok(probe) = connection.create_channel().await else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        };
-        let exists = probe
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-            .is_ok();
-        let _ = probe.close(200, "probed".into()).await;
-        if !exists {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        match channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("sim-{}", host.name).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) => {
-                warn!(host = %host.name, error = %e, "consume failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+    // declared as the operator declares it (classic, bounded, oldest dropped), so either may
+    // come first
+    let max_len = dog_protocol::broker::BrokerConfig::new(&args.broker.url, "sim")
+        .host_queue_max_length
+        .unwrap_or(64);
+    let mut queue_args = FieldTable::default();
+    queue_args.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(max_len.into()),
+    );
+    queue_args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("drop-head".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    if let Err(e) = channel
+        .queue_declare(queue.as_str().into(), durable, queue_args)
+        .await
+    {
+        warn!(host = %host.name, error = %e, "queue not declared");
+        return;
+    }
+    let consumer = match channel
+        .basic_consume(
+            queue.as_str().into(),
+            format!("sim-{}", host.name).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(host = %host.name, error = %e, "not consuming");
+            return;
         }
     };
     let mut consumer = consumer;
@@ -213,14 +230,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     let text = std::fs::read_to_string(&args.operator_public_keys)
         .with_context(|| format!("reading {}", args.operator_public_keys.display()))?;
-    let operator_keys = TrustedKeys::parse(
-        &text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        "operator public keys",
-    )?;
+    let operator_keys = TrustedKeys::parse(&text, "operator public keys")?;
 
     // keys, and the Host objects that pin them
     let mut hosts = Vec::with_capacity(args.hosts);
@@ -302,15 +312,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let exchange = format!("{}.operator", args.broker.topology_prefix);
     for (i, (host, heartbeat)) in hosts.into_iter().enumerate() {
-        let (conn, ch) = &channels[i % channels.len()];
+        let (_, ch) = &channels[i % channels.len()];
         let queue = format!("{}.host.{}", args.broker.topology_prefix, host.name);
-        tokio::spawn(serve(
-            host.clone(),
-            conn.clone(),
-            ch.clone(),
-            queue,
-            args.clone(),
-        ));
+        tokio::spawn(serve(host.clone(), ch.clone(), queue, args.clone()));
         let body = host.sealer.agent_message(
             &args.operator_name,
             &AgentMessage::Heartbeat(heartbeat),

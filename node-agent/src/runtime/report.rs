@@ -19,36 +19,7 @@ pub fn load_operator_keys(path: &Path) -> anyhow::Result<TrustedKeys> {
 
 /// See [`load_operator_keys`].
 pub fn parse_operator_keys(text: &str, what: &str) -> anyhow::Result<TrustedKeys> {
-    let mut only_keys = String::new();
-    for (i, line) in text.lines().enumerate() {
-        let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
-            only_keys.push('\n');
-            continue;
-        }
-        let words: Vec<&str> = t.split_whitespace().collect();
-        let (id, key) = match words.as_slice() {
-            [key] => (None, *key),
-            [id, key] => (Some(*id), *key),
-            _ => anyhow::bail!(
-                "{what} line {}: expected `base64` or `key-id base64`",
-                i + 1
-            ),
-        };
-        let k = SigningPublicKey::from_base64(key, &format!("{what} line {}", i + 1))?;
-        if let Some(id) = id {
-            if id != k.fingerprint() {
-                anyhow::bail!(
-                    "{what} line {}: key id {id} does not match the key (its id is {})",
-                    i + 1,
-                    k.fingerprint()
-                );
-            }
-        }
-        only_keys.push_str(key);
-        only_keys.push('\n');
-    }
-    let keys = TrustedKeys::parse(&only_keys, what)?;
+    let keys = TrustedKeys::parse(text, what)?;
     if keys.is_empty() {
         anyhow::bail!("{what}: no operator public key in the file");
     }

@@ -94,11 +94,17 @@ impl Agent {
         let kind = request_kind_name(&req.request);
         let started = Instant::now();
         let response = match req.request {
-            RequestKind::Apply { revision, firewall } => {
-                self.pending = None;
-                self.apply_desired(id, revision, Firewall::from(firewall))
-                    .await
-            }
+            RequestKind::Apply {
+                revision,
+                firewall,
+                kept_sets,
+            } => match self.with_kept_sets(Firewall::from(firewall), &kept_sets) {
+                Ok(firewall) => {
+                    self.pending = None;
+                    self.apply_desired(id, revision, firewall).await
+                }
+                Err(why) => Response::error(id, ErrorKind::BaseMismatch, why),
+            },
             RequestKind::ApplySetDeltas {
                 base_revision,
                 revision,
@@ -194,6 +200,38 @@ impl Agent {
     }
 
     /// The firewall the agent is working towards: the pending retry, else the applied one.
+    /// `firewall` completed with the sets the operator says this host holds (name → hash),
+    /// taken from the state it holds; an error names a set it does not hold as said.
+    pub(super) fn with_kept_sets(
+        &self,
+        mut firewall: Firewall,
+        kept: &BTreeMap<String, String>,
+    ) -> Result<Firewall, String> {
+        if kept.is_empty() {
+            return Ok(firewall);
+        }
+        let held = self.current().map(|(_, fw)| fw);
+        for (name, hash) in kept {
+            match held.and_then(|fw| fw.sets.get(name)) {
+                Some(set) if set.hash() == hash => {
+                    firewall.sets.insert(name.clone(), set.clone());
+                }
+                Some(set) => {
+                    return Err(format!(
+                        "set {name} here has hash {}, the request keeps {hash}",
+                        set.hash()
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "the request keeps set {name}, which this host does not hold"
+                    ))
+                }
+            }
+        }
+        Ok(firewall)
+    }
+
     pub(super) fn current(&self) -> Option<(u64, &Firewall)> {
         match (&self.pending, &self.applied) {
             (Some(p), _) => Some((p.revision, &p.firewall)),

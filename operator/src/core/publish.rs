@@ -95,11 +95,13 @@ pub fn set_change(old: &IpSet, new: &IpSet, version: u64) -> SetChange {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Publish {
-    /// The host's full desired state.
+    /// The host's full desired state, but for the sets in `kept` (name → hash), which the
+    /// host holds already as they are now.
     Apply {
         host: String,
         revision: u64,
         firewall: Arc<CompiledFirewall>,
+        kept: BTreeMap<String, String>,
     },
     /// New content of a set shared by `recipients`, sent once: the change from their copy
     /// when `change` is set, else the whole set.
@@ -199,6 +201,19 @@ pub fn plan(
         };
         if rules_changed {
             let revision = next_revision(prev.map(|p| p.revision), now_ms);
+            // the sets the host was sent as they are now go by name and hash only
+            let kept: BTreeMap<String, String> = prev
+                .map(|p| {
+                    firewall
+                        .sets
+                        .keys()
+                        .filter_map(|n| {
+                            let h = compiled.set_hashes.get(n)?;
+                            (p.set_hashes.get(n) == Some(h)).then(|| (n.clone(), h.clone()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             state.hosts.insert(
                 host.clone(),
                 delivered(revision, firewall, &compiled.set_hashes),
@@ -207,6 +222,7 @@ pub fn plan(
                 host: host.clone(),
                 revision,
                 firewall: firewall.clone(),
+                kept,
             });
             continue;
         }
@@ -557,6 +573,39 @@ mod tests {
         // the same as the merge of the two sets gives
         let merged = set_change(&c1.sets["dogz4-a"], &c2.sets["dogz4-a"], c.version);
         assert_eq!(c, &merged);
+    }
+
+    #[test]
+    fn a_rule_change_names_the_sets_a_host_holds_instead_of_sending_them() {
+        let mut st = PublishState::default();
+        let c1 = compiled(&[("a", fw("a", "-j DROP", &["1.1.1.1"]))]);
+        let out = plan(&mut st, &c1, &all(&c1), &|_| true, 1000);
+        // the first state is sent whole
+        assert!(matches!(&out[..], [Publish::Apply { kept, .. }] if kept.is_empty()));
+        let c2 = compiled(&[("a", fw("a", "-j ACCEPT", &["1.1.1.1"]))]);
+        let out = plan(&mut st, &c2, &all(&c2), &|_| true, 2000);
+        let [Publish::Apply {
+            kept,
+            firewall,
+            host,
+            ..
+        }] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            kept,
+            &BTreeMap::from([("dogz4-a".to_string(), c2.set_hashes["dogz4-a"].clone())])
+        );
+        assert!(firewall
+            .to_host_firewall_without(host, kept)
+            .sets
+            .is_empty());
+        // a forgotten host gets everything again
+        st.forget("a");
+        let c3 = compiled(&[("a", fw("a", "-j REJECT", &["1.1.1.1"]))]);
+        let out = plan(&mut st, &c3, &all(&c3), &|_| true, 3000);
+        assert!(matches!(&out[..], [Publish::Apply { kept, .. }] if kept.is_empty()));
     }
 
     #[test]

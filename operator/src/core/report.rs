@@ -226,19 +226,30 @@ pub fn host_status(compiled: &Compiled, name: &str, view: &HostView) -> HostStat
     }
 }
 
+/// Where the status functions find what the operator knows of each host at run time.
+pub trait Views {
+    fn view(&self, host: &str) -> Option<&HostView>;
+}
+
+impl Views for BTreeMap<String, HostView> {
+    fn view(&self, host: &str) -> Option<&HostView> {
+        self.get(host)
+    }
+}
+
 fn realization(
     compiled: &Compiled,
     hosts: &[String],
-    views: &BTreeMap<String, HostView>,
+    views: &dyn Views,
 ) -> (u64, u64, Vec<String>) {
     // a Retired host is not expected to run anything
     let hosts: Vec<&String> = hosts
         .iter()
-        .filter(|h| views.get(*h).is_none_or(|v| v.state != HostState::Retired))
+        .filter(|h| views.view(h).is_none_or(|v| v.state != HostState::Retired))
         .collect();
     let pending: Vec<String> = hosts
         .iter()
-        .filter(|h| !realized(compiled, h, views.get(**h)))
+        .filter(|h| !realized(compiled, h, views.view(h)))
         .map(|h| (*h).clone())
         .collect();
     let desired = hosts.len() as u64;
@@ -297,11 +308,7 @@ fn realized_condition(desired: u64, done: u64, pending: &[String]) -> Condition 
     }
 }
 
-pub fn group_status(
-    compiled: &Compiled,
-    name: &str,
-    views: &BTreeMap<String, HostView>,
-) -> GroupStatus {
+pub fn group_status(compiled: &Compiled, name: &str, views: &dyn Views) -> GroupStatus {
     let summary = compiled.groups.get(name).cloned().unwrap_or_default();
     let diags = compiled.diagnostics_for(ObjectKind::Group, name);
     let (desired, done, pending) = realization(compiled, &summary.hosts_running, views);
@@ -322,11 +329,7 @@ pub fn group_status(
     }
 }
 
-pub fn profile_status(
-    compiled: &Compiled,
-    name: &str,
-    views: &BTreeMap<String, HostView>,
-) -> ProfileStatus {
+pub fn profile_status(compiled: &Compiled, name: &str, views: &dyn Views) -> ProfileStatus {
     let summary = compiled.profiles.get(name).cloned().unwrap_or_default();
     let diags = compiled.diagnostics_for(ObjectKind::Profile, name);
     let (desired, done, pending) = realization(compiled, &summary.hosts, views);

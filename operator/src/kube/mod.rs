@@ -110,7 +110,7 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     // A term's loop takes ownership of these; the next term gets them back from it.
-    let (mut args, mut sealer) = (args, sealer);
+    let (mut args, mut sealer) = (args, Arc::new(sealer));
     loop {
         // A standby is healthy and ready (it is doing its job: waiting).
         health.set_ready();

@@ -84,6 +84,12 @@ impl Runtime {
             return;
         }
         self.last_heard_any = Some(now);
+        let kind = match msg {
+            AgentMessage::Heartbeat(_) => "heartbeat",
+            AgentMessage::Keepalive(_) => "keepalive",
+            AgentMessage::Response(_) => "response",
+        };
+        self.metrics.agent_messages.with_label_values(&[kind]).inc();
         match msg {
             AgentMessage::Heartbeat(hb) => {
                 let by_own_user = user_host.is_some();
@@ -103,6 +109,7 @@ impl Runtime {
             .is_none_or(|t| lifecycle::age(t, now) >= self.args.liveness_write_interval);
         if stamp_due {
             rt.view.last_keepalive = Some(now.to_string());
+            self.status_dirty.insert(host.to_string());
             self.needs_status = true;
         }
         if rt.view.state != HostState::Active && !rt.node_gone && !self.valve.is_frozen() {
@@ -117,7 +124,7 @@ impl Runtime {
             // a host coming back (or leaving Retired) changes group address sets
             self.needs_compile = true;
             rt.view.last_keepalive = Some(now.to_string());
-            self.needs_status = true;
+            self.status_due(host);
         }
     }
 
@@ -200,7 +207,7 @@ impl Runtime {
                             }
                             _ => None,
                         };
-                        self.needs_status = true;
+                        self.status_due(&host);
                     }
                     return;
                 }
@@ -283,7 +290,7 @@ impl Runtime {
                     .rejected
                     .with_label_values(&["key_changed"])
                     .inc();
-                self.needs_status = true;
+                self.status_due(&host);
                 return;
             }
         }
@@ -331,7 +338,7 @@ impl Runtime {
                 hb.drift.repairs
             ));
         }
-        self.needs_status = true;
+        self.status_due(&host);
         self.mark_seen(&host, now);
         if let Some(reply_to) = &hb.broker_reply_to {
             self.hand_out_broker_user(&host, &hb.encryption_key, reply_to)
@@ -441,7 +448,7 @@ impl Runtime {
         }
         // only what a user can see changing makes a status write
         if rt.view != before {
-            self.needs_status = true;
+            self.status_due(host);
         }
         self.mark_seen(host, now);
     }
@@ -503,7 +510,7 @@ impl Runtime {
                 );
             }
         }
-        self.needs_status = true;
+        self.status_due(host);
         self.mark_seen(host, now);
     }
 }

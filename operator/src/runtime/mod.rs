@@ -116,7 +116,7 @@ pub struct Runtime {
     registered: BTreeMap<String, Host>,
     /// Outstanding requests: id → (host, revision).
     pending: HashMap<Uuid, (String, Option<u64>)>,
-    sealer: Sealer,
+    sealer: Arc<Sealer>,
     opener: Opener,
     link: OperatorLink,
     deliveries: Deliveries,
@@ -155,6 +155,10 @@ pub struct Runtime {
     unpublished: crate::core::compile::Changes,
     needs_publish: bool,
     needs_status: bool,
+    /// Hosts whose status the next pass writes (all of them when `status_all`); Groups,
+    /// Profiles and Zones are written every pass.
+    status_dirty: std::collections::BTreeSet<String>,
+    status_all: bool,
     last_status: Option<Instant>,
 }
 
@@ -164,7 +168,7 @@ pub struct Parts {
     pub verifier: Option<Arc<dyn IdentityVerifier>>,
     /// The broker's management API (`--broker-management-url`), if any.
     pub broker_users: Option<Arc<dyn BrokerUsers>>,
-    pub sealer: Sealer,
+    pub sealer: Arc<Sealer>,
     pub link: OperatorLink,
     pub deliveries: Deliveries,
     pub source: Source,
@@ -313,6 +317,8 @@ impl Runtime {
             unpublished: Default::default(),
             needs_publish: false,
             needs_status: true,
+            status_dirty: Default::default(),
+            status_all: true,
             last_status: None,
             args,
         }
@@ -323,7 +329,7 @@ impl Runtime {
     pub async fn run(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> (RunArgs, Sealer) {
+    ) -> (RunArgs, Arc<Sealer>) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -414,7 +420,7 @@ impl Runtime {
             rt.view.key_fingerprint = Some(s.fingerprint());
             self.admin_pins.insert(name.clone(), keys.clone());
             self.admin_pins_changed = true;
-            self.needs_status = true;
+            self.status_due(name);
         }
     }
 
@@ -438,6 +444,7 @@ impl Runtime {
             if gone && rt.view.state != HostState::Retired {
                 info!(host = %name, "its Node is gone: retired");
                 rt.view.state = HostState::Retired;
+                self.status_dirty.insert(name.clone());
                 self.needs_status = true;
                 revoke_broker_user(&self.broker_users, &self.link, name);
             }
@@ -490,6 +497,14 @@ impl Runtime {
             debug!(kind = ?d.kind, name = %d.name, field = %d.field, reason = %d.reason, "{}", d.message);
         }
         self.needs_publish = true;
+        // outcomes and diagnostics may have changed for any host
+        self.status_all = true;
+        self.needs_status = true;
+    }
+
+    /// Host `host`'s status must be written again (what a user sees of it changed).
+    pub(super) fn status_due(&mut self, host: &str) {
+        self.status_dirty.insert(host.to_string());
         self.needs_status = true;
     }
 

@@ -39,66 +39,45 @@ impl Runtime {
             return true;
         }
         let now = unix_now();
-        let mut sealed: Vec<(Publish, Uuid, Result<Vec<u8>, String>)> = Vec::new();
-        for action in actions {
-            let id = Uuid::new_v4();
-            let bytes = match &action {
-                Publish::Apply {
-                    host,
-                    revision,
-                    firewall,
-                } => {
-                    let key = self.fleet.get(host).and_then(|rt| rt.encryption_key);
-                    let req = Request {
-                        id,
-                        request: RequestKind::Apply {
-                            revision: *revision,
-                            firewall: firewall.to_host_firewall(host),
-                        },
-                    };
-                    match key {
-                        Some(k) => self
-                            .sealer
-                            .request(host, &k, &req, now, REQUEST_TTL_SECS)
-                            .map_err(|e| e.to_string()),
-                        None => Err("no encryption key pinned".into()),
+        // Each message is sealed on the blocking pool (both cores) and published as soon as it
+        // is sealed, at most PUBLISH_CONCURRENCY at a time: the first hosts hear of a change
+        // while the last are still being sealed, and no more than that many sealed messages
+        // are held at once.
+        let jobs: Vec<(Publish, Uuid, Keys)> = actions
+            .into_iter()
+            .map(|action| {
+                let keys = match &action {
+                    Publish::Apply { host, .. } => {
+                        Keys::One(self.fleet.get(host).and_then(|rt| rt.encryption_key))
                     }
-                }
-                Publish::SharedSet {
-                    set,
-                    version,
-                    recipients,
-                    change,
-                } => {
-                    let keys: Vec<(String, EncryptionPublicKey)> = recipients
-                        .iter()
-                        .filter_map(|h| {
-                            self.fleet
-                                .get(h)
-                                .and_then(|rt| rt.encryption_key)
-                                .map(|k| (h.clone(), k))
-                        })
-                        .collect();
-                    let request = match change {
-                        Some(c) => RequestKind::SharedSetDelta(c.clone()),
-                        None => RequestKind::SharedSet {
-                            set: (**set).clone(),
-                            version: *version,
-                        },
-                    };
-                    let req = Request { id, request };
-                    self.sealer
-                        .request_for_many(&keys, &req, now, REQUEST_TTL_SECS)
-                        .map_err(|e| e.to_string())
-                }
-            };
-            sealed.push((action, id, bytes));
-        }
+                    Publish::SharedSet { recipients, .. } => Keys::Many(
+                        recipients
+                            .iter()
+                            .filter_map(|h| {
+                                self.fleet
+                                    .get(h)
+                                    .and_then(|rt| rt.encryption_key)
+                                    .map(|k| (h.clone(), k))
+                            })
+                            .collect(),
+                    ),
+                };
+                (action, Uuid::new_v4(), keys)
+            })
+            .collect();
         let link = &self.link;
         let metrics = &self.metrics;
-        let results: Vec<(Publish, Uuid, Result<(), String>)> = futures::stream::iter(sealed)
-            .map(|(action, id, bytes)| async move {
-                let bytes: Vec<u8> = match bytes {
+        let sealer = &self.sealer;
+        let results: Vec<(Publish, Uuid, Result<(), String>)> = futures::stream::iter(jobs)
+            .map(|(action, id, keys)| async move {
+                let job = (Arc::clone(sealer), action.clone());
+                let sealed = tokio::task::spawn_blocking(move || {
+                    let (sealer, action) = job;
+                    seal(&sealer, &action, id, keys, now)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("sealing task failed: {e}")));
+                let bytes: Vec<u8> = match sealed {
                     Ok(b) => b,
                     Err(e) => return (action, id, Err(format!("sealing: {e}"))),
                 };
@@ -128,7 +107,7 @@ impl Runtime {
                     if let Some(rt) = self.fleet.get_mut(&host) {
                         rt.view.desired_revision = Some(revision);
                     }
-                    self.needs_status = true;
+                    self.status_due(&host);
                 }
                 (
                     Publish::SharedSet {
@@ -183,5 +162,67 @@ impl Runtime {
                 && self.reachable(h)
                 && self.publish.revision(h).is_none()
         })
+    }
+}
+
+/// The encryption keys a message is sealed to.
+enum Keys {
+    One(Option<EncryptionPublicKey>),
+    Many(Vec<(String, EncryptionPublicKey)>),
+}
+
+/// Seals `action` as request `id` (no IO: runs on the blocking pool).
+fn seal(
+    sealer: &Sealer,
+    action: &Publish,
+    id: Uuid,
+    keys: Keys,
+    now: u64,
+) -> Result<Vec<u8>, String> {
+    match (action, keys) {
+        (
+            Publish::Apply {
+                host,
+                revision,
+                firewall,
+                kept,
+            },
+            Keys::One(key),
+        ) => {
+            let req = Request {
+                id,
+                request: RequestKind::Apply {
+                    revision: *revision,
+                    firewall: firewall.to_host_firewall_without(host, kept),
+                    kept_sets: kept.clone(),
+                },
+            };
+            let key = key.ok_or("no encryption key pinned")?;
+            sealer
+                .request(host, &key, &req, now, REQUEST_TTL_SECS)
+                .map_err(|e| e.to_string())
+        }
+        (
+            Publish::SharedSet {
+                set,
+                version,
+                change,
+                ..
+            },
+            Keys::Many(keys),
+        ) => {
+            let request = match change {
+                Some(c) => RequestKind::SharedSetDelta(c.clone()),
+                None => RequestKind::SharedSet {
+                    set: (**set).clone(),
+                    version: *version,
+                },
+            };
+            let req = Request { id, request };
+            sealer
+                .request_for_many(&keys, &req, now, REQUEST_TTL_SECS)
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("keys of the wrong kind".into()),
     }
 }

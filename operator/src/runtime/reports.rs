@@ -2,30 +2,43 @@
 //! and inbox metrics, and readiness.
 
 use super::*;
+use crate::core::report::Views;
+
+/// The fleet's views, as the status functions read them.
+struct FleetViews<'a>(&'a BTreeMap<String, HostRt>);
+
+impl Views for FleetViews<'_> {
+    fn view(&self, host: &str) -> Option<&HostView> {
+        self.0.get(host).map(|rt| &rt.view)
+    }
+}
 
 impl Runtime {
+    /// Writes the status of the hosts whose status is due (every host after a compile) and
+    /// of every Group, Profile and Zone; the sinks skip writes of unchanged statuses.
     pub(super) async fn write_statuses(&mut self) -> bool {
         let compiled = self.compiler.compiled();
         let snap = self.compiler.snapshot();
-        let views: BTreeMap<String, HostView> = self
-            .fleet
-            .iter()
-            .map(|(n, rt)| (n.clone(), rt.view.clone()))
-            .collect();
+        let views = FleetViews(&self.fleet);
         let mut ok = true;
-        let mut hosts: Vec<String> = snap.hosts.keys().cloned().collect();
-        hosts.extend(
-            self.fleet
-                .keys()
-                .filter(|h| !snap.hosts.contains_key(*h))
-                .cloned(),
-        );
+        let hosts: Vec<String> = if std::mem::take(&mut self.status_all) {
+            self.status_dirty.clear();
+            let mut all: Vec<String> = snap.hosts.keys().cloned().collect();
+            all.extend(
+                self.fleet
+                    .keys()
+                    .filter(|h| !snap.hosts.contains_key(*h))
+                    .cloned(),
+            );
+            all
+        } else {
+            std::mem::take(&mut self.status_dirty).into_iter().collect()
+        };
         let default_view = HostView::default();
         let now = Timestamp::now().to_string();
-        let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
-        let mut drifted = 0;
+        let mut failed = Vec::new();
         for h in &hosts {
-            let view = views.get(h).unwrap_or(&default_view);
+            let view = views.view(h).unwrap_or(&default_view);
             let mut st = report::host_status(compiled, h, view);
             let generation = snap.hosts.get(h).and_then(|o| o.metadata.generation);
             stamp_cached(
@@ -39,27 +52,14 @@ impl Runtime {
                 &now,
                 generation,
             );
-            *by_state.entry(state_label(st.state)).or_default() += 1;
-            // an observing host applies nothing: its difference is not drift
-            if matches!(compiled.hosts.get(h), Some(HostOutcome::Firewall { .. }))
-                && !view.observe
-                && view.reported.is_some()
-                && !report::realized(compiled, h, Some(view))
-            {
-                drifted += 1;
-            }
             if let Err(e) = self.status.write_host(h, generation, st).await {
                 ok = false;
+                failed.push(h.clone());
                 warn!(host = %h, error = %e, "status write failed");
             }
         }
-        for state in ["New", "Active", "Inactive", "Retired"] {
-            self.metrics
-                .hosts
-                .with_label_values(&[state])
-                .set(by_state.get(state).copied().unwrap_or(0));
-        }
-        self.metrics.hosts_drifted.set(drifted);
+        self.status_dirty.extend(failed);
+        self.count_hosts();
         // Groups, Profiles and Zones: the same steps, each with its own status type and writer.
         macro_rules! write_objects {
             ($objects:expr, $kind:literal, $status:expr, $write:ident) => {
@@ -102,6 +102,38 @@ impl Runtime {
             self.needs_status = true;
         }
         ok
+    }
+
+    /// The host gauges: hosts per state, and drifted hosts (an observing host applies nothing:
+    /// its difference is not drift). One pass over the fleet's views, no status computed.
+    fn count_hosts(&self) {
+        let compiled = self.compiler.compiled();
+        let mut by_state: BTreeMap<&'static str, i64> = BTreeMap::new();
+        let mut drifted = 0;
+        let hosts = self.compiler.snapshot().hosts.keys().chain(
+            self.fleet
+                .keys()
+                .filter(|h| !self.compiler.snapshot().hosts.contains_key(*h)),
+        );
+        let default_view = HostView::default();
+        for h in hosts {
+            let view = self.fleet.get(h).map_or(&default_view, |rt| &rt.view);
+            *by_state.entry(state_label(view.state)).or_default() += 1;
+            if matches!(compiled.hosts.get(h), Some(HostOutcome::Firewall { .. }))
+                && !view.observe
+                && view.reported.is_some()
+                && !report::realized(compiled, h, Some(view))
+            {
+                drifted += 1;
+            }
+        }
+        for state in ["New", "Active", "Inactive", "Retired"] {
+            self.metrics
+                .hosts
+                .with_label_values(&[state])
+                .set(by_state.get(state).copied().unwrap_or(0));
+        }
+        self.metrics.hosts_drifted.set(drifted);
     }
 
     /// Every [`INBOX_EVERY`]: how many agent messages wait in the inbox (a metric; above

@@ -39,7 +39,7 @@ impl Runtime {
                         self.compiler.snapshot(),
                         DogEvent::host_state_changed(&t.name, t.from, t.to),
                     );
-                    self.needs_status = true;
+                    self.status_due(&t.name);
                     if t.to == HostState::Retired || t.from == HostState::Retired {
                         self.needs_compile = true;
                     }

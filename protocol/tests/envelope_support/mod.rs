@@ -94,6 +94,7 @@ pub fn apply(host: &str, revision: u64) -> Request {
         request: RequestKind::Apply {
             revision,
             firewall: firewall(host),
+            kept_sets: Default::default(),
         },
     }
 }

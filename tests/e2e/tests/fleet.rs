@@ -429,7 +429,18 @@ fn an_operator_restart_changes_nothing_on_the_hosts() {
     f.start_operator();
     // keepalives (1 s) arrive and are compared; give it a few rounds
     f.wait_status("hosts seen by the new operator", 20, |st| f.all_in_sync(st));
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // a publish would follow a host's report in the same pass: let several more keepalives of
+    // each host be compared, then nothing may have been published
+    let keepalives = || f.operator_metric(r#"dog_operator_agent_messages_total{kind="keepalive"}"#);
+    let seen = keepalives().unwrap_or(0.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while keepalives().unwrap_or(0.0) < seen + 6.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted operator received no further keepalives"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let after = f.status();
     assert_eq!(
         revisions(&after),

@@ -293,6 +293,15 @@ impl CompiledFirewall {
 
     /// The self-contained firewall of `host` (copies the sets).
     pub fn to_host_firewall(&self, host: &str) -> HostFirewall {
+        self.to_host_firewall_without(host, &BTreeMap::<String, ()>::new())
+    }
+
+    /// The firewall of `host` without the sets named in `kept` (which the host holds).
+    pub fn to_host_firewall_without<V>(
+        &self,
+        host: &str,
+        kept: &BTreeMap<String, V>,
+    ) -> HostFirewall {
         HostFirewall {
             host: host.to_string(),
             ipv4: (*self.ipv4).clone(),
@@ -300,6 +309,7 @@ impl CompiledFirewall {
             sets: self
                 .sets
                 .iter()
+                .filter(|(n, _)| !kept.contains_key(*n))
                 .map(|(n, s)| (n.clone(), (**s).clone()))
                 .collect(),
             failsafe: (*self.failsafe).clone(),
