@@ -43,6 +43,8 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 }
 
 impl AgentMetrics {
+    /// Every metric with its name and help text, registered. Long by nature: one declaration
+    /// per metric, a list to read rather than logic to follow.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let r = &registry;

@@ -25,6 +25,8 @@ fn ok_hashes(
     }
 }
 
+/// One agent's life in order: an apply, then each forgery and replay against the state that
+/// apply left; each step needs the one before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_applies_rejects_forgeries_and_replays_and_answers_unknown_requests() {
     let Some(mut h) = Harness::new("agent_applies").await else {

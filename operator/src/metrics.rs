@@ -30,6 +30,8 @@ pub struct OperatorMetrics {
 }
 
 impl OperatorMetrics {
+    /// Every metric with its name and help text, registered. Long by nature: one declaration
+    /// per metric, a list to read rather than logic to follow.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let m = OperatorMetrics {

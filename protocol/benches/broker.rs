@@ -124,6 +124,7 @@ fn roundtrip_and_publish(c: &mut Criterion) {
     operator.close();
 }
 
+/// Long because it sets up 1,000 queues and consumers once for both measurements.
 fn fanout(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let p = prefix("fan");

@@ -133,8 +133,30 @@ async fn agent_user_reaches_only_its_own_queue() {
     d.acker.ack().await;
 
     // Consuming another host's queue with these credentials is refused.
+    node_credential_reaches_no_other_queue(&user.0, &password, operator.topology()).await;
+
+    // An agent link posing as another host never gets connected; the reason is exposed.
+    let (impostor, _d) = AgentLink::start(agent_config("impostor"), "node-other").unwrap();
+    eventually("the impostor's declaration refused", 10, || {
+        impostor.status().failures >= 1
+    })
+    .await;
+    let status = impostor.status();
+    assert!(!status.connected);
+    assert_eq!(status.connects, 0);
+    let reason = status.last_error.unwrap_or_default();
+    assert!(reason.contains("ACCESS"), "{reason}");
+    impostor.close();
+
+    agent.close();
+    operator.close();
+}
+
+/// With a node user's credential, nothing of another host's or of the operator's can be read,
+/// purged, deleted, bound or published into.
+async fn node_credential_reaches_no_other_queue(user: &str, password: &str, topology: &Topology) {
     let conn = lapin::Connection::connect(
-        &format!("amqp://{}:{}@127.0.0.1:5672/%2f", user.0, password),
+        &format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"),
         lapin::ConnectionProperties::default(),
     )
     .await
@@ -144,7 +166,7 @@ async fn agent_user_reaches_only_its_own_queue() {
     let ch = conn.create_channel().await.unwrap();
     refused(
         ch.basic_consume(
-            operator.topology().host_queue("node-other").into(),
+            topology.host_queue("node-other").into(),
             "thief".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -154,7 +176,7 @@ async fn agent_user_reaches_only_its_own_queue() {
     );
     // the operator's inbox is named apart from the exchange the agent may publish to: the
     // agent can neither read, purge, delete nor bind to it
-    let inbox = operator.topology().operator_queue();
+    let inbox = topology.operator_queue();
     let ch = conn.create_channel().await.unwrap();
     refused(
         ch.basic_consume(
@@ -182,7 +204,7 @@ async fn agent_user_reaches_only_its_own_queue() {
     refused(
         ch.queue_bind(
             inbox.as_str().into(),
-            operator.topology().hosts_exchange().as_str().into(),
+            topology.hosts_exchange().as_str().into(),
             "#".into(),
             Default::default(),
             FieldTable::default(),
@@ -192,24 +214,122 @@ async fn agent_user_reaches_only_its_own_queue() {
     );
     // nor publish into another host's queue through the default exchange
     let ch = conn.create_channel().await.unwrap();
-    refused(publish_confirmed(&ch, "", &operator.topology().host_queue("node-other")).await);
+    refused(publish_confirmed(&ch, "", &topology.host_queue("node-other")).await);
     let _ = conn.close(200, "done".into()).await;
+}
 
-    // An agent link posing as another host never gets connected; the reason is exposed.
-    let (impostor, _d) = AgentLink::start(agent_config("impostor"), "node-other").unwrap();
-    eventually("the impostor's declaration refused", 10, || {
-        impostor.status().failures >= 1
-    })
-    .await;
-    let status = impostor.status();
-    assert!(!status.connected);
-    assert_eq!(status.connects, 0);
-    let reason = status.last_error.unwrap_or_default();
-    assert!(reason.contains("ACCESS"), "{reason}");
-    impostor.close();
-
-    agent.close();
-    operator.close();
+/// With the bootstrap credential, no host queue, no dog exchange, no other connection's
+/// bootstrap queue (`reply` is one) and no other user-id can be used.
+async fn bootstrap_credential_touches_nothing_else(
+    user: &str,
+    password: &str,
+    topology: &Topology,
+    reply: &str,
+) {
+    let conn = lapin::Connection::connect(
+        &format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let victim = topology.host_queue("victim");
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(
+        ch.basic_consume(
+            victim.as_str().into(),
+            "thief".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("consuming a host queue"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(
+        ch.queue_purge(victim.as_str().into(), Default::default())
+            .await
+            .expect_err("purging a host queue"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(
+        ch.queue_delete(victim.as_str().into(), Default::default())
+            .await
+            .expect_err("deleting a host queue"),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(
+        ch.queue_declare(
+            topology.host_queue("newcomer").as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("declaring a named queue"),
+    );
+    // its own generated queue cannot be bound to the hosts or sets exchange
+    let ch = conn.create_channel().await.unwrap();
+    let own = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for exchange in [topology.hosts_exchange(), topology.sets_exchange()] {
+        let ch = conn.create_channel().await.unwrap();
+        assert_refused(
+            ch.queue_bind(
+                own.name().clone(),
+                exchange.as_str().into(),
+                "victim".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect_err("binding to a dog exchange"),
+        );
+    }
+    // publishing into a host queue (default exchange) or to the hosts exchange is refused
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(publish_confirmed(&ch, "", &victim).await);
+    let ch = conn.create_channel().await.unwrap();
+    assert_refused(publish_confirmed(&ch, &topology.hosts_exchange(), "victim").await);
+    // another connection's bootstrap queue is locked to that connection
+    let ch = conn.create_channel().await.unwrap();
+    let e = ch
+        .basic_consume(
+            reply.into(),
+            "thief".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("consuming another agent's bootstrap queue")
+        .to_string();
+    assert!(
+        e.contains("RESOURCE_LOCKED") || e.contains("RESOURCE-LOCKED"),
+        "{e}"
+    );
+    // and the user-id the operator reads cannot be another user's
+    let ch = conn.create_channel().await.unwrap();
+    let e = publish_with(
+        &ch,
+        &topology.operator_exchange(),
+        "victim",
+        BasicProperties::default().with_user_id(topology.node_user("victim").as_str().into()),
+    )
+    .await
+    .expect_err("a forged user-id")
+    .to_string();
+    assert!(
+        e.contains("PRECONDITION_FAILED") || e.contains("PRECONDITION-FAILED"),
+        "{e}"
+    );
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// Publishes one message on a confirm-mode channel and waits for the broker's verdict.
@@ -304,110 +424,7 @@ async fn the_bootstrap_user_reaches_only_its_own_generated_queue() {
     assert!(matches!(err, BrokerError::InvalidName { .. }), "{err}");
 
     // with the bootstrap credential, nothing of anyone else's can be touched
-    let conn = lapin::Connection::connect(
-        &format!("amqp://{}:{}@127.0.0.1:5672/%2f", user.0, password),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let victim = topology.host_queue("victim");
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(
-        ch.basic_consume(
-            victim.as_str().into(),
-            "thief".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("consuming a host queue"),
-    );
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(
-        ch.queue_purge(victim.as_str().into(), Default::default())
-            .await
-            .expect_err("purging a host queue"),
-    );
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(
-        ch.queue_delete(victim.as_str().into(), Default::default())
-            .await
-            .expect_err("deleting a host queue"),
-    );
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(
-        ch.queue_declare(
-            topology.host_queue("newcomer").as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("declaring a named queue"),
-    );
-    // its own generated queue cannot be bound to the hosts or sets exchange
-    let ch = conn.create_channel().await.unwrap();
-    let own = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    for exchange in [topology.hosts_exchange(), topology.sets_exchange()] {
-        let ch = conn.create_channel().await.unwrap();
-        assert_refused(
-            ch.queue_bind(
-                own.name().clone(),
-                exchange.as_str().into(),
-                "victim".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect_err("binding to a dog exchange"),
-        );
-    }
-    // publishing into a host queue (default exchange) or to the hosts exchange is refused
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(publish_confirmed(&ch, "", &victim).await);
-    let ch = conn.create_channel().await.unwrap();
-    assert_refused(publish_confirmed(&ch, &topology.hosts_exchange(), "victim").await);
-    // another connection's bootstrap queue is locked to that connection
-    let ch = conn.create_channel().await.unwrap();
-    let e = ch
-        .basic_consume(
-            reply.as_str().into(),
-            "thief".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("consuming another agent's bootstrap queue")
-        .to_string();
-    assert!(
-        e.contains("RESOURCE_LOCKED") || e.contains("RESOURCE-LOCKED"),
-        "{e}"
-    );
-    // and the user-id the operator reads cannot be another user's
-    let ch = conn.create_channel().await.unwrap();
-    let e = publish_with(
-        &ch,
-        &topology.operator_exchange(),
-        "victim",
-        BasicProperties::default().with_user_id(topology.node_user("victim").as_str().into()),
-    )
-    .await
-    .expect_err("a forged user-id")
-    .to_string();
-    assert!(
-        e.contains("PRECONDITION_FAILED") || e.contains("PRECONDITION-FAILED"),
-        "{e}"
-    );
-    let _ = conn.close(200, "done".into()).await;
+    bootstrap_credential_touches_nothing_else(&user.0, &password, &topology, &reply).await;
 
     agent.close();
     operator.close();

@@ -14,6 +14,8 @@ use tokio::sync::Mutex;
 
 const MESSAGES: usize = 500;
 
+/// Long because it is one run: publishers, consumers and the connection killer share the
+/// counts the assertions at the end read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_arrives_once_across_connection_kills() {
     init_tracing();

@@ -162,34 +162,63 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The host name the agent speaks for, checked as the operator will check it.
+fn checked_hostname(cfg: &Config) -> anyhow::Result<String> {
+    let hostname = cfg
+        .resolved_hostname()
+        .context("cannot determine the host name (set --hostname / NODE_NAME)")?;
+    if let Err(why) = dog_protocol::names::check_dns1123(&hostname) {
+        anyhow::bail!("host name {hostname:?} (--hostname / NODE_NAME) is not a DNS-1123 subdomain: {why}; the operator admits no other");
+    }
+    Ok(hostname)
+}
+
+/// The agent's own keys (created on first start) and the operator keys it trusts.
+fn load_keys(cfg: &Config) -> anyhow::Result<(AgentKeys, TrustedKeys)> {
+    let (keys, created) = AgentKeys::load_or_create(&cfg.state_dir)
+        .with_context(|| format!("agent keys in {}", cfg.state_dir.display()))?;
+    check_state_dir(&cfg.state_dir)?;
+    if created.signing || created.encryption {
+        info!(
+            dir = %cfg.state_dir.display(),
+            fingerprint = %keys.signing.public().fingerprint(),
+            "created agent keys on first start"
+        );
+    } else {
+        info!(fingerprint = %keys.signing.public().fingerprint(), "loaded agent keys");
+    }
+    let operator_keys = load_operator_keys(&cfg.operator_public_keys)?;
+    info!(
+        file = %cfg.operator_public_keys.display(),
+        keys = %operator_keys.key_ids().collect::<Vec<_>>().join(","),
+        "trusting operator keys"
+    );
+    Ok((keys, operator_keys))
+}
+
+/// What the previous run accepted; when unreadable, everything issued before now is refused
+/// rather than nothing.
+fn saved_replay(store: &StateStore) -> ReplayState {
+    match store.load_replay() {
+        Ok(r) => r.unwrap_or_default(),
+        Err(e) => {
+            error!(error = %e, "the replay state is unreadable; refusing messages issued before this start");
+            ReplayState {
+                floor: dog_protocol::envelope::ReplayFloor {
+                    issued_at: unix_now(),
+                    ids: Default::default(),
+                },
+                set_versions: Default::default(),
+            }
+        }
+    }
+}
+
 impl Agent {
     /// Everything up to a started broker link. Errors name the file or setting at fault.
     pub async fn start(cfg: Config) -> anyhow::Result<(Agent, Deliveries)> {
-        let hostname = cfg
-            .resolved_hostname()
-            .context("cannot determine the host name (set --hostname / NODE_NAME)")?;
-        if let Err(why) = dog_protocol::names::check_dns1123(&hostname) {
-            anyhow::bail!("host name {hostname:?} (--hostname / NODE_NAME) is not a DNS-1123 subdomain: {why}; the operator admits no other");
-        }
-        let (keys, created) = AgentKeys::load_or_create(&cfg.state_dir)
-            .with_context(|| format!("agent keys in {}", cfg.state_dir.display()))?;
-        check_state_dir(&cfg.state_dir)?;
-        if created.signing || created.encryption {
-            info!(
-                dir = %cfg.state_dir.display(),
-                fingerprint = %keys.signing.public().fingerprint(),
-                "created agent keys on first start"
-            );
-        } else {
-            info!(fingerprint = %keys.signing.public().fingerprint(), "loaded agent keys");
-        }
-        let operator_keys = load_operator_keys(&cfg.operator_public_keys)?;
-        info!(
-            file = %cfg.operator_public_keys.display(),
-            keys = %operator_keys.key_ids().collect::<Vec<_>>().join(","),
-            "trusting operator keys"
-        );
-
+        let hostname = checked_hostname(&cfg)?;
+        let (keys, operator_keys) = load_keys(&cfg)?;
         let kcfg = cfg.kernel_config();
         let kernel = blocking(move || Applier::new(kcfg))
             .await
@@ -220,20 +249,7 @@ impl Agent {
         );
         opener.set_applied_revision(applied.as_ref().map(|a| a.revision));
         // what the previous run accepted is refused again (the replay cache starts empty)
-        let replay = match store.load_replay() {
-            Ok(r) => r.unwrap_or_default(),
-            Err(e) => {
-                // unreadable: refuse everything issued before now rather than nothing
-                error!(error = %e, "the replay state is unreadable; refusing messages issued before this start");
-                ReplayState {
-                    floor: dog_protocol::envelope::ReplayFloor {
-                        issued_at: unix_now(),
-                        ids: Default::default(),
-                    },
-                    set_versions: Default::default(),
-                }
-            }
-        };
+        let replay = saved_replay(&store);
         opener.set_replay_floor(Some(replay.floor.clone()));
         let sealer = Sealer::new(hostname.clone(), keys.signing);
 

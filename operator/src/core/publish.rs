@@ -159,6 +159,9 @@ fn delivered(revision: u64, fw: &CompiledFirewall, all: &BTreeMap<String, String
     }
 }
 
+/// Hosts that need only a set update, by set name, with the hash of each one's copy.
+type SetRecipients = BTreeMap<String, Vec<(String, Option<String>)>>;
+
 /// Plans the publishes that bring every reachable host to `compiled`, updating `state` as if
 /// they were all delivered. Only the hosts `changed` names (what the compiler reported since
 /// the last plan) and those `state` keeps to revisit are looked at: the others already run
@@ -171,8 +174,7 @@ pub fn plan(
     now_ms: u64,
 ) -> Vec<Publish> {
     let mut out = Vec::new();
-    // set name -> hosts that need only a set update, with the hash of their copy
-    let mut set_recipients: BTreeMap<String, Vec<(String, Option<String>)>> = BTreeMap::new();
+    let mut set_recipients = SetRecipients::new();
     let candidates: Vec<String> = if std::mem::take(&mut state.everyone) {
         state.revisit.clear();
         compiled.hosts.keys().cloned().collect()
@@ -190,115 +192,149 @@ pub fn plan(
             state.revisit.insert(host.clone());
             continue;
         }
-        let prev = state.hosts.get(host);
-        let rules_changed = match prev {
-            None => true,
-            Some(p) => {
-                p.hashes.ipv4_rules != firewall.hashes.ipv4_rules
-                    || p.hashes.ipv6_rules != firewall.hashes.ipv6_rules
-                    || !p.set_hashes.keys().eq(firewall.sets.keys())
-            }
-        };
-        if rules_changed {
-            let revision = next_revision(prev.map(|p| p.revision), now_ms);
-            // the sets the host was sent as they are now go by name and hash only
-            let kept: BTreeMap<String, String> = prev
-                .map(|p| {
-                    firewall
-                        .sets
-                        .keys()
-                        .filter_map(|n| {
-                            let h = compiled.set_hashes.get(n)?;
-                            (p.set_hashes.get(n) == Some(h)).then(|| (n.clone(), h.clone()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            state.hosts.insert(
-                host.clone(),
-                delivered(revision, firewall, &compiled.set_hashes),
-            );
-            out.push(Publish::Apply {
-                host: host.clone(),
-                revision,
-                firewall: firewall.clone(),
-                kept,
-            });
-            continue;
-        }
-        let Some(prev) = state.hosts.get_mut(host) else {
-            continue;
-        };
-        let mut any = false;
-        for name in firewall.sets.keys() {
-            let h = compiled.set_hashes.get(name).cloned().unwrap_or_default();
-            if prev.set_hashes.get(name) != Some(&h) {
-                let copy = prev.set_hashes.insert(name.clone(), h);
-                set_recipients
-                    .entry(name.clone())
-                    .or_default()
-                    .push((host.clone(), copy));
-                any = true;
-            }
-        }
-        if any {
-            prev.hashes = firewall.hashes();
-        }
+        out.extend(plan_host(
+            state,
+            compiled,
+            host,
+            firewall,
+            now_ms,
+            &mut set_recipients,
+        ));
     }
     for (name, recipients) in set_recipients {
-        let Some(set) = compiled.sets.get(&name) else {
-            continue;
-        };
-        let version = next_revision(state.set_versions.get(&name).copied(), now_ms);
-        state.set_versions.insert(name.clone(), version);
-        // the change, for the hosts that hold the previous content, when it is the smaller
-        // message: as the compiler found it when it is against that content, else a merge
-        let base = state.last_sets.get(&name);
-        let base_hash = base.map(|b| b.hash());
-        let (on_base, others): (Vec<_>, Vec<_>) = recipients
-            .into_iter()
-            .partition(|(_, copy)| copy.is_some() && *copy == base_hash);
-        let new_hash = compiled.set_hashes.get(&name).cloned().unwrap_or_default();
-        let change = base
-            .filter(|_| !on_base.is_empty())
-            .map(|b| match changed.set_diffs.get(&name) {
-                Some(d) if Some(&d.base_hash) == base_hash.as_ref() => SetChange {
-                    name: name.clone(),
-                    version,
-                    base_hash: d.base_hash.clone(),
-                    hash: new_hash.clone(),
-                    add: d.add.clone(),
-                    remove: d.remove.clone(),
-                },
-                _ => set_change(b, set, version),
-            })
-            .filter(|c| c.add.len() + c.remove.len() < set.members.len());
-        let hosts = |v: Vec<(String, Option<String>)>| v.into_iter().map(|(h, _)| h).collect();
-        let full: Vec<String> = match change {
-            Some(change) => {
-                out.push(Publish::SharedSet {
-                    set: set.clone(),
-                    version,
-                    recipients: hosts(on_base),
-                    change: Some(change),
-                });
-                hosts(others)
-            }
-            None => hosts(on_base.into_iter().chain(others).collect()),
-        };
-        if !full.is_empty() {
-            out.push(Publish::SharedSet {
-                set: set.clone(),
-                version,
-                recipients: full,
-                change: None,
-            });
-        }
+        out.extend(plan_set(
+            state, compiled, changed, &name, recipients, now_ms,
+        ));
     }
     state.last_sets = compiled.sets.clone();
     // Hosts that vanished from the compile keep their entry only while they still exist.
     let known: BTreeSet<&String> = compiled.hosts.keys().collect();
     state.hosts.retain(|h, _| known.contains(h));
+    out
+}
+
+/// One host's part of a plan: a whole Apply when its rules or its list of sets changed (the
+/// sets it holds as they are now go by name and hash only), else its name added to the
+/// recipients of each of its sets whose content changed.
+fn plan_host(
+    state: &mut PublishState,
+    compiled: &Compiled,
+    host: &str,
+    firewall: &Arc<CompiledFirewall>,
+    now_ms: u64,
+    set_recipients: &mut SetRecipients,
+) -> Option<Publish> {
+    let prev = state.hosts.get(host);
+    let rules_changed = match prev {
+        None => true,
+        Some(p) => {
+            p.hashes.ipv4_rules != firewall.hashes.ipv4_rules
+                || p.hashes.ipv6_rules != firewall.hashes.ipv6_rules
+                || !p.set_hashes.keys().eq(firewall.sets.keys())
+        }
+    };
+    if rules_changed {
+        let revision = next_revision(prev.map(|p| p.revision), now_ms);
+        let kept: BTreeMap<String, String> = prev
+            .map(|p| {
+                firewall
+                    .sets
+                    .keys()
+                    .filter_map(|n| {
+                        let h = compiled.set_hashes.get(n)?;
+                        (p.set_hashes.get(n) == Some(h)).then(|| (n.clone(), h.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        state.hosts.insert(
+            host.to_string(),
+            delivered(revision, firewall, &compiled.set_hashes),
+        );
+        return Some(Publish::Apply {
+            host: host.to_string(),
+            revision,
+            firewall: firewall.clone(),
+            kept,
+        });
+    }
+    let prev = state.hosts.get_mut(host)?;
+    let mut any = false;
+    for name in firewall.sets.keys() {
+        let h = compiled.set_hashes.get(name).cloned().unwrap_or_default();
+        if prev.set_hashes.get(name) != Some(&h) {
+            let copy = prev.set_hashes.insert(name.clone(), h);
+            set_recipients
+                .entry(name.clone())
+                .or_default()
+                .push((host.to_string(), copy));
+            any = true;
+        }
+    }
+    if any {
+        prev.hashes = firewall.hashes();
+    }
+    None
+}
+
+/// The publishes of one changed set: the change, for the hosts that hold the previous content,
+/// when it is the smaller message (as the compiler found it when it is against that content,
+/// else a merge), and the whole set for the others.
+fn plan_set(
+    state: &mut PublishState,
+    compiled: &Compiled,
+    changed: &Changes,
+    name: &str,
+    recipients: Vec<(String, Option<String>)>,
+    now_ms: u64,
+) -> Vec<Publish> {
+    let Some(set) = compiled.sets.get(name) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let version = next_revision(state.set_versions.get(name).copied(), now_ms);
+    state.set_versions.insert(name.to_string(), version);
+    let base = state.last_sets.get(name);
+    let base_hash = base.map(|b| b.hash());
+    let (on_base, others): (Vec<_>, Vec<_>) = recipients
+        .into_iter()
+        .partition(|(_, copy)| copy.is_some() && *copy == base_hash);
+    let new_hash = compiled.set_hashes.get(name).cloned().unwrap_or_default();
+    let change = base
+        .filter(|_| !on_base.is_empty())
+        .map(|b| match changed.set_diffs.get(name) {
+            Some(d) if Some(&d.base_hash) == base_hash.as_ref() => SetChange {
+                name: name.to_string(),
+                version,
+                base_hash: d.base_hash.clone(),
+                hash: new_hash.clone(),
+                add: d.add.clone(),
+                remove: d.remove.clone(),
+            },
+            _ => set_change(b, set, version),
+        })
+        .filter(|c| c.add.len() + c.remove.len() < set.members.len());
+    let hosts = |v: Vec<(String, Option<String>)>| v.into_iter().map(|(h, _)| h).collect();
+    let full: Vec<String> = match change {
+        Some(change) => {
+            out.push(Publish::SharedSet {
+                set: set.clone(),
+                version,
+                recipients: hosts(on_base),
+                change: Some(change),
+            });
+            hosts(others)
+        }
+        None => hosts(on_base.into_iter().chain(others).collect()),
+    };
+    if !full.is_empty() {
+        out.push(Publish::SharedSet {
+            set: set.clone(),
+            version,
+            recipients: full,
+            change: None,
+        });
+    }
     out
 }
 

@@ -57,6 +57,32 @@ impl Registrar for NodeRegistrar {
     }
 }
 
+/// The name this replica holds the Lease under: its pod's name, else the machine's.
+fn replica_identity(args: &RunArgs) -> String {
+    match &args.pod_name {
+        Some(p) => p.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "dog-operator".into()),
+    }
+}
+
+/// Agents prove who they are with a token of the agent service account, checked by the API
+/// server's TokenReview.
+fn token_review_verifier(client: &kube::Client, args: &RunArgs) -> Arc<dyn IdentityVerifier> {
+    Arc::new(TokenReviewVerifier::new(
+        client.clone(),
+        args.admission
+            .agent_service_account
+            .clone()
+            .unwrap_or_else(|| AgentAccount {
+                namespace: args.namespace.clone(),
+                name: "dog-agent".into(),
+            }),
+        args.admission.identity_audience.clone(),
+    ))
+}
+
 /// Runs until `shutdown` resolves. Leading is a term: when this replica loses the Lease (a
 /// standby took over, or the API server was unreachable past the renew deadline) it stops
 /// publishing, stands by, and leads again when it wins the Lease back. It never exits for
@@ -74,12 +100,7 @@ pub async fn run(
     let store = SnapshotStore::new(args.debounce);
     tokio::spawn(store.clone().run(client.clone()));
 
-    let identity = match &args.pod_name {
-        Some(p) => p.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "dog-operator".into()),
-    };
+    let identity = replica_identity(&args);
     let elector = LeaderElector::new(
         client.clone(),
         LeaderConfig::new(args.namespace.clone(), identity.clone()),
@@ -133,17 +154,7 @@ pub async fn run(
             .collect();
         let (link, deliveries) = OperatorLink::start(broker.clone())?;
         let store_for_snapshot = store.clone();
-        let verifier: Arc<dyn IdentityVerifier> = Arc::new(TokenReviewVerifier::new(
-            client.clone(),
-            args.admission
-                .agent_service_account
-                .clone()
-                .unwrap_or_else(|| AgentAccount {
-                    namespace: args.namespace.clone(),
-                    name: "dog-agent".into(),
-                }),
-            args.admission.identity_audience.clone(),
-        ));
+        let verifier = token_review_verifier(&client, &args);
         let runtime = Runtime::new(Parts {
             verifier: Some(verifier),
             broker_users: broker_users.clone(),

@@ -27,8 +27,8 @@ use crate::core::report::{self, HostView};
 use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
 use crate::metrics::OperatorMetrics;
 use crate::runtime::broker_users::BrokerUsers;
-use dog_protocol::broker::{Deliveries, Delivery, MessageMeta, OperatorLink};
-use dog_protocol::envelope::{Opened, Opener, Sealer};
+use dog_protocol::broker::{BrokerError, Deliveries, Delivery, MessageMeta, OperatorLink};
+use dog_protocol::envelope::{Opened, Opener, SealError, Sealer};
 use dog_protocol::keys::pinning::{Pin, Pins};
 use dog_protocol::keys::{EncryptionPublicKey, SigningPublicKey};
 use dog_protocol::messages::{

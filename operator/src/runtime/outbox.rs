@@ -38,122 +38,93 @@ impl Runtime {
         if actions.is_empty() {
             return true;
         }
-        let now = unix_now();
-        // Each message is sealed on the blocking pool (both cores) and published as soon as it
-        // is sealed, at most PUBLISH_CONCURRENCY at a time: the first hosts hear of a change
-        // while the last are still being sealed, and no more than that many sealed messages
-        // are held at once.
-        let jobs: Vec<(Publish, Uuid, Keys)> = actions
+        let jobs: Vec<Job> = actions
             .into_iter()
             .map(|action| {
-                let keys = match &action {
-                    Publish::Apply { host, .. } => {
-                        Keys::One(self.fleet.get(host).and_then(|rt| rt.encryption_key))
-                    }
-                    Publish::SharedSet { recipients, .. } => Keys::Many(
-                        recipients
-                            .iter()
-                            .filter_map(|h| {
-                                self.fleet
-                                    .get(h)
-                                    .and_then(|rt| rt.encryption_key)
-                                    .map(|k| (h.clone(), k))
-                            })
-                            .collect(),
-                    ),
-                };
+                let keys = self.keys_for(&action);
                 (action, Uuid::new_v4(), keys)
             })
             .collect();
-        let link = &self.link;
-        let metrics = &self.metrics;
-        let sealer = &self.sealer;
-        let results: Vec<(Publish, Uuid, Result<(), String>)> = futures::stream::iter(jobs)
-            .map(|(action, id, keys)| async move {
-                let job = (Arc::clone(sealer), action.clone());
-                let sealed = tokio::task::spawn_blocking(move || {
-                    let (sealer, action) = job;
-                    seal(&sealer, &action, id, keys, now)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("sealing task failed: {e}")));
-                let bytes: Vec<u8> = match sealed {
-                    Ok(b) => b,
-                    Err(e) => return (action, id, Err(format!("sealing: {e}"))),
-                };
-                let started = Instant::now();
-                let meta = MessageMeta::new(id.to_string(), "request");
-                let res = match &action {
-                    Publish::Apply { host, .. } => link.publish_to_host(host, &bytes, &meta).await,
-                    Publish::SharedSet { set, .. } => {
-                        link.publish_shared_set(&set.name, &bytes, &meta).await
-                    }
-                };
-                metrics
-                    .confirm_latency
-                    .observe(started.elapsed().as_secs_f64());
-                (action, id, res.map_err(|e| e.to_string()))
-            })
-            .buffer_unordered(PUBLISH_CONCURRENCY)
-            .collect()
-            .await;
+        let results = send_all(&self.link, &self.metrics, &self.sealer, jobs, unix_now()).await;
         let mut ok = true;
         for (action, id, res) in results {
-            match (action, res) {
-                (Publish::Apply { host, revision, .. }, Ok(())) => {
-                    self.metrics.publishes.inc();
-                    info!(host = %host, revision, request = %id, "published desired state");
-                    self.pending.insert(id, (host.clone(), Some(revision)));
-                    if let Some(rt) = self.fleet.get_mut(&host) {
-                        rt.view.desired_revision = Some(revision);
-                    }
-                    self.status_due(&host);
-                }
-                (
-                    Publish::SharedSet {
-                        set,
-                        version,
-                        recipients,
-                        change,
-                    },
-                    Ok(()),
-                ) => {
-                    self.metrics.publishes.inc();
-                    match change {
-                        Some(c) => {
-                            info!(set = %set.name, version, hosts = recipients.len(), added = c.add.len(), removed = c.remove.len(), "published shared set change")
-                        }
-                        None => {
-                            info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set")
-                        }
-                    }
-                }
-                (Publish::Apply { host, .. }, Err(e)) => {
-                    ok = false;
-                    self.metrics.publish_failures.inc();
-                    warn!(host = %host, error = %e, "publish failed; will retry");
-                    self.publish.forget(&host);
-                }
-                (
-                    Publish::SharedSet {
-                        set, recipients, ..
-                    },
-                    Err(e),
-                ) => {
-                    ok = false;
-                    self.metrics.publish_failures.inc();
-                    warn!(set = %set.name, error = %e, "shared set publish failed; sending full state to its hosts instead");
-                    for h in recipients {
-                        self.publish.forget(&h);
-                    }
-                }
-            }
+            ok &= self.record(action, id, res);
         }
         if !ok {
             // retried on the next tick
             self.needs_publish = true;
         }
         ok
+    }
+
+    /// The pinned encryption keys a publish is sealed to.
+    fn keys_for(&self, action: &Publish) -> Keys {
+        let key_of = |h: &str| self.fleet.get(h).and_then(|rt| rt.encryption_key);
+        match action {
+            Publish::Apply { host, .. } => Keys::One(key_of(host)),
+            Publish::SharedSet { recipients, .. } => Keys::Many(
+                recipients
+                    .iter()
+                    .filter_map(|h| key_of(h).map(|k| (h.clone(), k)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Records one publish's result: what was sent, or, when it failed, that its hosts get
+    /// their full state on the next pass. False when it failed.
+    fn record(&mut self, action: Publish, id: Uuid, res: Result<(), SendError>) -> bool {
+        match (action, res) {
+            (Publish::Apply { host, revision, .. }, Ok(())) => {
+                self.metrics.publishes.inc();
+                info!(host = %host, revision, request = %id, "published desired state");
+                self.pending.insert(id, (host.clone(), Some(revision)));
+                if let Some(rt) = self.fleet.get_mut(&host) {
+                    rt.view.desired_revision = Some(revision);
+                }
+                self.status_due(&host);
+                true
+            }
+            (
+                Publish::SharedSet {
+                    set,
+                    version,
+                    recipients,
+                    change,
+                },
+                Ok(()),
+            ) => {
+                self.metrics.publishes.inc();
+                match change {
+                    Some(c) => {
+                        info!(set = %set.name, version, hosts = recipients.len(), added = c.add.len(), removed = c.remove.len(), "published shared set change")
+                    }
+                    None => {
+                        info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set")
+                    }
+                }
+                true
+            }
+            (Publish::Apply { host, .. }, Err(e)) => {
+                self.metrics.publish_failures.inc();
+                warn!(host = %host, error = %e, "publish failed; will retry");
+                self.publish.forget(&host);
+                false
+            }
+            (
+                Publish::SharedSet {
+                    set, recipients, ..
+                },
+                Err(e),
+            ) => {
+                self.metrics.publish_failures.inc();
+                warn!(set = %set.name, error = %e, "shared set publish failed; sending full state to its hosts instead");
+                for h in recipients {
+                    self.publish.forget(&h);
+                }
+                false
+            }
+        }
     }
 
     pub(super) fn publish_pending_retry(&self) -> bool {
@@ -171,6 +142,69 @@ enum Keys {
     Many(Vec<(String, EncryptionPublicKey)>),
 }
 
+/// A publish, its request id and the keys it is sealed to.
+type Job = (Publish, Uuid, Keys);
+
+/// Why a publish did not reach the broker.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SendError {
+    #[error("no encryption key pinned for the host")]
+    NoKey,
+    #[error("sealing: {0}")]
+    Seal(#[from] SealError),
+    #[error("sealing task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Seals each job on the blocking pool (both cores) and publishes it as soon as it is sealed,
+/// at most PUBLISH_CONCURRENCY at a time: the first hosts hear of a change while the last are
+/// still being sealed, and no more than that many sealed messages are held at once.
+async fn send_all(
+    link: &OperatorLink,
+    metrics: &OperatorMetrics,
+    sealer: &Arc<Sealer>,
+    jobs: Vec<Job>,
+    now: u64,
+) -> Vec<(Publish, Uuid, Result<(), SendError>)> {
+    futures::stream::iter(jobs)
+        .map(|(action, id, keys)| async move {
+            let res = send(link, metrics, sealer, &action, id, keys, now).await;
+            (action, id, res)
+        })
+        .buffer_unordered(PUBLISH_CONCURRENCY)
+        .collect()
+        .await
+}
+
+async fn send(
+    link: &OperatorLink,
+    metrics: &OperatorMetrics,
+    sealer: &Arc<Sealer>,
+    action: &Publish,
+    id: Uuid,
+    keys: Keys,
+    now: u64,
+) -> Result<(), SendError> {
+    let job = (Arc::clone(sealer), action.clone());
+    let bytes = tokio::task::spawn_blocking(move || {
+        let (sealer, action) = job;
+        seal(&sealer, &action, id, keys, now)
+    })
+    .await??;
+    let started = Instant::now();
+    let meta = MessageMeta::new(id.to_string(), "request");
+    let res = match action {
+        Publish::Apply { host, .. } => link.publish_to_host(host, &bytes, &meta).await,
+        Publish::SharedSet { set, .. } => link.publish_shared_set(&set.name, &bytes, &meta).await,
+    };
+    metrics
+        .confirm_latency
+        .observe(started.elapsed().as_secs_f64());
+    Ok(res?)
+}
+
 /// Seals `action` as request `id` (no IO: runs on the blocking pool).
 fn seal(
     sealer: &Sealer,
@@ -178,7 +212,7 @@ fn seal(
     id: Uuid,
     keys: Keys,
     now: u64,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, SendError> {
     match (action, keys) {
         (
             Publish::Apply {
@@ -197,10 +231,8 @@ fn seal(
                     kept_sets: kept.clone(),
                 },
             };
-            let key = key.ok_or("no encryption key pinned")?;
-            sealer
-                .request(host, &key, &req, now, REQUEST_TTL_SECS)
-                .map_err(|e| e.to_string())
+            let key = key.ok_or(SendError::NoKey)?;
+            Ok(sealer.request(host, &key, &req, now, REQUEST_TTL_SECS)?)
         }
         (
             Publish::SharedSet {
@@ -219,10 +251,11 @@ fn seal(
                 },
             };
             let req = Request { id, request };
-            sealer
-                .request_for_many(&keys, &req, now, REQUEST_TTL_SECS)
-                .map_err(|e| e.to_string())
+            Ok(sealer.request_for_many(&keys, &req, now, REQUEST_TTL_SECS)?)
         }
-        _ => Err("keys of the wrong kind".into()),
+        // keys_for builds the keys from the publish itself
+        (Publish::Apply { .. }, Keys::Many(_)) | (Publish::SharedSet { .. }, Keys::One(_)) => {
+            Err(SendError::NoKey)
+        }
     }
 }

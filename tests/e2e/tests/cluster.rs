@@ -182,6 +182,8 @@ fn cluster_in_a_box_enforces_and_survives_node_churn() {
     with_cluster(&["web", "db", "spare", "outsider"], node_churn);
 }
 
+/// One scenario on one cluster, step after step (a Node comes, goes, returns; its agent
+/// follows): the steps depend on each other, so it is read top to bottom rather than split.
 fn node_churn(api: &ApiServer, fleet: &mut Fleet) {
     let kubeconfig = api.chart_operator_kubeconfig();
     let p = fleet.prefix.clone();

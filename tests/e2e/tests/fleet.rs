@@ -272,6 +272,8 @@ fn agents_survive_crashes_drift_silence_and_broker_loss() {
 /// kill -9 while a large set and the rules are being applied: every set holds its complete old
 /// or complete new content and each family's rules are the old or the new ones; the restarted
 /// agent converges and leaves no temporary set behind.
+/// Long because it is one sequence: the old state, the kill during the new apply, the check
+/// of every set and family, the restart.
 #[test]
 fn kill_during_a_large_apply_leaves_complete_old_or_new_state() {
     use dog_protocol::ruleset::{parse_ipset_save, rules_hash};
