@@ -6,6 +6,8 @@
 //! restrictions, over the schemas as serialised JSON. It also checks that every constraint
 //! `operator/src/crd.rs` declares actually reached the schema (enums, patterns, ranges,
 //! defaults), and that every `default` validates against its own node.
+//!
+//! Long: the structural rules are one walk over the schema tree, each rule a branch of it.
 
 use dog_operator::crd::{
     ADDRESS_PATTERN, API_GROUP, API_VERSION, INTERFACE_PATTERN, NAME_PATTERN, PORT_PATTERN,

@@ -2,6 +2,8 @@
 //! requests it expects (method, path + query) with canned responses, then asserts the bodies.
 //! A missing request fails on the verifier's timeout; an extra one fails the client call
 //! (the mock service is closed once the scenario ends).
+//!
+//! Long: each exchange is spelled out request by request, which is the point of these tests.
 
 use dog_operator::core::events::DogEvent;
 use dog_operator::crd::{AgentKeys, GroupStatus, Host, HostSpec, HostState, HostStatus, Interface};

@@ -1,4 +1,6 @@
 //! Round trips of every message kind through the envelope, and every rejection reason.
+//!
+//! Long: one test per rejection reason, side by side so that a missing one shows.
 
 mod envelope_support;
 

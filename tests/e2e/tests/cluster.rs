@@ -1,6 +1,9 @@
 //! Cluster in a box: a real kube-apiserver, the chart's RBAC, the operator running as its
 //! ServiceAccount, Node objects made by the test, one `dog-agent` per node in a network
 //! namespace (enforce mode), and real TCP between them.
+//!
+//! Long: the scenarios share one API server and chart install (`with_cluster`); each split-off
+//! file would be another test binary and another API server start.
 
 use dog_e2e::Fleet;
 use dog_kube_harness::{exclusive, shared, wait_until, ApiServer, CHART_NAMESPACE};

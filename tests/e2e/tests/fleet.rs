@@ -1,5 +1,8 @@
 //! A real fleet: operator (--from-dir) + one agent per namespace + the real broker, proven with
 //! real TCP/UDP/ICMP traffic over IPv4 and IPv6.
+//!
+//! Long: each test is a short scenario over the same harness; a file per topic would be one more
+//! test binary linking the operator, the agent and the harness (seconds each, every build).
 
 use dog_e2e::{require_root, Fleet};
 use dog_operator::crd::HostState;

@@ -1,0 +1,72 @@
+//! The fleet's broker users and connections, through the broker's management tool.
+
+use super::*;
+
+impl Fleet {
+    /// Creates a broker user of this fleet (deleted with it) with these permissions in vhost `/`,
+    /// and returns the AMQP URL that logs in as it.
+    pub fn add_broker_user(
+        &self,
+        name: &str,
+        password: &str,
+        p: &dog_protocol::broker::Permissions,
+    ) -> String {
+        assert!(
+            name.starts_with(&self.prefix),
+            "fleet broker users start with the fleet prefix"
+        );
+        must(&["rabbitmqctl", "add_user", name, password]);
+        must(&[
+            "rabbitmqctl",
+            "set_permissions",
+            "-p",
+            "/",
+            name,
+            &p.configure,
+            &p.write,
+            &p.read,
+        ]);
+        format!("amqp://{name}:{password}@127.0.0.1:5672/%2f")
+    }
+
+    /// The broker users of the open connections named `connection_name`, as the broker knows
+    /// them.
+    pub fn connection_users(&self, connection_name: &str) -> Vec<String> {
+        let out = sh(&[
+            "rabbitmqctl",
+            "list_connections",
+            "-q",
+            "--formatter",
+            "json",
+            "user",
+            "client_properties",
+        ]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.iter()
+            .filter(|row| {
+                row["client_properties"].as_array().is_some_and(|props| {
+                    props.iter().any(|p| {
+                        p[0] == "connection_name" && p[2].as_str() == Some(connection_name)
+                    })
+                })
+            })
+            .filter_map(|row| row["user"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Closes (server side) the broker connections whose name contains `needle`.
+    pub fn kill_broker_connections(&self, needle: &str) -> usize {
+        let expr = format!(
+            "Ps = [P || P <- rabbit_networking:connections(), \
+               [{{client_properties, Props}}] <- [rabbit_networking:connection_info(P, [client_properties])], \
+               {{<<\"connection_name\">>, longstr, N}} <- Props, \
+               binary:match(N, <<\"{needle}\">>) =/= nomatch], \
+             [rabbit_networking:close_connection(P, \"dog e2e\") || P <- Ps], length(Ps)."
+        );
+        let out = sh(&["rabbitmqctl", "eval", &expr]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+}
