@@ -6,8 +6,8 @@
 //! 1 s tick         ─▶ lifecycle::evaluate, resync of hosts whose hashes stay wrong
 //! ```
 //!
-//! The same loop runs against the Kubernetes API (`cluster.rs`) and against a directory of
-//! YAML files (`local.rs`); only the snapshot source, the status sink, the event sink and the
+//! The same loop runs against the Kubernetes API (`crate::kube`) and against a directory of
+//! YAML files (`crate::dir`); only the snapshot source, the status sink, the event sink and the
 //! registrar of agent-only hosts differ.
 //!
 //! This file holds the state, start-up, the select loop and compiling; the impl of
