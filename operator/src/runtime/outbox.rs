@@ -168,9 +168,20 @@ async fn send_all(
     jobs: Vec<Job>,
     now: u64,
 ) -> Vec<(Publish, Uuid, Result<(), SendError>)> {
+    let out = &Outbound {
+        link,
+        metrics,
+        sealer,
+        // as many sealing threads as cores: more would only add threads (and their allocator
+        // arenas) without sealing any faster
+        sealing: tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, usize::from),
+        ),
+        now,
+    };
     futures::stream::iter(jobs)
         .map(|(action, id, keys)| async move {
-            let res = send(link, metrics, sealer, &action, id, keys, now).await;
+            let res = out.send(&action, id, keys).await;
             (action, id, res)
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
@@ -178,31 +189,39 @@ async fn send_all(
         .await
 }
 
-async fn send(
-    link: &OperatorLink,
-    metrics: &OperatorMetrics,
-    sealer: &Arc<Sealer>,
-    action: &Publish,
-    id: Uuid,
-    keys: Keys,
+/// What one pass of sending shares.
+struct Outbound<'a> {
+    link: &'a OperatorLink,
+    metrics: &'a OperatorMetrics,
+    sealer: &'a Arc<Sealer>,
+    sealing: tokio::sync::Semaphore,
     now: u64,
-) -> Result<(), SendError> {
-    let job = (Arc::clone(sealer), action.clone());
-    let bytes = tokio::task::spawn_blocking(move || {
-        let (sealer, action) = job;
-        seal(&sealer, &action, id, keys, now)
-    })
-    .await??;
-    let started = Instant::now();
-    let meta = MessageMeta::new(id.to_string(), "request");
-    let res = match action {
-        Publish::Apply { host, .. } => link.publish_to_host(host, &bytes, &meta).await,
-        Publish::SharedSet { set, .. } => link.publish_shared_set(&set.name, &bytes, &meta).await,
-    };
-    metrics
-        .confirm_latency
-        .observe(started.elapsed().as_secs_f64());
-    Ok(res?)
+}
+
+impl Outbound<'_> {
+    async fn send(&self, action: &Publish, id: Uuid, keys: Keys) -> Result<(), SendError> {
+        let job = (Arc::clone(self.sealer), action.clone(), self.now);
+        let bytes = {
+            let _turn = self.sealing.acquire().await;
+            tokio::task::spawn_blocking(move || {
+                let (sealer, action, now) = job;
+                seal(&sealer, &action, id, keys, now)
+            })
+            .await??
+        };
+        let started = Instant::now();
+        let meta = MessageMeta::new(id.to_string(), "request");
+        let res = match action {
+            Publish::Apply { host, .. } => self.link.publish_to_host(host, &bytes, &meta).await,
+            Publish::SharedSet { set, .. } => {
+                self.link.publish_shared_set(&set.name, &bytes, &meta).await
+            }
+        };
+        self.metrics
+            .confirm_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(res?)
+    }
 }
 
 /// Seals `action` as request `id` (no IO: runs on the blocking pool).
