@@ -8,8 +8,12 @@ receiving that agent's response, for two kinds of change:
   - set:   a zone every host uses changes    -> one shared-set publish for all hosts
 and prints p50 / p99 / max over all agents and rounds, plus the operator's peak RSS.
 
+With --zone-size N the zone holds N addresses and each set round replaces one of them, so the
+set change measures a one-entry delta of a large set; the bench then also prints the bytes of
+the sealed change (the operator logs each publish's size) against the whole set's.
+
 Usage (as root, after `cargo build --release --bins`):
-  python3 bench/propagation.py [--agents 200] [--rounds 5] [--profile release]
+  python3 bench/propagation.py [--agents 200] [--rounds 5] [--profile release] [--zone-size N]
 """
 import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time
 from datetime import datetime
@@ -31,7 +35,18 @@ def write(path, text):
     os.rename(tmp, path)
 
 
-def fleet(d, n, prefix, port, zone_extra):
+def zone_yaml(size, r):
+    """The office zone: with size 0 a few addresses that differ per round r; otherwise `size`
+    addresses of which only the last differs per round."""
+    if size == 0:
+        addrs = ", ".join(f"'203.0.113.{i}'" for i in range(1, 2 + r))
+    else:
+        addrs = ", ".join(f"'10.{i >> 16}.{(i >> 8) & 255}.{i & 255}'" for i in range(size - 1))
+        addrs += f", '198.51.100.{r + 1}'"
+    return f"apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec: {{addresses: [{addrs}]}}\n"
+
+
+def fleet(d, n, prefix, port, zone_extra, zone_size=0):
     hosts = []
     for i in range(n):
         hosts.append(
@@ -45,9 +60,8 @@ def fleet(d, n, prefix, port, zone_extra):
           "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: app}\nspec:\n  inbound:\n"
           f"    - {{name: app, action: ACCEPT, peer: {{kind: Group, name: app}}, protocol: tcp, ports: ['{port}']}}\n"
           "    - {name: office, action: ACCEPT, peer: {kind: Zone, name: office}, protocol: tcp, ports: ['22']}\n")
-    addrs = ", ".join(f"'203.0.113.{i}'" for i in range(1, 2 + zone_extra))
-    write(os.path.join(d, "zones.yaml"),
-          f"apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec: {{addresses: [{addrs}]}}\n")
+    if zone_size == 0 or not os.path.exists(os.path.join(d, "zones.yaml")):
+        write(os.path.join(d, "zones.yaml"), zone_yaml(zone_size, zone_extra))
 
 
 class Acks:
@@ -95,6 +109,21 @@ def stop_all(procs, ns, prefix, work):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def published_sizes(log):
+    """The sealed size of each shared-set publish in the operator's JSON log, by kind."""
+    out = {}
+    with open(log) as f:
+        for line in f:
+            if '"published shared set' not in line:
+                continue
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            out.setdefault(e["message"], []).append(int(e["bytes"]))
+    return out
+
+
 def rss_kb(pid, field):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -108,18 +137,22 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def bench_args(agents):
-    """The flags both propagation benches take, and the directory of the binaries."""
+def bench_args(agents, more=None):
+    """The flags the propagation benches take (`more` adds a bench's own), and the directory
+    of the binaries."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--agents", type=int, default=agents)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", default="release")
+    if more:
+        more(ap)
     a = ap.parse_args()
     return a, os.path.join(ROOT, "target", a.profile)
 
 
 def main():
-    a, bindir = bench_args(200)
+    a, bindir = bench_args(200, lambda ap: ap.add_argument(
+        "--zone-size", type=int, default=0, help="addresses in the zone every host uses"))
     prefix = f"dogprop{os.getpid() % 10000}"
     ns = f"{prefix}-obs"
     work = tempfile.mkdtemp(prefix="dog-prop-")
@@ -130,7 +163,7 @@ def main():
         subprocess.run(["ip", "netns", "add", ns], check=True)
         subprocess.run([os.path.join(bindir, "dog-operator"), "keygen", "--out", f"{work}/op.key",
                         "--public-out", f"{work}/op.pub"], check=True, stdout=subprocess.DEVNULL)
-        fleet(d, a.agents, prefix, 8000, 0)
+        fleet(d, a.agents, prefix, 8000, 0, a.zone_size)
         oplog = open(f"{work}/operator.log", "w")
         op = subprocess.Popen([os.path.join(bindir, "dog-operator"), "run", "--from-dir", d,
                                "--signing-key", f"{work}/op.key", "--topology-prefix", prefix,
@@ -166,11 +199,14 @@ def main():
             for kind in ("rules", "set"):
                 t0 = time.time()
                 if kind == "rules":
-                    fleet(d, a.agents, prefix, 8001 + r, r)  # port changes: rules re-rendered
-                else:
+                    # port changes: rules re-rendered
+                    fleet(d, a.agents, prefix, 8001 + r, r, a.zone_size)
+                elif a.zone_size == 0:
                     write(os.path.join(d, "zones.yaml"),
                           "apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {name: office}\n"
                           f"spec: {{addresses: ['203.0.113.0/28', '198.51.100.{r + 1}']}}\n")
+                else:
+                    write(os.path.join(d, "zones.yaml"), zone_yaml(a.zone_size, r + 1))
                 deadline = time.time() + 60
                 while True:
                     got = acks.after(t0)
@@ -190,6 +226,10 @@ def main():
             print(f"{kind:5} change -> agent ack: p50 {pct(xs, 50) * 1000:.0f} ms, p99 {pct(xs, 99) * 1000:.0f} ms, "
                   f"max {max(xs) * 1000:.0f} ms  (goal: p99 < 1000 ms)")
         print(f"operator peak RSS: {peak / 1024:.1f} MiB")
+        sizes = published_sizes(f"{work}/operator.log")
+        for what, xs in sizes.items():
+            print(f"{what}: {len(xs)} publishes, bytes each (the broker copies it into every "
+                  f"recipient's queue): min {min(xs)}, max {max(xs)}")
     finally:
         stop_all(procs, ns, prefix, work)
 

@@ -10,6 +10,8 @@ pub struct OperatorMetrics {
     pub reconciles: IntCounterVec,
     pub compile_duration: Histogram,
     pub publishes: IntCounter,
+    /// `kind` = `apply` | `shared_set`.
+    pub published_bytes: IntCounterVec,
     pub publish_failures: IntCounter,
     pub confirm_latency: Histogram,
     pub hosts: IntGaugeVec,
@@ -47,6 +49,10 @@ impl OperatorMetrics {
             publishes: IntCounter::new(
                 "dog_operator_publishes_total",
                 "Messages published and confirmed by the broker (host applies and shared set updates)",
+            )?,
+            published_bytes: IntCounterVec::new(
+                Opts::new("dog_operator_published_bytes_total", "Bytes of the sealed messages the broker confirmed, by kind (apply, shared_set); the broker copies a shared_set message into each recipient's queue"),
+                &["kind"],
             )?,
             publish_failures: IntCounter::new(
                 "dog_operator_publish_failures_total",
@@ -109,6 +115,7 @@ impl OperatorMetrics {
             Box::new(m.reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.compile_duration.clone()),
             Box::new(m.publishes.clone()),
+            Box::new(m.published_bytes.clone()),
             Box::new(m.publish_failures.clone()),
             Box::new(m.confirm_latency.clone()),
             Box::new(m.hosts.clone()),
@@ -159,6 +166,12 @@ impl OperatorMetrics {
         for result in ["ok", "not_configured", "management_api", "publish"] {
             m.broker_users.with_label_values(&[result]);
         }
+        for kind in ["apply", "shared_set"] {
+            m.published_bytes.with_label_values(&[kind]);
+        }
+        for kind in ["heartbeat", "keepalive", "response"] {
+            m.agent_messages.with_label_values(&[kind]);
+        }
         Ok(m)
     }
 }
@@ -181,6 +194,8 @@ mod tests {
         for needed in [
             "dog_operator_rejected_messages_total{reason=\"key_changed\"} 0",
             "dog_operator_broker_connected 0",
+            "dog_operator_published_bytes_total{kind=\"shared_set\"} 0",
+            "dog_operator_agent_messages_total{kind=\"keepalive\"} 0",
             "dog_operator_build_info{version=",
             "process_cpu_seconds_total",
         ] {

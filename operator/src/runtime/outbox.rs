@@ -73,11 +73,11 @@ impl Runtime {
 
     /// Records one publish's result: what was sent, or, when it failed, that its hosts get
     /// their full state on the next pass. False when it failed.
-    fn record(&mut self, action: Publish, id: Uuid, res: Result<(), SendError>) -> bool {
+    fn record(&mut self, action: Publish, id: Uuid, res: Result<usize, SendError>) -> bool {
         match (action, res) {
-            (Publish::Apply { host, revision, .. }, Ok(())) => {
+            (Publish::Apply { host, revision, .. }, Ok(bytes)) => {
                 self.metrics.publishes.inc();
-                info!(host = %host, revision, request = %id, "published desired state");
+                info!(host = %host, revision, request = %id, bytes, "published desired state");
                 self.pending.insert(id, (host.clone(), Some(revision)));
                 if let Some(rt) = self.fleet.get_mut(&host) {
                     rt.view.desired_revision = Some(revision);
@@ -92,15 +92,15 @@ impl Runtime {
                     recipients,
                     change,
                 },
-                Ok(()),
+                Ok(bytes),
             ) => {
                 self.metrics.publishes.inc();
                 match change {
                     Some(c) => {
-                        info!(set = %set.name, version, hosts = recipients.len(), added = c.add.len(), removed = c.remove.len(), "published shared set change")
+                        info!(set = %set.name, version, hosts = recipients.len(), added = c.add.len(), removed = c.remove.len(), bytes, "published shared set change")
                     }
                     None => {
-                        info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), "published shared set")
+                        info!(set = %set.name, version, hosts = recipients.len(), entries = set.members.len(), bytes, "published shared set")
                     }
                 }
                 true
@@ -167,7 +167,7 @@ async fn send_all(
     sealer: &Arc<Sealer>,
     jobs: Vec<Job>,
     now: u64,
-) -> Vec<(Publish, Uuid, Result<(), SendError>)> {
+) -> Vec<(Publish, Uuid, Result<usize, SendError>)> {
     let out = &Outbound {
         link,
         metrics,
@@ -199,7 +199,8 @@ struct Outbound<'a> {
 }
 
 impl Outbound<'_> {
-    async fn send(&self, action: &Publish, id: Uuid, keys: Keys) -> Result<(), SendError> {
+    /// Seals and publishes one job; the sealed message's size once the broker confirmed it.
+    async fn send(&self, action: &Publish, id: Uuid, keys: Keys) -> Result<usize, SendError> {
         let job = (Arc::clone(self.sealer), action.clone(), self.now);
         let bytes = {
             let _turn = self.sealing.acquire().await;
@@ -220,7 +221,16 @@ impl Outbound<'_> {
         self.metrics
             .confirm_latency
             .observe(started.elapsed().as_secs_f64());
-        Ok(res?)
+        res?;
+        let kind = match action {
+            Publish::Apply { .. } => "apply",
+            Publish::SharedSet { .. } => "shared_set",
+        };
+        self.metrics
+            .published_bytes
+            .with_label_values(&[kind])
+            .inc_by(bytes.len() as u64);
+        Ok(bytes.len())
     }
 }
 
