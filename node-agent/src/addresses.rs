@@ -6,9 +6,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
-/// One network interface and its addresses.
+/// One network interface (a link, as `ip` calls it) and its addresses.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Interface {
+pub struct Link {
     pub name: String,
     pub index: u32,
     /// Link-layer address, if any.
@@ -79,7 +79,7 @@ pub enum AddressError {
 
 /// Parses `ip -j addr`. Entries without an address (e.g. some tunnels) are kept without it;
 /// an address that does not parse is skipped, nothing else is lost.
-pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, AddressError> {
+pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Link>, AddressError> {
     let raw: Vec<RawLink> = serde_json::from_str(text)?;
     Ok(raw
         .into_iter()
@@ -96,7 +96,7 @@ pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, AddressError> {
                     })
                 })
                 .collect();
-            Interface {
+            Link {
                 loopback: l.link_type.as_deref() == Some("loopback")
                     || l.flags.iter().any(|f| f == "LOOPBACK"),
                 up: l.flags.iter().any(|f| f == "UP"),
@@ -111,13 +111,13 @@ pub fn parse_ip_addr_json(text: &str) -> Result<Vec<Interface>, AddressError> {
 
 impl Applier {
     /// The host's interfaces and addresses.
-    pub fn interfaces(&self) -> Result<Vec<Interface>, AddressError> {
+    pub fn interfaces(&self) -> Result<Vec<Link>, AddressError> {
         parse_ip_addr_json(&self.ip_addr_json()?)
     }
 }
 
 /// All routable addresses (no loopback, no link-local) of the interfaces.
-pub fn routable_addresses(ifaces: &[Interface]) -> Vec<IpAddr> {
+pub fn routable_addresses(ifaces: &[Link]) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = ifaces
         .iter()
         .flat_map(|i| i.addresses.iter())

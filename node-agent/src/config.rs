@@ -1,21 +1,13 @@
 //! The agent's configuration: every flag is also settable by an environment variable.
 
 use crate::kernel::{BackendChoice, SetBackendChoice};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dog_protocol::broker::BrokerArgs;
+pub use dog_protocol::messages::Mode;
 use dog_protocol::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Apply what the operator sends.
-    Enforce,
-    /// Compute and report what would change; never touch the kernel.
-    Observe,
-}
 
 /// dog-agent: applies the firewall the dog operator sends to this node, keeps it in place,
 /// repairs drift and reports.

@@ -10,11 +10,11 @@
 //! | Ed25519 signature (64) over every preceding byte
 //! ```
 //!
-//! * mode 0 [`Mode::Signed`]: agent → operator; payload is the JSON message; key section empty.
-//! * mode 1 [`Mode::Hpke`]: operator → one agent; RFC 9180 HPKE base mode,
+//! * mode 0 [`Protection::Signed`]: agent → operator; payload is the JSON message; key section empty.
+//! * mode 1 [`Protection::Hpke`]: operator → one agent; RFC 9180 HPKE base mode,
 //!   DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, `info` = [`HPKE_INFO`],
 //!   `aad` = the header bytes; key section = `enc` (32); payload = HPKE ciphertext.
-//! * mode 2 [`Mode::MultiRecipient`]: operator → many agents (shared sets). Two-layer key
+//! * mode 2 [`Protection::MultiRecipient`]: operator → many agents (shared sets). Two-layer key
 //!   wrapping as in JWE/COSE multi-recipient: the payload is encrypted once with AES-256-GCM
 //!   under a random content key (`aad` = the header bytes), and the content key is HPKE-sealed
 //!   (same suite, `info` = [`HPKE_INFO_KEY_WRAP`], `aad` = the header bytes) to each recipient.
@@ -73,18 +73,18 @@ pub const MAX_ENVELOPE: usize = MIN_ENVELOPE + MAX_HEADER + MAX_KEYS + MAX_PAYLO
 
 /// How the payload is protected (the mode byte).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub enum Protection {
     Signed = 0,
     Hpke = 1,
     MultiRecipient = 2,
 }
 
-impl Mode {
-    fn from_byte(b: u8) -> Option<Mode> {
+impl Protection {
+    fn from_byte(b: u8) -> Option<Protection> {
         match b {
-            0 => Some(Mode::Signed),
-            1 => Some(Mode::Hpke),
-            2 => Some(Mode::MultiRecipient),
+            0 => Some(Protection::Signed),
+            1 => Some(Protection::Hpke),
+            2 => Some(Protection::MultiRecipient),
             _ => None,
         }
     }
@@ -238,7 +238,7 @@ fn check_names(h: &Header) -> Result<(), Rejection> {
 
 /// The sections of an envelope, located but not yet trusted.
 struct Frame<'a> {
-    mode: Mode,
+    mode: Protection,
     sender_key: SigningPublicKey,
     /// Preamble + header length + header JSON: the AEAD associated data.
     header_bytes: &'a [u8],
@@ -278,7 +278,7 @@ fn parse_frame(bytes: &[u8]) -> Result<Frame<'_>, Rejection> {
     if bytes[4] != VERSION {
         return Err(Rejection::UnsupportedVersion);
     }
-    let mode = Mode::from_byte(bytes[5]).ok_or(Rejection::Malformed)?;
+    let mode = Protection::from_byte(bytes[5]).ok_or(Rejection::Malformed)?;
     let mut key = [0u8; 32];
     key.copy_from_slice(&bytes[6..PREAMBLE]);
     let mut pos = PREAMBLE;

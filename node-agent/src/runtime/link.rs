@@ -52,17 +52,10 @@ impl Agent {
 
     /// The revision in force in the kernel: none in observe mode, which applies nothing.
     pub(super) fn applied_revision(&self) -> Option<u64> {
-        if self.cfg.mode == ConfigMode::Observe {
+        if self.cfg.mode == Mode::Observe {
             return None;
         }
         self.applied.as_ref().map(|a| a.revision)
-    }
-
-    pub(super) fn protocol_mode(&self) -> Mode {
-        match self.cfg.mode {
-            ConfigMode::Enforce => Mode::Enforce,
-            ConfigMode::Observe => Mode::Observe,
-        }
     }
 
     /// Reads dog's live state (and updates the installed gauges). Sets equal to the applied
@@ -135,7 +128,7 @@ impl Agent {
             applied_revision: self.applied_revision(),
             live_hashes: self.reported_hashes().await,
             drift: self.drift.clone(),
-            mode: self.protocol_mode(),
+            mode: self.cfg.mode,
             identity_token: self.identity_token(),
             broker_reply_to: self.link.reply_queue(),
         };
@@ -160,7 +153,7 @@ impl Agent {
             applied_revision: self.applied_revision(),
             live_hashes: self.reported_hashes().await,
             drift,
-            mode: self.protocol_mode(),
+            mode: self.cfg.mode,
             would_change: self.would_change,
         };
         let n = ka.drift.len();

@@ -22,7 +22,7 @@
 use crate::apply::Applier;
 use crate::apply::{ApplyError, ApplyReport, Plan};
 use crate::broker_user::{own_user_refused, Login};
-use crate::config::{Config, Mode as ConfigMode};
+use crate::config::Config;
 use crate::core::drift::DriftReport;
 use crate::core::firewall::Firewall;
 use crate::core::live::LiveState;
@@ -337,7 +337,7 @@ impl Agent {
             revision = saved.revision,
             "loaded the last applied firewall"
         );
-        if self.cfg.mode == ConfigMode::Observe {
+        if self.cfg.mode == Mode::Observe {
             self.startup_verified = true;
             return;
         }

@@ -27,7 +27,7 @@ pub fn parse_operator_keys(text: &str, what: &str) -> anyhow::Result<TrustedKeys
 }
 
 /// The heartbeat's interfaces (within the message limits).
-pub fn to_protocol_interfaces(ifs: &[crate::addresses::Interface]) -> Vec<Interface> {
+pub fn to_protocol_interfaces(ifs: &[crate::addresses::Link]) -> Vec<Interface> {
     ifs.iter()
         .take(limits::INTERFACES)
         .map(|i| {

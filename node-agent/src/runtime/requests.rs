@@ -257,7 +257,7 @@ impl Agent {
                 ),
             );
         }
-        if self.cfg.mode == ConfigMode::Observe {
+        if self.cfg.mode == Mode::Observe {
             return self.observe(id, revision, firewall).await;
         }
         match self.kernel_apply(&firewall).await {

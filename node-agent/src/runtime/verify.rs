@@ -8,7 +8,7 @@ impl Agent {
     /// whether the kernel now matches (`None`: it could not be read or nothing is applied).
     pub(super) async fn drift_check(&mut self) -> Option<bool> {
         let applied = self.applied.clone()?;
-        if self.cfg.mode == ConfigMode::Observe {
+        if self.cfg.mode == Mode::Observe {
             return self.observe_check(&applied.firewall).await;
         }
         let k = self.kernel.clone();
@@ -40,7 +40,7 @@ impl Agent {
             .inc();
         let parts = drift_parts(&report);
         let now = unix_now();
-        let observe = self.cfg.mode == ConfigMode::Observe;
+        let observe = self.cfg.mode == Mode::Observe;
         if observe && parts == self.drift.drifted {
             return Some(false);
         }

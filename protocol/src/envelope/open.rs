@@ -383,17 +383,17 @@ impl Opener {
             return Err(Rejection::Malformed);
         }
         match (header.kind, frame.mode) {
-            (MessageKind::Request, Mode::Signed) => return Err(Rejection::Unencrypted),
-            (MessageKind::Request, _) | (_, Mode::Signed) => {}
+            (MessageKind::Request, Protection::Signed) => return Err(Rejection::Unencrypted),
+            (MessageKind::Request, _) | (_, Protection::Signed) => {}
             _ => return Err(Rejection::Malformed),
         }
         let expected_keys = match frame.mode {
-            Mode::Signed => 0,
-            Mode::Hpke => ENC,
-            Mode::MultiRecipient => NONCE + SLOT * header.recipients.len(),
+            Protection::Signed => 0,
+            Protection::Hpke => ENC,
+            Protection::MultiRecipient => NONCE + SLOT * header.recipients.len(),
         };
         if frame.keys.len() != expected_keys
-            || (frame.mode != Mode::MultiRecipient && header.recipients.len() != 1)
+            || (frame.mode != Protection::MultiRecipient && header.recipients.len() != 1)
         {
             return Err(Rejection::Malformed);
         }
@@ -421,14 +421,14 @@ impl Opener {
             }
         }
         let payload = match frame.mode {
-            Mode::Signed => {
+            Protection::Signed => {
                 if frame.payload.len() > MAX_PAYLOAD {
                     return Err(Rejection::TooLarge);
                 }
                 frame.payload.to_vec()
             }
-            Mode::Hpke => self.open_hpke(&frame)?,
-            Mode::MultiRecipient => self.open_multi(&frame, slot)?,
+            Protection::Hpke => self.open_hpke(&frame)?,
+            Protection::MultiRecipient => self.open_multi(&frame, slot)?,
         };
         self.replay
             .insert(header.id, header.expires_at.saturating_add(skew), now);

@@ -29,7 +29,7 @@ impl Sealer {
     /// Mode 0: signs `payload` in the clear (agent → operator).
     pub fn sign_only(&self, fields: &HeaderFields, payload: &[u8]) -> Result<Vec<u8>, SealError> {
         check_payload(payload.len())?;
-        let mut out = self.start(Mode::Signed, fields, 1)?;
+        let mut out = self.start(Protection::Signed, fields, 1)?;
         put_section(&mut out, &[]);
         put_section(&mut out, payload);
         Ok(self.finish(out))
@@ -43,7 +43,7 @@ impl Sealer {
         agent: &EncryptionPublicKey,
     ) -> Result<Vec<u8>, SealError> {
         check_payload(payload.len())?;
-        let mut out = self.start(Mode::Hpke, fields, 1)?;
+        let mut out = self.start(Protection::Hpke, fields, 1)?;
         let pk = agent
             .to_hpke()
             .map_err(|e| SealError::Crypto(e.to_string()))?;
@@ -76,7 +76,7 @@ impl Sealer {
                 keys.len()
             )));
         }
-        let mut out = self.start(Mode::MultiRecipient, fields, MAX_RECIPIENTS)?;
+        let mut out = self.start(Protection::MultiRecipient, fields, MAX_RECIPIENTS)?;
         let rng = SystemRandom::new();
         let mut cek = zeroize::Zeroizing::new([0u8; 32]);
         let mut nonce = [0u8; NONCE];
@@ -172,11 +172,11 @@ impl Sealer {
 
     fn start(
         &self,
-        mode: Mode,
+        mode: Protection,
         f: &HeaderFields,
         max_recipients: usize,
     ) -> Result<Vec<u8>, SealError> {
-        let expected_kind = if mode == Mode::Signed {
+        let expected_kind = if mode == Protection::Signed {
             f.kind != MessageKind::Request
         } else {
             f.kind == MessageKind::Request

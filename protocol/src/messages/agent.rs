@@ -2,12 +2,17 @@
 
 use super::*;
 
-/// Whether the agent enforces the desired state or only reports drift.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+/// Whether the agent enforces the desired state or only reports drift (the agent's `--mode`
+/// and what its heartbeats report).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Apply what the operator sends.
     #[default]
     Enforce,
+    /// Compute and report what would change; never touch the kernel.
     Observe,
 }
 
