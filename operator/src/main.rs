@@ -215,7 +215,7 @@ fn explain_input(
 ) -> anyhow::Result<(
     dog_operator::core::compile::Snapshot,
     String,
-    Option<dog_operator::crd::FirewallHashes>,
+    Option<dog_operator::crd::HashesStatus>,
 )> {
     Ok(match &args.from_dir {
         Some(dir) => {
@@ -272,7 +272,7 @@ fn explain_input(
 fn live_check(
     host: &str,
     expected: &dog_protocol::ruleset::FirewallHashes,
-    reported: Option<&dog_operator::crd::FirewallHashes>,
+    reported: Option<&dog_operator::crd::HashesStatus>,
     source: &str,
 ) -> serde_json::Value {
     match reported {

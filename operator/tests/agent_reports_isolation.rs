@@ -11,7 +11,7 @@
 //! generated here.
 
 use dog_operator::core::compile::{compile, CompileOptions, Compiled, HostOutcome, Snapshot};
-use dog_operator::crd::Interface;
+use dog_operator::crd::InterfaceStatus;
 use dog_operator::dir::load::load_dir;
 use dog_protocol::ruleset::Family;
 use ipnet::IpNet;
@@ -52,7 +52,7 @@ fn others(c: &Compiled) -> View {
         .collect()
 }
 
-fn with_report(mut snap: Snapshot, interfaces: Vec<Interface>, trusted: bool) -> Snapshot {
+fn with_report(mut snap: Snapshot, interfaces: Vec<InterfaceStatus>, trusted: bool) -> Snapshot {
     let host = std::sync::Arc::make_mut(snap.hosts.get_mut(REPORTER).expect("the reporting host"));
     if !trusted {
         host.spec.trust_reported_addresses.clear();
@@ -83,10 +83,10 @@ fn address() -> impl Strategy<Value = String> {
     ]
 }
 
-fn interfaces() -> impl Strategy<Value = Vec<Interface>> {
+fn interfaces() -> impl Strategy<Value = Vec<InterfaceStatus>> {
     prop::collection::vec(
         ("[a-z0-9]{1,15}", prop::collection::vec(address(), 0..6))
-            .prop_map(|(name, addresses)| Interface { name, addresses }),
+            .prop_map(|(name, addresses)| InterfaceStatus { name, addresses }),
         0..4,
     )
 }
@@ -160,7 +160,7 @@ proptest! {
 fn a_trusted_report_does_reach_other_hosts() {
     let opts = CompileOptions::default();
     let base = others(&compile(&with_report(fleet(), vec![], true), &opts));
-    let report = vec![Interface {
+    let report = vec![InterfaceStatus {
         name: "eth0".into(),
         addresses: vec!["fd00:d06::abc/64".into()],
     }];

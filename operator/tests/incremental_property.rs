@@ -141,7 +141,7 @@ fn facts() -> impl Strategy<Value = HostFacts> {
     )
         .prop_map(|(state, addrs)| HostFacts {
             state,
-            interfaces: vec![Interface {
+            interfaces: vec![InterfaceStatus {
                 name: "eth0".into(),
                 addresses: addrs.into_iter().map(str::to_string).collect(),
             }],

@@ -6,7 +6,9 @@
 //! Long: each exchange is spelled out request by request, which is the point of these tests.
 
 use dog_operator::core::events::DogEvent;
-use dog_operator::crd::{AgentKeys, GroupStatus, Host, HostSpec, HostState, HostStatus, Interface};
+use dog_operator::crd::{
+    AgentPublicKeys, GroupStatus, Host, HostSpec, HostState, HostStatus, InterfaceStatus,
+};
 use dog_operator::kube::events::KubeEventSink;
 use dog_operator::kube::leader::{LeaderConfig, LeaderElector};
 use dog_operator::kube::nodes::NodeSync;
@@ -274,11 +276,11 @@ async fn agent_without_node_gets_a_host_with_pinned_keys() {
         Arc::new(KubeStatusSink::new(client.clone())),
         Arc::new(LogEventSink),
     );
-    let keys = AgentKeys {
+    let keys = AgentPublicKeys {
         signing: format!("{}=", "A".repeat(43)),
         encryption: format!("{}=", "B".repeat(43)),
     };
-    let ifaces = vec![Interface {
+    let ifaces = vec![InterfaceStatus {
         name: "eth0".into(),
         addresses: vec!["192.0.2.10/24".into()],
     }];
@@ -316,7 +318,7 @@ async fn existing_agent_host_is_returned_untouched() {
         Arc::new(KubeStatusSink::new(client.clone())),
         Arc::new(LogEventSink),
     );
-    let keys = AgentKeys::default();
+    let keys = AgentPublicKeys::default();
     let h = sync
         .ensure_host_for_agent("vm-2", &keys, &[])
         .await

@@ -5,9 +5,9 @@
 
 use crate::crd::HostState;
 
-/// Severity, mirroring Kubernetes' `Normal` / `Warning`.
+/// An event's severity, mirroring Kubernetes' `Normal` / `Warning`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
+pub enum EventSeverity {
     Normal,
     Warning,
 }
@@ -20,7 +20,7 @@ pub struct DogEvent {
     pub name: String,
     /// The object's uid when known (lets `kubectl describe` match the Event).
     pub uid: Option<String>,
-    pub severity: Severity,
+    pub severity: EventSeverity,
     /// CamelCase, e.g. `HostInactive`.
     pub reason: String,
     /// CamelCase, what the operator did, e.g. `Lifecycle`.
@@ -32,10 +32,10 @@ impl DogEvent {
     /// A host changed lifecycle state (`Inactive` and `Retired` are warnings).
     pub fn host_state_changed(name: &str, from: HostState, to: HostState) -> Self {
         let (severity, reason) = match to {
-            HostState::Active => (Severity::Normal, "HostActive"),
-            HostState::Inactive => (Severity::Warning, "HostInactive"),
-            HostState::Retired => (Severity::Warning, "HostRetired"),
-            HostState::New => (Severity::Normal, "HostNew"),
+            HostState::Active => (EventSeverity::Normal, "HostActive"),
+            HostState::Inactive => (EventSeverity::Warning, "HostInactive"),
+            HostState::Retired => (EventSeverity::Warning, "HostRetired"),
+            HostState::New => (EventSeverity::Normal, "HostNew"),
         };
         Self::host(
             name,
@@ -50,7 +50,7 @@ impl DogEvent {
     pub fn drift_repaired(name: &str, detail: &str) -> Self {
         Self::host(
             name,
-            Severity::Warning,
+            EventSeverity::Warning,
             "DriftRepaired",
             "Repair",
             format!("drift detected and repaired on host {name}: {detail}"),
@@ -61,7 +61,7 @@ impl DogEvent {
     pub fn apply_failed(name: &str, revision: u64, error: &str) -> Self {
         Self::host(
             name,
-            Severity::Warning,
+            EventSeverity::Warning,
             "ApplyFailed",
             "Apply",
             format!("host {name} failed to apply revision {revision}: {error}"),
@@ -72,7 +72,7 @@ impl DogEvent {
     pub fn conflict(name: &str, groups: &[String]) -> Self {
         Self::host(
             name,
-            Severity::Warning,
+            EventSeverity::Warning,
             "GroupConflict",
             "Compile",
             format!(
@@ -82,7 +82,7 @@ impl DogEvent {
         )
     }
 
-    fn host(name: &str, severity: Severity, reason: &str, action: &str, note: String) -> Self {
+    fn host(name: &str, severity: EventSeverity, reason: &str, action: &str, note: String) -> Self {
         Self {
             kind: "Host",
             name: name.to_string(),
@@ -98,7 +98,7 @@ impl DogEvent {
     pub fn host_collected(name: &str, retention: std::time::Duration) -> Self {
         Self::host(
             name,
-            Severity::Normal,
+            EventSeverity::Normal,
             "HostDeleted",
             "GarbageCollect",
             format!(
@@ -123,12 +123,12 @@ mod tests {
     fn transitions_map_to_reasons_and_severity() {
         let e = DogEvent::host_state_changed("n1", HostState::Active, HostState::Inactive);
         assert_eq!(e.reason, "HostInactive");
-        assert_eq!(e.severity, Severity::Warning);
+        assert_eq!(e.severity, EventSeverity::Warning);
         assert_eq!(e.note, "host n1 went from Active to Inactive");
         let e = DogEvent::host_state_changed("n1", HostState::Inactive, HostState::Active);
         assert_eq!(
             (e.reason.as_str(), e.severity),
-            ("HostActive", Severity::Normal)
+            ("HostActive", EventSeverity::Normal)
         );
     }
 }

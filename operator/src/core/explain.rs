@@ -6,20 +6,12 @@
 //! It understands exactly the lines dog renders (`compile::render` and the failsafe prologue);
 //! rate-dependent matches (`connlimit`, `recent`) are reported as "may match" and skipped.
 
+pub use crate::core::compile::validate::Direction;
 use dog_protocol::ruleset::{Family, HostFirewall, CHAIN_INPUT, CHAIN_OUTPUT};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Traffic to the host (the peer is the source).
-    In,
-    /// Traffic from the host (the peer is the destination).
-    Out,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -130,8 +122,8 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
         IpAddr::V6(_) => Family::V6,
     };
     let chain = match q.direction {
-        Direction::In => CHAIN_INPUT,
-        Direction::Out => CHAIN_OUTPUT,
+        Direction::Inbound => CHAIN_INPUT,
+        Direction::Outbound => CHAIN_OUTPUT,
     };
     let prefix = format!("-A {chain} ");
     let mut logged = Vec::new();
@@ -151,7 +143,7 @@ pub fn explain(fw: &HostFirewall, q: &Query, names: &SetNames) -> Explanation {
             let arg = |k: usize| w.get(i + k).map(String::as_str).unwrap_or("");
             match w[i].as_str() {
                 "-s" | "-d" => {
-                    let peer_side = (w[i] == "-s") == (q.direction == Direction::In);
+                    let peer_side = (w[i] == "-s") == (q.direction == Direction::Inbound);
                     ok = peer_side && arg(1).parse::<IpNet>().is_ok_and(|n| n.contains(&q.peer));
                     i += 2;
                 }

@@ -3,8 +3,8 @@
 
 use crate::core::compile::{Compiled, Diagnostic, HostOutcome, ObjectKind, Severity};
 use crate::crd::{
-    AgentKeys, Condition, FirewallHashes as CrdHashes, GroupStatus, HostState, HostStatus,
-    Interface, ProfileStatus, ZoneStatus,
+    AgentPublicKeys, Condition, GroupStatus, HashesStatus as CrdHashes, HostState, HostStatus,
+    InterfaceStatus, ProfileStatus, ZoneStatus,
 };
 use dog_protocol::ruleset::FirewallHashes;
 use std::collections::BTreeMap;
@@ -15,8 +15,8 @@ pub struct HostView {
     pub state: HostState,
     pub last_keepalive: Option<String>,
     pub agent_version: Option<String>,
-    pub interfaces: Vec<Interface>,
-    pub pinned_keys: Option<AgentKeys>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub pinned_keys: Option<AgentPublicKeys>,
     pub key_fingerprint: Option<String>,
     pub desired_revision: Option<u64>,
     pub applied_revision: Option<u64>,

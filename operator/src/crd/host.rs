@@ -45,7 +45,7 @@ pub struct HostSpec {
     /// an agent with other keys is refused. When absent, the operator pins the keys of an agent
     /// it admitted (its ServiceAccount token, or trust on first use) into `status.pinnedKeys`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys: Option<AgentKeys>,
+    pub keys: Option<AgentPublicKeys>,
     /// The Node this Host mirrors, when the operator created it from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
@@ -54,7 +54,7 @@ pub struct HostSpec {
 /// An agent's public keys, base64 (standard alphabet) of the raw 32-byte keys.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AgentKeys {
+pub struct AgentPublicKeys {
     /// Ed25519 public key used to verify the agent's messages.
     #[schemars(regex(pattern = r"^[A-Za-z0-9+/]{43}=$"))]
     pub signing: String,
@@ -74,7 +74,7 @@ pub enum HostState {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct Interface {
+pub struct InterfaceStatus {
     pub name: String,
     #[serde(default)]
     pub addresses: Vec<String>,
@@ -83,7 +83,7 @@ pub struct Interface {
 /// Content hashes of a host's firewall: IPv4 rules, IPv6 rules and the sets it uses.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct FirewallHashes {
+pub struct HashesStatus {
     #[serde(default)]
     pub ipv4_rules: String,
     #[serde(default)]
@@ -105,9 +105,9 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<Interface>,
+    pub interfaces: Vec<InterfaceStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pinned_keys: Option<AgentKeys>,
+    pub pinned_keys: Option<AgentPublicKeys>,
     /// SHA-256 fingerprint (hex, first 16 bytes) of the pinned signing key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_fingerprint: Option<String>,
@@ -122,9 +122,9 @@ pub struct HostStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub would_change: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_hashes: Option<FirewallHashes>,
+    pub expected_hashes: Option<HashesStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reported_hashes: Option<FirewallHashes>,
+    pub reported_hashes: Option<HashesStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,8 +5,10 @@
 pub mod load;
 
 use crate::core::compile::Snapshot;
-use crate::crd::{AgentKeys, GroupStatus, HostStatus, Interface, ProfileStatus, ZoneStatus};
-use crate::runtime::sinks::{Registrar, Source, StatusError, StatusSink};
+use crate::crd::{
+    AgentPublicKeys, GroupStatus, HostStatus, InterfaceStatus, ProfileStatus, ZoneStatus,
+};
+use crate::runtime::sinks::{ObjectStatus, Registrar, Source, StatusError, StatusSink};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -117,44 +119,17 @@ fn put<T: PartialEq>(map: &mut BTreeMap<String, T>, name: &str, value: T) -> boo
 }
 
 impl StatusSink for FileStatusSink {
-    fn write_host<'a>(
+    fn write<'a>(
         &'a self,
         name: &'a str,
-        generation: Option<i64>,
-        mut status: HostStatus,
+        status: ObjectStatus,
     ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        self.update(|s| put(&mut s.hosts, name, status));
-        Box::pin(async { Ok(()) })
-    }
-    fn write_group<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: GroupStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        self.update(|s| put(&mut s.groups, name, status));
-        Box::pin(async { Ok(()) })
-    }
-    fn write_profile<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: ProfileStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        self.update(|s| put(&mut s.profiles, name, status));
-        Box::pin(async { Ok(()) })
-    }
-    fn write_zone<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: ZoneStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        self.update(|s| put(&mut s.zones, name, status));
+        self.update(|s| match status {
+            ObjectStatus::Host(st) => put(&mut s.hosts, name, *st),
+            ObjectStatus::Group(st) => put(&mut s.groups, name, st),
+            ObjectStatus::Profile(st) => put(&mut s.profiles, name, st),
+            ObjectStatus::Zone(st) => put(&mut s.zones, name, st),
+        });
         Box::pin(async { Ok(()) })
     }
     fn forget(&self, kind: &'static str, name: &str) {
@@ -176,8 +151,8 @@ impl Registrar for LocalRegistrar {
     fn register<'a>(
         &'a self,
         name: &'a str,
-        _keys: &'a AgentKeys,
-        _interfaces: &'a [Interface],
+        _keys: &'a AgentPublicKeys,
+        _interfaces: &'a [InterfaceStatus],
     ) -> BoxFuture<'a, Result<(), String>> {
         info!(
             host = name,

@@ -4,7 +4,7 @@
 //! `default` namespace. Publishing is best effort: a failure is logged, never propagated,
 //! because an Event must not stop a reconcile.
 
-use crate::core::events::{DogEvent, Severity};
+use crate::core::events::{DogEvent, EventSeverity};
 use crate::crd::{API_GROUP, API_VERSION};
 use crate::runtime::sinks::EventSink;
 use futures::future::BoxFuture;
@@ -49,8 +49,8 @@ impl EventSink for KubeEventSink {
         Box::pin(async move {
             let ev = Event {
                 type_: match event.severity {
-                    Severity::Normal => EventType::Normal,
-                    Severity::Warning => EventType::Warning,
+                    EventSeverity::Normal => EventType::Normal,
+                    EventSeverity::Warning => EventType::Warning,
                 },
                 reason: event.reason.clone(),
                 note: Some(event.note.clone()),

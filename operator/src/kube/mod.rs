@@ -17,7 +17,7 @@ pub mod status;
 pub mod store;
 
 use crate::config::RunArgs;
-use crate::crd::{AgentKeys, Interface};
+use crate::crd::{AgentPublicKeys, InterfaceStatus};
 use crate::metrics::OperatorMetrics;
 use crate::runtime::sinks::{EventSink, IdentityVerifier, Registrar, Source, StatusSink};
 use crate::runtime::{Parts, Runtime};
@@ -40,8 +40,8 @@ impl Registrar for NodeRegistrar {
     fn register<'a>(
         &'a self,
         name: &'a str,
-        keys: &'a AgentKeys,
-        interfaces: &'a [Interface],
+        keys: &'a AgentPublicKeys,
+        interfaces: &'a [InterfaceStatus],
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             self.0

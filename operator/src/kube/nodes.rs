@@ -13,7 +13,7 @@
 //! heartbeat.
 
 use crate::core::events::DogEvent;
-use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
+use crate::crd::{AgentPublicKeys, Host, HostSpec, HostState, HostStatus, InterfaceStatus};
 use crate::kube::status::FIELD_MANAGER;
 use crate::kube::store::SnapshotStore;
 use crate::runtime::sinks::{EventSink, StatusError, StatusSink};
@@ -284,8 +284,8 @@ impl NodeSync {
     pub async fn ensure_host_for_agent(
         &self,
         name: &str,
-        keys: &AgentKeys,
-        interfaces: &[Interface],
+        keys: &AgentPublicKeys,
+        interfaces: &[InterfaceStatus],
     ) -> Result<Host, NodeSyncError> {
         let err = |source| NodeSyncError::Create {
             name: name.to_string(),

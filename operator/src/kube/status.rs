@@ -4,8 +4,8 @@
 //! nothing in `spec`/`metadata`. It remembers the last status written per object and skips
 //! identical writes, so a reconcile loop may call it on every pass without API churn.
 
-use crate::crd::{Group, GroupStatus, Host, HostStatus, Profile, ProfileStatus, Zone, ZoneStatus};
-use crate::runtime::sinks::{StatusError, StatusSink};
+use crate::crd::{Group, Host, Profile, Zone};
+use crate::runtime::sinks::{ObjectStatus, StatusError, StatusSink};
 use futures::future::BoxFuture;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, Resource};
@@ -94,41 +94,19 @@ impl KubeStatusSink {
 }
 
 impl StatusSink for KubeStatusSink {
-    fn write_host<'a>(
+    fn write<'a>(
         &'a self,
         name: &'a str,
-        generation: Option<i64>,
-        mut status: HostStatus,
+        status: ObjectStatus,
     ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        Box::pin(async move { self.apply::<Host, _>(name, &status).await })
-    }
-    fn write_group<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: GroupStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        Box::pin(async move { self.apply::<Group, _>(name, &status).await })
-    }
-    fn write_profile<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: ProfileStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        Box::pin(async move { self.apply::<Profile, _>(name, &status).await })
-    }
-    fn write_zone<'a>(
-        &'a self,
-        name: &'a str,
-        generation: Option<i64>,
-        mut status: ZoneStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>> {
-        status.observed_generation = generation;
-        Box::pin(async move { self.apply::<Zone, _>(name, &status).await })
+        Box::pin(async move {
+            match &status {
+                ObjectStatus::Host(s) => self.apply::<Host, _>(name, &**s).await,
+                ObjectStatus::Group(s) => self.apply::<Group, _>(name, s).await,
+                ObjectStatus::Profile(s) => self.apply::<Profile, _>(name, s).await,
+                ObjectStatus::Zone(s) => self.apply::<Zone, _>(name, s).await,
+            }
+        })
     }
     fn forget(&self, kind: &'static str, name: &str) {
         self.lock().remove(&(kind, name.to_string()));

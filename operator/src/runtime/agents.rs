@@ -294,7 +294,7 @@ impl Runtime {
                 return;
             }
         }
-        let keys = AgentKeys {
+        let keys = AgentPublicKeys {
             signing: hb.signing_key.to_base64(),
             encryption: hb.encryption_key.to_base64(),
         };

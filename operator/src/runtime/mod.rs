@@ -24,7 +24,7 @@ use crate::core::lifecycle::{
 };
 use crate::core::publish::{self, Publish, PublishState};
 use crate::core::report::{self, HostView};
-use crate::crd::{AgentKeys, Host, HostSpec, HostState, HostStatus, Interface};
+use crate::crd::{AgentPublicKeys, Host, HostSpec, HostState, HostStatus, InterfaceStatus};
 use crate::metrics::OperatorMetrics;
 use crate::runtime::broker_users::BrokerUsers;
 use dog_protocol::broker::{BrokerError, Deliveries, Delivery, MessageMeta, OperatorLink};
@@ -38,7 +38,7 @@ use dog_protocol::ruleset::FirewallHashes;
 use dog_protocol::telemetry::Health;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-pub use sinks::{EventSink, IdentityVerifier, Registrar, Source, StatusSink};
+pub use sinks::{EventSink, IdentityVerifier, ObjectStatus, Registrar, Source, StatusSink};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -132,7 +132,7 @@ pub struct Runtime {
     /// Node users sent and not yet answered (request ids).
     broker_user_requests: HashSet<Uuid>,
     /// `spec.keys` of Hosts as last turned into pins.
-    admin_pins: BTreeMap<String, AgentKeys>,
+    admin_pins: BTreeMap<String, AgentPublicKeys>,
     /// Set when `admin_pins` changed: refused heartbeats may now be taken.
     admin_pins_changed: bool,
     /// Started with the runtime: the monotonic clock of the admission rate limit.
@@ -196,16 +196,16 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn to_crd_interfaces(ifs: &[dog_protocol::messages::Interface]) -> Vec<Interface> {
+fn to_crd_interfaces(ifs: &[dog_protocol::messages::Interface]) -> Vec<InterfaceStatus> {
     ifs.iter()
-        .map(|i| Interface {
+        .map(|i| InterfaceStatus {
             name: i.name.clone(),
             addresses: i.addresses.iter().map(|a| a.addr().to_string()).collect(),
         })
         .collect()
 }
 
-fn crd_hashes_to_wire(h: &crate::crd::FirewallHashes) -> FirewallHashes {
+fn crd_hashes_to_wire(h: &crate::crd::HashesStatus) -> FirewallHashes {
     FirewallHashes {
         ipv4_rules: h.ipv4_rules.clone(),
         ipv6_rules: h.ipv6_rules.clone(),

@@ -7,8 +7,10 @@
 //! `async-trait` macro).
 
 use crate::core::compile::Snapshot;
-use crate::core::events::{DogEvent, Severity};
-use crate::crd::{AgentKeys, GroupStatus, HostStatus, Interface, ProfileStatus, ZoneStatus};
+use crate::core::events::{DogEvent, EventSeverity};
+use crate::crd::{
+    AgentPublicKeys, GroupStatus, HostStatus, InterfaceStatus, ProfileStatus, ZoneStatus,
+};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
@@ -18,8 +20,8 @@ pub trait Registrar: Send + Sync {
     fn register<'a>(
         &'a self,
         name: &'a str,
-        keys: &'a AgentKeys,
-        interfaces: &'a [Interface],
+        keys: &'a AgentPublicKeys,
+        interfaces: &'a [InterfaceStatus],
     ) -> BoxFuture<'a, Result<(), String>>;
     /// Deletes the Host (gone already counts as done).
     fn collect<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
@@ -62,37 +64,76 @@ pub enum StatusError {
     },
 }
 
+/// One object's status, as a sink stores it.
+#[derive(Clone, Debug)]
+pub enum ObjectStatus {
+    Host(Box<HostStatus>),
+    Group(GroupStatus),
+    Profile(ProfileStatus),
+    Zone(ZoneStatus),
+}
+
+impl ObjectStatus {
+    /// The same status recording `generation` as its `observedGeneration`.
+    fn observing(mut self, generation: Option<i64>) -> Self {
+        match &mut self {
+            ObjectStatus::Host(s) => s.observed_generation = generation,
+            ObjectStatus::Group(s) => s.observed_generation = generation,
+            ObjectStatus::Profile(s) => s.observed_generation = generation,
+            ObjectStatus::Zone(s) => s.observed_generation = generation,
+        }
+        self
+    }
+}
+
 /// Where statuses go: the API server ([`KubeStatusSink`]) or files in `--from-dir` mode.
-///
-/// `generation` is the object's `metadata.generation` (None when unknown); implementations
-/// store it as the status' `observedGeneration`.
+/// An implementation stores one [`ObjectStatus`] ([`StatusSink::write`]); the typed
+/// `write_*` calls set `generation` (the object's `metadata.generation`, None when unknown)
+/// as the status' `observedGeneration` and hand it over.
 pub trait StatusSink: Send + Sync {
+    fn write<'a>(
+        &'a self,
+        name: &'a str,
+        status: ObjectStatus,
+    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    /// The object is gone: drop whatever the sink remembers about it.
+    fn forget(&self, kind: &'static str, name: &str);
+
     fn write_host<'a>(
         &'a self,
         name: &'a str,
         generation: Option<i64>,
         status: HostStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        self.write(
+            name,
+            ObjectStatus::Host(Box::new(status)).observing(generation),
+        )
+    }
     fn write_group<'a>(
         &'a self,
         name: &'a str,
         generation: Option<i64>,
         status: GroupStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        self.write(name, ObjectStatus::Group(status).observing(generation))
+    }
     fn write_profile<'a>(
         &'a self,
         name: &'a str,
         generation: Option<i64>,
         status: ProfileStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        self.write(name, ObjectStatus::Profile(status).observing(generation))
+    }
     fn write_zone<'a>(
         &'a self,
         name: &'a str,
         generation: Option<i64>,
         status: ZoneStatus,
-    ) -> BoxFuture<'a, Result<(), StatusError>>;
-    /// The object is gone: drop whatever the sink remembers about it.
-    fn forget(&self, kind: &'static str, name: &str);
+    ) -> BoxFuture<'a, Result<(), StatusError>> {
+        self.write(name, ObjectStatus::Zone(status).observing(generation))
+    }
 }
 
 /// Where events go. Object-safe (`Arc<dyn EventSink>`), boxed futures for the same reason as
@@ -109,9 +150,9 @@ pub struct LogEventSink;
 impl EventSink for LogEventSink {
     fn publish<'a>(&'a self, event: DogEvent) -> BoxFuture<'a, ()> {
         match event.severity {
-            Severity::Normal => tracing::info!(kind = event.kind, name = %event.name,
+            EventSeverity::Normal => tracing::info!(kind = event.kind, name = %event.name,
                 reason = %event.reason, action = %event.action, "{}", event.note),
-            Severity::Warning => tracing::warn!(kind = event.kind, name = %event.name,
+            EventSeverity::Warning => tracing::warn!(kind = event.kind, name = %event.name,
                 reason = %event.reason, action = %event.action, "{}", event.note),
         }
         Box::pin(async {})

@@ -20,7 +20,7 @@ mod zones;
 
 pub use compiler::{config_map_key, Changes, Compiler, Edit, SetDiff};
 
-use crate::crd::{Group, Host, HostState, Interface, Profile, Zone};
+use crate::crd::{Group, Host, HostState, InterfaceStatus, Profile, Zone};
 use dog_protocol::ruleset::{Failsafe, Family, FirewallHashes, HostFirewall, IpSet, RulesDocument};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -68,7 +68,7 @@ impl Snapshot {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostFacts {
     pub state: HostState,
-    pub interfaces: Vec<Interface>,
+    pub interfaces: Vec<InterfaceStatus>,
 }
 
 #[derive(Clone, Debug, Default)]

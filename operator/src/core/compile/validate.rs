@@ -12,9 +12,16 @@ use ipnet::IpNet;
 /// Longest LOG prefix xt_LOG stores.
 pub const LOG_PREFIX_MAX: usize = 29;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A rule's direction; also `explain --direction` (`in`, `out`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 pub enum Direction {
+    /// Traffic to the host (the peer is the source).
+    #[serde(rename = "in")]
+    #[value(name = "in", alias = "inbound")]
     Inbound,
+    /// Traffic from the host (the peer is the destination).
+    #[serde(rename = "out")]
+    #[value(name = "out", alias = "outbound")]
     Outbound,
 }
 
