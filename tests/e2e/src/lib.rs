@@ -63,11 +63,34 @@ pub fn require_root() -> bool {
     true
 }
 
+/// A third octet for a fleet's addresses that no other live fleet uses: the first of
+/// 100..=250 whose lock file this process can lock. The kernel drops the lock with the file,
+/// so a killed test leaves nothing claimed, and any number of fleets (up to 151 at once) in
+/// any number of test processes get distinct subnets.
+fn claim_net() -> (u32, std::fs::File) {
+    for net in 100..=250u32 {
+        let path = std::env::temp_dir().join(format!("dog-e2e-net-{net}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        if file.try_lock().is_ok() {
+            return (net, file);
+        }
+    }
+    panic!("every test subnet 198.18.100-250.0/24 is in use by a live fleet");
+}
+
 /// A running fleet. Node `i` (1-based, in the order given) has 198.18.<net>.<i>/24 and
 /// fd00:d06:<net>::<i>/64 on eth0, where <net> is unique per fleet.
 pub struct Fleet {
     pub prefix: String,
     pub net: u32,
+    /// Holds `net` against every other fleet on the machine, in this process or another,
+    /// until the fleet is dropped or its process dies (see [`claim_net`]).
+    _net_claim: std::fs::File,
     pub nodes: Vec<String>,
     pub dir: tempfile::TempDir,
     pub operator: Option<Child>,
@@ -83,11 +106,12 @@ impl Fleet {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let prefix = format!("de{}x{}", pid % 10000, n);
-        let net = 100 + (pid % 50) * 3 + n;
+        let (net, net_claim) = claim_net();
         let dir = tempfile::tempdir().expect("tempdir");
         let fleet = Fleet {
             prefix: prefix.clone(),
             net,
+            _net_claim: net_claim,
             nodes: nodes.iter().map(|s| s.to_string()).collect(),
             dir,
             operator: None,
