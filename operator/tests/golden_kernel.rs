@@ -13,9 +13,6 @@ use dog_protocol::ruleset::{
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A network namespace that is deleted when dropped.
 struct Netns(String);
@@ -37,11 +34,7 @@ impl Netns {
                 "this test needs root to create network namespaces; set DOG_SKIP_NETNS=1 to skip"
             );
         }
-        let name = format!(
-            "dogt-c{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let name = dog_test_support::unique("dogt-c");
         let st = Command::new("ip")
             .args(["netns", "add", &name])
             .status()

@@ -13,7 +13,6 @@ use dog_protocol::ruleset::{rules_hash, HostFirewall};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
@@ -21,21 +20,12 @@ use uuid::Uuid;
 pub mod common;
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-static N: AtomicU32 = AtomicU32::new(0);
 
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One agent under test and the operator side of the conversation.
@@ -63,8 +53,7 @@ impl Harness {
         if !dog_agent::netns::available(name) {
             return None;
         }
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let host = format!("agt-{}-{n}", std::process::id());
+        let host = dog_test_support::unique("agt");
         let prefix = format!("dogtest-{host}");
         let ns = NetNs::new().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -95,7 +84,7 @@ impl Harness {
             opener: Opener::for_operator("dog-operator", Pins::new(true)),
             agent_key: None,
             child: None,
-            metrics_port: free_port(),
+            metrics_port: dog_test_support::free_port(),
             extra_args: Vec::new(),
             drift_interval: "1",
             cleaned: false,

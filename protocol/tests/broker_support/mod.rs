@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use dog_protocol::broker::{Backoff, BrokerConfig, Deliveries, Delivery};
@@ -11,16 +10,17 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A prefix no other test (or test run, or the demo) uses.
+/// A prefix no other test (or test run, or the demo) uses: the broker keeps durable queues
+/// across runs, so a PID reused by a later run must not meet an earlier run's queues.
 pub fn unique_prefix(test: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("dogt-{test}-{}-{n}-{nanos:x}", std::process::id())
+    format!(
+        "{}-{nanos:x}",
+        dog_test_support::unique(&format!("dogt-{test}"))
+    )
 }
 
 /// Config with quick backoff and timeouts for tests.

@@ -12,7 +12,7 @@ use dog_operator::dir::StatusFile;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod broker;
 
@@ -203,13 +203,6 @@ impl Fleet {
         std::fs::rename(&tmp, self.resources().join(file)).expect("rename resource");
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port")
-    }
-
     /// The operator in `--from-dir` mode on [`Fleet::resources`].
     pub fn start_operator(&mut self) {
         self.start_operator_with(&[]);
@@ -262,7 +255,7 @@ impl Fleet {
         }
         // a new operator gets a new log (tests read what *it* did)
         let log = std::fs::File::create(self.dir.path().join("operator.log")).expect("log");
-        let metrics_port = Self::free_port();
+        let metrics_port = dog_test_support::free_port();
         self.operator_metrics_port = Some(metrics_port);
         let child = Command::new(bin("dog-operator"))
             .arg("run")
@@ -378,7 +371,7 @@ impl Fleet {
         let mut head: Vec<String> = vec!["--netns".into(), self.ns(node)];
         head.extend([
             "--metrics-addr".into(),
-            format!("127.0.0.1:{}", Self::free_port()),
+            format!("127.0.0.1:{}", dog_test_support::free_port()),
         ]);
         head.extend(extra.iter().map(|s| s.to_string()));
         let log = self.dir.path().join(format!("impostor-{tag}.log"));
@@ -459,28 +452,26 @@ impl Fleet {
         secs: u64,
         cond: impl Fn(&StatusFile) -> bool,
     ) -> StatusFile {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let st = self.status();
-            if cond(&st) {
-                return st;
-            }
-            if Instant::now() > deadline {
-                self.dump_logs();
-                panic!("timed out after {secs}s waiting for {what}; status: {st:#?}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let mut last = StatusFile::default();
+        let every = Duration::from_millis(200);
+        let held = dog_test_support::poll_until(Duration::from_secs(secs), every, || {
+            last = self.status();
+            cond(&last)
+        });
+        if !held {
+            self.dump_logs();
+            panic!("timed out after {secs}s waiting for {what}; status: {last:#?}");
         }
+        last
     }
 
+    /// Polls `cond` until it holds; after `secs` seconds dumps the fleet's logs and panics
+    /// naming `what`.
     pub fn wait(&self, what: &str, secs: u64, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !cond() {
-            if Instant::now() > deadline {
-                self.dump_logs();
-                panic!("timed out after {secs}s waiting for {what}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        let every = Duration::from_millis(200);
+        if !dog_test_support::poll_until(Duration::from_secs(secs), every, cond) {
+            self.dump_logs();
+            panic!("timed out after {secs}s waiting for {what}");
         }
     }
 

@@ -9,10 +9,11 @@
 //! [`unique`] and a test that runs an operator (which watches every object of a kind) holds
 //! [`exclusive`] while it does.
 
+use dog_test_support::{free_port, spawn_kept};
+pub use dog_test_support::{unique, wait_until};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The admin's bearer token (`system:masters`), in the server's token file only.
@@ -77,83 +78,10 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// A name no other test of any running binary uses: `<stem>-<pid>-<n>`.
-pub fn unique(stem: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{stem}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
 /// Held by a test that runs an operator against the shared server.
 pub fn exclusive() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Polls `cond` every 100 ms until it holds; panics naming `what` after `secs`.
-pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-type SpawnJob = Box<dyn FnOnce() -> std::io::Result<Child> + Send>;
-type SpawnRequest = (SpawnJob, mpsc::Sender<std::io::Result<Child>>);
-
-/// Children are spawned from one thread that never ends, because PR_SET_PDEATHSIG fires when
-/// the spawning *thread* exits, and every test runs on a thread of its own.
-fn spawn_kept(mut cmd: Command) -> Child {
-    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        std::thread::spawn(move || {
-            for (job, reply) in rx {
-                let _ = reply.send(job());
-            }
-            // keep the thread (and with it the children) alive until the process exits
-            loop {
-                std::thread::park();
-            }
-        });
-        Mutex::new(tx)
-    });
-    let (reply_tx, reply_rx) = mpsc::channel();
-    let job: SpawnJob = Box::new(move || {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn()
-    });
-    tx.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send((job, reply_tx))
-        .expect("spawner thread");
-    reply_rx
-        .recv()
-        .expect("spawner reply")
-        .unwrap_or_else(|e| panic!("spawning: {e}"))
 }
 
 static DIR_TO_REMOVE: OnceLock<PathBuf> = OnceLock::new();
@@ -293,7 +221,8 @@ impl ApiServer {
             .args(["--log-level", "warn"])
             .stdout(self.log("etcd.log"))
             .stderr(self.log("etcd.log"));
-        *self.etcd.lock().unwrap_or_else(|p| p.into_inner()) = Some(spawn_kept(cmd));
+        *self.etcd.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(spawn_kept(cmd).unwrap_or_else(|e| panic!("spawning: {e}")));
     }
 
     fn start_apiserver(&self) {
@@ -327,7 +256,8 @@ impl ApiServer {
         .args(["--enable-priority-and-fairness=false"])
         .stdout(self.log("kube-apiserver.log"))
         .stderr(self.log("kube-apiserver.log"));
-        *self.apiserver.lock().unwrap_or_else(|p| p.into_inner()) = Some(spawn_kept(cmd));
+        *self.apiserver.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(spawn_kept(cmd).unwrap_or_else(|e| panic!("spawning: {e}")));
     }
 
     /// Waits until `/readyz` answers ok, then writes the admin kubeconfig.
