@@ -86,7 +86,7 @@ fn host_yaml(name: &str, i: usize, signing: &str, encryption: &str) -> String {
 }
 
 /// The answer of a host that applies everything it is sent.
-fn answer(host: &Host, kind: RequestKind, id: uuid::Uuid) -> Response {
+fn answer(kind: RequestKind, id: uuid::Uuid) -> Response {
     let (applied_revision, hashes) = match &kind {
         RequestKind::Apply {
             revision,
@@ -109,7 +109,6 @@ fn answer(host: &Host, kind: RequestKind, id: uuid::Uuid) -> Response {
         }
         _ => (None, None),
     };
-    let _ = &host.name;
     Response {
         request_id: id,
         result: Outcome::Ok {
@@ -191,7 +190,7 @@ async fn serve(host: Arc<Host>, channel: Channel, queue: String, args: Arc<Args>
         let Ok(d) = d else { break };
         let opened = host.opener.lock().await.open(&d.data, unix_now());
         let response = match opened.map(|o| (o.header.id, o.operator_message())) {
-            Ok((id, Ok(OperatorMessage::Request(req)))) => Some(answer(&host, req.request, id)),
+            Ok((id, Ok(OperatorMessage::Request(req)))) => Some(answer(req.request, id)),
             Ok((_, Err(e))) => {
                 warn!(host = %host.name, error = %e, "request payload refused");
                 None
