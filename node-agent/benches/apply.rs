@@ -144,7 +144,7 @@ fn bench_rules(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 let r = k.apply(&fws[i % 2]).unwrap();
-                assert!(r.plan.ipv4.restore.is_some());
+                assert!(r.plan.rules.v4.restore.is_some());
             })
         });
         let mut i = 0usize;

@@ -27,7 +27,9 @@ use crate::core::sets::SetOp;
 use crate::core::sets::{plan_sets, temp_name, LiveSet, SetPlan, SetPlanError};
 use crate::kernel::{Backend, KernelConfig, KernelError, SetBackend, SystemTools, Tools};
 use dog_protocol::messages::SetDelta;
-use dog_protocol::ruleset::{FailsafeError, Family, FirewallHashes, HostFirewall, SET_PREFIX};
+use dog_protocol::ruleset::{
+    FailsafeError, Family, FirewallHashes, HostFirewall, PerFamily, SET_PREFIX,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -86,8 +88,9 @@ fn tool(step: &'static str) -> impl FnOnce(KernelError) -> ApplyError {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Plan {
     pub sets: SetPlan,
-    pub ipv4: RulesPlan,
-    pub ipv6: RulesPlan,
+    /// Serialized as the `ipv4` and `ipv6` fields of the plan.
+    #[serde(flatten)]
+    pub rules: PerFamily<RulesPlan>,
     /// Hashes of the kernel state the plan was made against (read for it), so a caller that
     /// reports live hashes with the plan does not read the kernel a second time.
     pub live: FirewallHashes,
@@ -100,22 +103,17 @@ impl Plan {
         let s = &self.sets;
         let sets = s.create.len() + s.swap.len() + s.destroy.len();
         let members: usize = s.delta.iter().map(|d| d.add.len() + d.remove.len()).sum();
-        let rules: usize = [&self.ipv4, &self.ipv6]
+        let rules: usize = self
+            .rules
             .iter()
-            .filter_map(|r| r.restore.as_deref())
+            .filter_map(|(_, r)| r.restore.as_deref())
             .map(|t| t.lines().filter(|l| l.starts_with("-A ")).count().max(1))
             .sum();
         (sets + members + rules) as u64
     }
 
     pub fn changes_anything(&self) -> bool {
-        self.sets.changes_anything() || self.ipv4.restore.is_some() || self.ipv6.restore.is_some()
-    }
-    pub fn rules(&self, family: Family) -> &RulesPlan {
-        match family {
-            Family::V4 => &self.ipv4,
-            Family::V6 => &self.ipv6,
-        }
+        self.sets.changes_anything() || self.rules.iter().any(|(_, r)| r.restore.is_some())
     }
 }
 
@@ -302,8 +300,7 @@ impl Applier {
         sets.destroy.retain(|s| !referenced.contains(s));
         Ok(Plan {
             sets,
-            ipv4: plan_rules(&fw.ipv4, live.filter(Family::V4)),
-            ipv6: plan_rules(&fw.ipv6, live.filter(Family::V6)),
+            rules: PerFamily::from_fn(|f| plan_rules(fw.document(f), live.filter(f))),
             live: live.hashes(),
         })
     }
@@ -446,7 +443,7 @@ impl Applier {
         // 2. rules, one atomic restore per family; roll IPv4 back if IPv6 fails
         let mut restored: Vec<Family> = Vec::new();
         for f in Family::BOTH {
-            let Some(text) = &plan.rules(f).restore else {
+            let Some(text) = &plan.rules.get(f).restore else {
                 continue;
             };
             let step = match f {

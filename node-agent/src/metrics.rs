@@ -195,10 +195,10 @@ impl AgentMetrics {
         };
         self.rules_installed
             .with_label_values(&["ipv4"])
-            .set(count(&live.rules_v4));
+            .set(count(&live.rules.v4));
         self.rules_installed
             .with_label_values(&["ipv6"])
-            .set(count(&live.rules_v6));
+            .set(count(&live.rules.v6));
         self.set_entries_installed.set(
             live.sets
                 .values()

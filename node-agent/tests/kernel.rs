@@ -72,7 +72,7 @@ fn apply_reads_back_is_idempotent_and_applies_changes() {
         assert_eq!(r.plan.sets.swap, vec!["dogz4-big"]);
         assert_eq!(r.plan.sets.destroy, vec!["dogz4-old"]);
         assert!(r.plan.sets.create.is_empty());
-        assert!(r.plan.ipv4.restore.is_some() && r.plan.ipv6.restore.is_none());
+        assert!(r.plan.rules.v4.restore.is_some() && r.plan.rules.v6.restore.is_none());
         assert_eq!(
             dog_sets(&ns),
             vec!["dogz4-big", "dogz4-web", "dogz6-web"],
@@ -229,13 +229,13 @@ fn drift_is_reported_exactly_and_repaired() {
 
         let d = k.verify(&a).unwrap();
         assert!(!d.is_clean());
-        assert_eq!(d.ipv4.chains.len(), 1, "{:?}", d.lines());
-        assert_eq!(d.ipv4.chains[0].chain, "DOG-PROFILE");
-        assert_eq!(d.ipv4.chains[0].missing, vec![rule]);
-        assert!(d.ipv4.chains[0].extra.is_empty());
-        assert_eq!(d.ipv4.jumps.len(), 1);
-        assert_eq!(d.ipv4.jumps[0].0, "OUTPUT");
-        assert!(d.ipv6.chains.is_empty() && d.ipv6.jumps.is_empty());
+        assert_eq!(d.rules.v4.chains.len(), 1, "{:?}", d.lines());
+        assert_eq!(d.rules.v4.chains[0].chain, "DOG-PROFILE");
+        assert_eq!(d.rules.v4.chains[0].missing, vec![rule]);
+        assert!(d.rules.v4.chains[0].extra.is_empty());
+        assert_eq!(d.rules.v4.jumps.len(), 1);
+        assert_eq!(d.rules.v4.jumps[0].0, "OUTPUT");
+        assert!(d.rules.v6.chains.is_empty() && d.rules.v6.jumps.is_empty());
         assert_eq!(d.sets.len(), 1);
         assert_eq!(d.sets[0].name, "dogz4-web");
         assert_eq!(d.sets[0].missing_members, a.sets["dogz4-web"].members);
@@ -295,15 +295,16 @@ fn observe_plans_without_touching_and_deltas_apply() {
     let a = fw1();
     let p = k.plan(&a).unwrap();
     assert_eq!(p.sets.create.len(), 4);
-    assert!(p.ipv4.restore.is_some());
-    assert_eq!(p.ipv4.fix_jumps.len(), 2);
+    assert!(p.rules.v4.restore.is_some());
+    assert_eq!(p.rules.v4.fix_jumps.len(), 2);
     k.apply(&a).unwrap();
     let before = full_state(&ns);
     let p = k.plan(&fw2()).unwrap();
     assert_eq!(p.sets.swap, vec!["dogz4-big"]);
     assert_eq!(p.sets.destroy, vec!["dogz4-old"]);
     let prof = p
-        .ipv4
+        .rules
+        .v4
         .chains
         .iter()
         .find(|c| c.chain == "DOG-PROFILE")
@@ -313,7 +314,7 @@ fn observe_plans_without_touching_and_deltas_apply() {
         vec!["-A DOG-PROFILE -p tcp -m set --match-set dogz4-web src -m tcp --dport 443 -j ACCEPT"]
     );
     assert_eq!(prof.extra.len(), 2);
-    assert!(p.ipv6.chains.is_empty());
+    assert!(p.rules.v6.chains.is_empty());
     assert_eq!(full_state(&ns), before, "observe mode reads only");
 
     // operator deltas on top of the applied firewall
@@ -324,7 +325,7 @@ fn observe_plans_without_touching_and_deltas_apply() {
     }];
     let (next, r) = k.apply_set_deltas(&a, &deltas).unwrap();
     assert_eq!(r.plan.sets.delta, deltas);
-    assert!(r.plan.ipv4.restore.is_none());
+    assert!(r.plan.rules.v4.restore.is_none());
     assert_eq!(
         next.sets["dogz4-web"].members,
         vec![

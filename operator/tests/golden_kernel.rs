@@ -165,18 +165,6 @@ fn assert_round_trip(c: &Compiled, backend: Backend) {
     assert!(checked > 0);
 }
 
-trait RulesHashOf {
-    fn rules(&self, family: Family) -> &str;
-}
-impl RulesHashOf for dog_protocol::ruleset::FirewallHashes {
-    fn rules(&self, family: Family) -> &str {
-        match family {
-            Family::V4 => &self.ipv4_rules,
-            Family::V6 => &self.ipv6_rules,
-        }
-    }
-}
-
 #[test]
 fn example_fleet_round_trips_through_nft_and_legacy() {
     for dir in ["../examples/fleet", "../examples/fleet-change"] {

@@ -67,6 +67,64 @@ impl Family {
     }
 }
 
+/// One `T` per address family: the IPv4/IPv6 pairs (rule documents, plans, drift, a Group's
+/// or Zone's two sets) as one value, so code walks both families instead of writing each twice.
+/// Serialized as `{"ipv4": …, "ipv6": …}`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PerFamily<T> {
+    #[serde(rename = "ipv4")]
+    pub v4: T,
+    #[serde(rename = "ipv6")]
+    pub v6: T,
+}
+
+impl<T> PerFamily<T> {
+    pub fn new(v4: T, v6: T) -> Self {
+        PerFamily { v4, v6 }
+    }
+
+    /// Builds each family's value from the family.
+    pub fn from_fn(mut f: impl FnMut(Family) -> T) -> Self {
+        PerFamily {
+            v4: f(Family::V4),
+            v6: f(Family::V6),
+        }
+    }
+
+    pub fn get(&self, family: Family) -> &T {
+        match family {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    pub fn get_mut(&mut self, family: Family) -> &mut T {
+        match family {
+            Family::V4 => &mut self.v4,
+            Family::V6 => &mut self.v6,
+        }
+    }
+
+    /// Both values with their family, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = (Family, &T)> {
+        [(Family::V4, &self.v4), (Family::V6, &self.v6)].into_iter()
+    }
+
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> PerFamily<U> {
+        PerFamily {
+            v4: f(self.v4),
+            v6: f(self.v6),
+        }
+    }
+
+    pub fn as_ref(&self) -> PerFamily<&T> {
+        PerFamily {
+            v4: &self.v4,
+            v6: &self.v6,
+        }
+    }
+}
+
 impl fmt::Display for Family {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -91,6 +149,16 @@ pub struct FirewallHashes {
     pub ipv4_rules: String,
     pub ipv6_rules: String,
     pub sets: String,
+}
+
+impl FirewallHashes {
+    /// The hash of one family's rule document.
+    pub fn rules(&self, family: Family) -> &str {
+        match family {
+            Family::V4 => &self.ipv4_rules,
+            Family::V6 => &self.ipv6_rules,
+        }
+    }
 }
 
 /// Everything one host runs: both rule documents and the sets they reference.
@@ -131,6 +199,26 @@ impl HostFirewall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_family_reads_walks_and_serializes_by_family() {
+        let mut p = PerFamily::from_fn(|f| f.digit().to_string());
+        assert_eq!(p.get(Family::V6), "6");
+        p.get_mut(Family::V4).push('!');
+        let walked: Vec<(Family, &String)> = p.iter().collect();
+        assert_eq!(
+            walked,
+            [
+                (Family::V4, &"4!".to_string()),
+                (Family::V6, &"6".to_string())
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"ipv4":"4!","ipv6":"6"}"#
+        );
+        assert_eq!(p.map(|s| s.len()), PerFamily::new(2, 1));
+    }
 
     #[test]
     fn sets_are_canonical_and_split_slash_zero() {

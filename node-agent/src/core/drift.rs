@@ -3,7 +3,7 @@
 use crate::core::firewall::Firewall;
 use crate::core::live::LiveState;
 use crate::core::rules::{diff_chains, ChainDiff, FilterState, JumpState, HOOKS};
-use dog_protocol::ruleset::{Family, FirewallHashes};
+use dog_protocol::ruleset::{Family, FirewallHashes, PerFamily};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +34,9 @@ pub struct SetDrift {
 pub struct DriftReport {
     pub expected: FirewallHashes,
     pub live: FirewallHashes,
-    pub ipv4: RulesDrift,
-    pub ipv6: RulesDrift,
+    /// Serialized as the `ipv4` and `ipv6` fields of the report.
+    #[serde(flatten)]
+    pub rules: PerFamily<RulesDrift>,
     pub sets: Vec<SetDrift>,
 }
 
@@ -43,17 +44,17 @@ impl DriftReport {
     /// No difference at all (hashes equal and hooks in place).
     pub fn is_clean(&self) -> bool {
         self.expected == self.live
-            && self.ipv4.chains.is_empty()
-            && self.ipv6.chains.is_empty()
-            && self.ipv4.jumps.is_empty()
-            && self.ipv6.jumps.is_empty()
+            && self
+                .rules
+                .iter()
+                .all(|(_, r)| r.chains.is_empty() && r.jumps.is_empty())
             && self.sets.is_empty()
     }
 
     /// One line per difference, for logs and reports.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for d in [&self.ipv4, &self.ipv6] {
+        for (_, d) in self.rules.iter() {
             let fam = d.family.map(|f| f.to_string()).unwrap_or_default();
             for (hook, st) in &d.jumps {
                 out.push(format!("{fam} jump {hook}: {st:?}"));
@@ -153,8 +154,7 @@ pub fn compute_drift(expected: &Firewall, live: &LiveState) -> DriftReport {
     DriftReport {
         expected: expected.hashes(),
         live: live.hashes(),
-        ipv4: rules_drift(Family::V4, expected, &live.filter_v4),
-        ipv6: rules_drift(Family::V6, expected, &live.filter_v6),
+        rules: PerFamily::from_fn(|f| rules_drift(f, expected, live.filter(f))),
         sets,
     }
 }

@@ -5,40 +5,27 @@
 
 use crate::core::rules::FilterState;
 use crate::core::sets::LiveSet;
-use dog_protocol::ruleset::{rules_hash, sets_hash, Family, FirewallHashes};
+use dog_protocol::ruleset::{rules_hash, sets_hash, Family, FirewallHashes, PerFamily};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// dog's part of the kernel: both filter tables and dog's sets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LiveState {
-    pub rules_v4: String,
-    pub rules_v6: String,
-    pub filter_v4: FilterState,
-    pub filter_v6: FilterState,
+    /// Each family's filter table as read (`iptables-save -t filter`), and parsed.
+    pub rules: PerFamily<String>,
+    pub filters: PerFamily<FilterState>,
     pub sets: BTreeMap<String, LiveSet>,
 }
 
 impl LiveState {
     pub fn filter(&self, family: Family) -> &FilterState {
-        match family {
-            Family::V4 => &self.filter_v4,
-            Family::V6 => &self.filter_v6,
-        }
+        self.filters.get(family)
     }
 
     pub(crate) fn set_rules(&mut self, family: Family, text: String) {
-        let parsed = FilterState::parse(&text);
-        match family {
-            Family::V4 => {
-                self.rules_v4 = text;
-                self.filter_v4 = parsed;
-            }
-            Family::V6 => {
-                self.rules_v6 = text;
-                self.filter_v6 = parsed;
-            }
-        }
+        *self.filters.get_mut(family) = FilterState::parse(&text);
+        *self.rules.get_mut(family) = text;
     }
 
     /// Hashes with the protocol's functions, comparable with [`HostFirewall::hashes`]. A set's
@@ -46,8 +33,8 @@ impl LiveState {
     /// read back are identical to it (see [`SaveReader::finish`]).
     pub fn hashes(&self) -> FirewallHashes {
         FirewallHashes {
-            ipv4_rules: rules_hash(&self.rules_v4),
-            ipv6_rules: rules_hash(&self.rules_v6),
+            ipv4_rules: rules_hash(&self.rules.v4),
+            ipv6_rules: rules_hash(&self.rules.v6),
             sets: sets_hash(
                 self.sets
                     .values()

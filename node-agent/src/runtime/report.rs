@@ -49,17 +49,10 @@ pub fn to_protocol_interfaces(ifs: &[crate::addresses::Link]) -> Vec<Interface> 
 /// Drifted parts of a report: `ipv4_rules`, `ipv6_rules`, `set:<name>`.
 pub fn drift_parts(r: &DriftReport) -> Vec<String> {
     let mut parts = Vec::new();
-    if r.expected.ipv4_rules != r.live.ipv4_rules
-        || !r.ipv4.chains.is_empty()
-        || !r.ipv4.jumps.is_empty()
-    {
-        parts.push("ipv4_rules".to_string());
-    }
-    if r.expected.ipv6_rules != r.live.ipv6_rules
-        || !r.ipv6.chains.is_empty()
-        || !r.ipv6.jumps.is_empty()
-    {
-        parts.push("ipv6_rules".to_string());
+    for (f, d) in r.rules.iter() {
+        if r.expected.rules(f) != r.live.rules(f) || !d.chains.is_empty() || !d.jumps.is_empty() {
+            parts.push(format!("ipv{}_rules", f.digit()));
+        }
     }
     for s in &r.sets {
         parts.push(format!("set:{}", s.name));
@@ -118,7 +111,7 @@ pub fn plan_summary(plan: &Plan) -> String {
             .collect();
         out.push(format!("change sets {}", d.join(", ")));
     }
-    for (fam, r) in [("IPv4", &plan.ipv4), ("IPv6", &plan.ipv6)] {
+    for (fam, r) in plan.rules.iter() {
         if let Some(text) = &r.restore {
             let lines = text.lines().filter(|l| l.starts_with("-A ")).count();
             out.push(format!("restore {fam} rules ({lines} rule lines)"));
@@ -319,8 +312,7 @@ mod tests {
         let r = DriftReport {
             expected: h("e4", "e6", "es"),
             live: h("l4", "e6", "ls"),
-            ipv4: Default::default(),
-            ipv6: Default::default(),
+            rules: Default::default(),
             sets: vec![crate::core::drift::SetDrift {
                 name: "dogz4-web".into(),
                 missing_set: false,
@@ -350,7 +342,7 @@ mod tests {
         );
         let mut p = Plan::default();
         p.sets.create.push("dogz4-web".into());
-        p.ipv4.restore = Some("*filter\n-A DOG-INPUT -j DROP\nCOMMIT\n".into());
+        p.rules.v4.restore = Some("*filter\n-A DOG-INPUT -j DROP\nCOMMIT\n".into());
         let s = plan_summary(&p);
         assert!(s.contains("create sets dogz4-web"), "{s}");
         assert!(s.contains("restore IPv4 rules (1 rule lines)"), "{s}");

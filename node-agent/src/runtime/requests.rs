@@ -470,8 +470,8 @@ impl Agent {
         match r {
             Ok((live, ipset_save)) => {
                 let mut d = Detail::Dump {
-                    ipv4_save: live.rules_v4.clone(),
-                    ipv6_save: live.rules_v6.clone(),
+                    ipv4_save: live.rules.v4.clone(),
+                    ipv6_save: live.rules.v6.clone(),
                     ipset_save,
                 };
                 if let Detail::Dump {

@@ -23,8 +23,8 @@ use super::setname::{set_name, SetSource};
 use super::validate::RefProblem;
 use super::zones::{Moved, ZoneBuild};
 use super::{
-    CompileOptions, Compiled, Diagnostic, GroupSummary, HostFacts, HostOutcome, ObjectKind,
-    ProfileSummary, Reason, SetPair, Severity, Snapshot,
+    same_sets, CompileOptions, Compiled, Diagnostic, GroupSummary, HostFacts, HostOutcome,
+    ObjectKind, ProfileSummary, Reason, SetPair, Severity, Snapshot,
 };
 use crate::crd::{ConfigMapAddressSource, Group, Host, Profile, Zone};
 use dog_protocol::ruleset::Family;

@@ -85,10 +85,7 @@ impl Firewalls {
         }
         // a document kept from the previous firewall keeps its hash
         let rules_hash = |doc: &Arc<RulesDocument>, f: Family| match previous {
-            Some(p) if Arc::ptr_eq(p.fw.document_arc(f), doc) => match f {
-                Family::V4 => p.fw.hashes.ipv4_rules.clone(),
-                Family::V6 => p.fw.hashes.ipv6_rules.clone(),
-            },
+            Some(p) if Arc::ptr_eq(p.fw.document_arc(f), doc) => p.fw.hashes.rules(f).to_string(),
             _ => doc.hash(),
         };
         let hashes = FirewallHashes {

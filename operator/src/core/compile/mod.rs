@@ -21,7 +21,9 @@ mod zones;
 pub use compiler::{config_map_key, Changes, Compiler, Edit, SetDiff};
 
 use crate::crd::{Group, Host, HostState, InterfaceStatus, Profile, Zone};
-use dog_protocol::ruleset::{Failsafe, Family, FirewallHashes, HostFirewall, IpSet, RulesDocument};
+use dog_protocol::ruleset::{
+    Failsafe, Family, FirewallHashes, HostFirewall, IpSet, PerFamily, RulesDocument,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -409,23 +411,11 @@ pub fn compile(snapshot: &Snapshot, opts: &CompileOptions) -> Compiled {
 }
 
 /// Both families' sets of one Group or Zone.
-#[derive(Clone, Debug)]
-pub(crate) struct SetPair {
-    pub v4: Arc<IpSet>,
-    pub v6: Arc<IpSet>,
-}
+pub(crate) type SetPair = PerFamily<Arc<IpSet>>;
 
-impl SetPair {
-    pub fn get(&self, f: Family) -> &Arc<IpSet> {
-        match f {
-            Family::V4 => &self.v4,
-            Family::V6 => &self.v6,
-        }
-    }
-
-    /// The same members in both families.
-    pub fn same_content(&self, other: &SetPair) -> bool {
-        (Arc::ptr_eq(&self.v4, &other.v4) || self.v4 == other.v4)
-            && (Arc::ptr_eq(&self.v6, &other.v6) || self.v6 == other.v6)
-    }
+/// The same members in both families.
+pub(crate) fn same_sets(a: &SetPair, b: &SetPair) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .all(|((_, x), (_, y))| Arc::ptr_eq(x, y) || x == y)
 }

@@ -11,7 +11,7 @@
 use super::addresses::parse_entry;
 use super::compiler::config_map_key;
 use super::setname::{set_name, SetSource};
-use super::{Diagnostic, ObjectKind, Reason, SetPair, Severity, ZoneSummary};
+use super::{same_sets, Diagnostic, ObjectKind, Reason, SetPair, Severity, ZoneSummary};
 use crate::crd::Zone;
 use dog_protocol::ruleset::{Family, IpSet};
 use ipnet::IpNet;
@@ -248,7 +248,7 @@ impl ZoneBuild {
         if !same_layout {
             let before = self.pair.clone();
             *self = ZoneBuild::new(name, zone, maps);
-            return if self.pair.same_content(&before) {
+            return if same_sets(&self.pair, &before) {
                 Moved::Same
             } else {
                 Moved::Rebuilt

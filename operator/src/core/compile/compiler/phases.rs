@@ -15,7 +15,7 @@ impl Compiler {
                         Some(b) if incremental => b.update(&name, zone, maps),
                         old => {
                             let b = ZoneBuild::new(&name, zone, maps);
-                            let same = old.is_some_and(|o| o.pair.same_content(&b.pair));
+                            let same = old.is_some_and(|o| same_sets(&o.pair, &b.pair));
                             self.zones.insert(name.clone(), b);
                             if same {
                                 Moved::Same
@@ -268,7 +268,7 @@ impl Compiler {
             let changed = self
                 .groups
                 .get(&g)
-                .is_none_or(|old| !old.pair.same_content(&b.pair));
+                .is_none_or(|old| !same_sets(&old.pair, &b.pair));
             let b = match self.groups.get(&g) {
                 // keep the allocations when nothing changed
                 Some(old) if !changed => GroupBuild {
