@@ -565,6 +565,24 @@ mod tests {
         parse_member, Failsafe, IpSet, RulesDocument, CHAIN_INPUT, CHAIN_OUTPUT,
     };
 
+    /// A plan reads as before PerFamily: its rules under `ipv4` and `ipv6`, and back.
+    #[test]
+    fn a_plan_serializes_its_families_as_ipv4_and_ipv6() {
+        let mut plan = Plan::default();
+        plan.rules.v6.restore = Some("*filter\nCOMMIT\n".into());
+        let json = serde_json::to_value(&plan).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys, ["ipv4", "ipv6", "live", "sets"]);
+        assert_eq!(json["ipv6"]["restore"], "*filter\nCOMMIT\n");
+        let back: Plan = serde_json::from_value(json).unwrap();
+        assert_eq!(back, plan);
+    }
+
     fn document(family: Family, rules: &[&str]) -> RulesDocument {
         let fs = Failsafe::default();
         let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
