@@ -14,17 +14,11 @@ Usage (as root, after `cargo build --release --bins`):
 import os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from propagation import Acks, bench_args, pct, rss_kb, stop_all, write  # noqa: E402
+from propagation import Acks, bench_args, group_and_profile, pct, rss_kb, stop_all, write  # noqa: E402
 
 
 def rules(d, port):
-    write(os.path.join(d, "groups.yaml"),
-          "apiVersion: dogfw.io/v1alpha1\nkind: Group\nmetadata: {name: app}\n"
-          "spec: {profile: app, selector: {matchLabels: {role: app}}}\n")
-    write(os.path.join(d, "profiles.yaml"),
-          "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: app}\nspec:\n  inbound:\n"
-          f"    - {{name: app, action: ACCEPT, peer: {{kind: Group, name: app}}, protocol: tcp, ports: ['{port}']}}\n"
-          "    - {name: office, action: ACCEPT, peer: {kind: Zone, name: office}, protocol: tcp, ports: ['22']}\n")
+    group_and_profile(d, port)
     write(os.path.join(d, "zones.yaml"),
           "apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {name: office}\n"
           "spec: {addresses: ['203.0.113.1']}\n")

@@ -46,13 +46,9 @@ def zone_yaml(size, r):
     return f"apiVersion: dogfw.io/v1alpha1\nkind: Zone\nmetadata: {{name: office}}\nspec: {{addresses: [{addrs}]}}\n"
 
 
-def fleet(d, n, prefix, port, zone_extra, zone_size=0):
-    hosts = []
-    for i in range(n):
-        hosts.append(
-            f"apiVersion: dogfw.io/v1alpha1\nkind: Host\nmetadata: {{name: {prefix}-{i:04d}, labels: {{role: app}}}}\n"
-            f"spec: {{addresses: ['198.18.{i // 250}.{i % 250 + 1}']}}\n")
-    write(os.path.join(d, "hosts.yaml"), "---\n".join(hosts))
+def group_and_profile(d, port):
+    """The one Group every host is in and its Profile: `port` from the Group, 22 from the
+    office zone."""
     write(os.path.join(d, "groups.yaml"),
           "apiVersion: dogfw.io/v1alpha1\nkind: Group\nmetadata: {name: app}\n"
           "spec: {profile: app, selector: {matchLabels: {role: app}}}\n")
@@ -60,6 +56,16 @@ def fleet(d, n, prefix, port, zone_extra, zone_size=0):
           "apiVersion: dogfw.io/v1alpha1\nkind: Profile\nmetadata: {name: app}\nspec:\n  inbound:\n"
           f"    - {{name: app, action: ACCEPT, peer: {{kind: Group, name: app}}, protocol: tcp, ports: ['{port}']}}\n"
           "    - {name: office, action: ACCEPT, peer: {kind: Zone, name: office}, protocol: tcp, ports: ['22']}\n")
+
+
+def fleet(d, n, prefix, port, zone_extra, zone_size=0):
+    hosts = []
+    for i in range(n):
+        hosts.append(
+            f"apiVersion: dogfw.io/v1alpha1\nkind: Host\nmetadata: {{name: {prefix}-{i:04d}, labels: {{role: app}}}}\n"
+            f"spec: {{addresses: ['198.18.{i // 250}.{i % 250 + 1}']}}\n")
+    write(os.path.join(d, "hosts.yaml"), "---\n".join(hosts))
+    group_and_profile(d, port)
     if zone_size == 0 or not os.path.exists(os.path.join(d, "zones.yaml")):
         write(os.path.join(d, "zones.yaml"), zone_yaml(zone_size, zone_extra))
 

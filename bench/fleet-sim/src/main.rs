@@ -300,11 +300,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let probe = channels[0].0.create_channel().await?;
     let mut probe = probe;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while probe
         .queue_declare(inbox.as_str().into(), passive, FieldTable::default())
         .await
         .is_err()
     {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the operator's inbox {inbox} did not appear within 120 s: is the operator running with this topology prefix?"
+        );
         // a failed passive declare closes the channel
         tokio::time::sleep(Duration::from_millis(200)).await;
         probe = channels[0].0.create_channel().await?;
