@@ -221,6 +221,28 @@ mod tests {
     }
 
     #[test]
+    fn the_combined_set_hash_does_not_depend_on_the_order_given() {
+        let sorted = sets_hash([("doga4", "h1"), ("dogb4", "h2"), ("dogc4", "h3")].into_iter());
+        let shuffled = sets_hash([("dogc4", "h3"), ("doga4", "h1"), ("dogb4", "h2")].into_iter());
+        assert_eq!(sorted, shuffled);
+        // a name given twice counts once, with its last hash
+        let twice = sets_hash(
+            [
+                ("dogb4", "old"),
+                ("doga4", "h1"),
+                ("dogc4", "h3"),
+                ("dogb4", "h2"),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(sorted, twice);
+        assert_ne!(
+            sorted,
+            sets_hash([("doga4", "h1"), ("dogb4", "h2")].into_iter())
+        );
+    }
+
+    #[test]
     fn sets_are_canonical_and_split_slash_zero() {
         let s = IpSet::new(
             "dogz4-x",

@@ -87,17 +87,18 @@ pub fn set_hash<'a>(
     members: impl Iterator<Item = &'a IpNet>,
 ) -> String {
     let mut h = SetHasher::new(name, family);
-    // packed into a buffer first: one digest update per 64 KiB, not per member
-    let mut buf = Vec::with_capacity(1 << 16);
-    let mut one = [0u8; 17];
+    // packed into a buffer first: one digest update per 16 KiB, not per member
+    const FULL: usize = 16 * 1024;
+    let mut buf = [0u8; FULL + 17];
+    let mut len = 0;
     for m in members {
-        buf.extend_from_slice(pack_member(m, &mut one));
-        if buf.len() >= (1 << 16) - 17 {
-            h.packed(&buf);
-            buf.clear();
+        len += pack_into(m, &mut buf[len..]);
+        if len >= FULL {
+            h.packed(&buf[..len]);
+            len = 0;
         }
     }
-    h.packed(&buf);
+    h.packed(&buf[..len]);
     h.finish()
 }
 
@@ -139,23 +140,42 @@ impl SetHasher {
 /// A member's packed form, as hashed: address bytes in network order, then the prefix length.
 /// Packed members of one family sort (as bytes) exactly like `IpNet`.
 pub fn pack_member<'a>(m: &IpNet, buf: &'a mut [u8; 17]) -> &'a [u8] {
+    let len = pack_into(m, buf);
+    &buf[..len]
+}
+
+/// Writes `m`'s packed form at the start of `buf` (at least 17 bytes); returns its length.
+fn pack_into(m: &IpNet, buf: &mut [u8]) -> usize {
     match m {
         IpNet::V4(n) => {
             buf[..4].copy_from_slice(&n.addr().octets());
             buf[4] = n.prefix_len();
-            &buf[..5]
+            5
         }
         IpNet::V6(n) => {
             buf[..16].copy_from_slice(&n.addr().octets());
             buf[16] = n.prefix_len();
-            &buf[..17]
+            17
         }
     }
 }
 
 /// Combined hash of a host's sets: over `name hash` lines sorted by name.
 pub fn sets_hash<'a>(sets: impl Iterator<Item = (&'a str, &'a str)>) -> String {
-    let sorted: BTreeMap<&str, &str> = sets.collect();
+    let mut sorted: Vec<(&str, &str)> = sets.collect();
+    // callers mostly walk a map already ordered by name
+    if !sorted.is_sorted_by(|a, b| a.0 < b.0) {
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        // a name given twice counts once, its last hash (what a map built from them keeps)
+        let mut unique: Vec<(&str, &str)> = Vec::with_capacity(sorted.len());
+        for (n, h) in sorted {
+            match unique.last_mut() {
+                Some(last) if last.0 == n => last.1 = h,
+                _ => unique.push((n, h)),
+            }
+        }
+        sorted = unique;
+    }
     let mut h = Sha256::new();
     for (name, hash) in sorted {
         h.update(name.as_bytes());

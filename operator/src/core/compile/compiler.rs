@@ -87,6 +87,8 @@ struct Dirty {
     profiles: BTreeSet<String>,
     sets: BTreeSet<(SetSource, String)>,
     firewalls: BTreeSet<String>,
+    /// Groups whose firewall is another one now: their running hosts' firewalls are swapped.
+    swaps: BTreeSet<String>,
     outcomes: BTreeSet<String>,
     group_summaries: BTreeSet<String>,
     profile_summaries: BTreeSet<String>,

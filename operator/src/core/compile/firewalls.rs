@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub(super) struct Entry {
     pub fw: Arc<CompiledFirewall>,
     pub sources: Arc<BTreeSet<(SetSource, String)>>,
+    /// The hash of each of `fw.sets`, in the map's order (what the combined hash covers).
+    set_hashes: Arc<[Arc<str>]>,
 }
 
 #[derive(Debug, Default)]
@@ -24,18 +26,20 @@ pub(super) struct Firewalls {
     /// Set name → how many firewalls reference it.
     used: HashMap<String, u32>,
     /// Set name → the set and its hash, so an unchanged set is hashed once.
-    hashes: HashMap<String, (Arc<IpSet>, String)>,
+    hashes: HashMap<String, (Arc<IpSet>, Arc<str>)>,
 }
 
 impl Firewalls {
-    /// The hash of `set`, computed once per content.
-    fn hash_of(&mut self, set: &Arc<IpSet>) -> String {
+    /// The hash of `set`, computed once per allocation: a set is a new allocation only when
+    /// its Group or Zone was recomputed, and comparing it member by member with the last one
+    /// costs as much as hashing it.
+    fn hash_of(&mut self, set: &Arc<IpSet>) -> Arc<str> {
         if let Some((old, h)) = self.hashes.get(&set.name) {
-            if Arc::ptr_eq(old, set) || **old == **set {
+            if Arc::ptr_eq(old, set) {
                 return h.clone();
             }
         }
-        let h = set.hash();
+        let h: Arc<str> = set.hash().into();
         self.hashes
             .insert(set.name.clone(), (set.clone(), h.clone()));
         h
@@ -71,7 +75,6 @@ impl Firewalls {
             ),
         };
         let mut sets = BTreeMap::new();
-        let mut hashes = Vec::new();
         for (src, name) in &rendered.sources {
             let pair = pair_of(*src, name);
             for f in Family::BOTH {
@@ -79,10 +82,10 @@ impl Firewalls {
                     Some(p) => p.get(f).clone(),
                     None => Arc::new(IpSet::new(set_name(*src, name, f), f, [])),
                 };
-                hashes.push((set.name.clone(), self.hash_of(&set)));
                 sets.insert(set.name.clone(), set);
             }
         }
+        let set_hashes: Arc<[Arc<str>]> = sets.values().map(|s| self.hash_of(s)).collect();
         // a document kept from the previous firewall keeps its hash
         let rules_hash = |doc: &Arc<RulesDocument>, f: Family| match previous {
             Some(p) if Arc::ptr_eq(p.fw.document_arc(f), doc) => p.fw.hashes.rules(f).to_string(),
@@ -91,7 +94,7 @@ impl Firewalls {
         let hashes = FirewallHashes {
             ipv4_rules: rules_hash(&ipv4, Family::V4),
             ipv6_rules: rules_hash(&ipv6, Family::V6),
-            sets: sets_hash(hashes.iter().map(|(n, h)| (n.as_str(), h.as_str()))),
+            sets: combined_hash(&sets, &set_hashes),
         };
         let fw = CompiledFirewall {
             group: group.to_string(),
@@ -118,7 +121,67 @@ impl Firewalls {
             Some(p) if *p.sources == rendered.sources => p.sources.clone(),
             _ => Arc::new(rendered.sources.clone()),
         };
-        Entry { fw, sources }
+        Entry {
+            fw,
+            sources,
+            set_hashes,
+        }
+    }
+
+    /// `previous` with the current sets of `changed` sources in place of the ones it held:
+    /// for a group whose rendering did not change, only sets moved. Its documents, other
+    /// sets and their hashes are kept; only the combined hash is computed again.
+    pub fn refresh(
+        &mut self,
+        previous: &Entry,
+        changed: &[(SetSource, String)],
+        pair_of: &dyn Fn(SetSource, &str) -> Option<SetPair>,
+    ) -> Entry {
+        let mut sets = previous.fw.sets.clone();
+        let mut hashes: Vec<Arc<str>> = previous.set_hashes.to_vec();
+        let mut moved = false;
+        for (src, name) in changed {
+            let pair = pair_of(*src, name);
+            for f in Family::BOTH {
+                let set = match &pair {
+                    Some(p) => p.get(f).clone(),
+                    None => Arc::new(IpSet::new(set_name(*src, name, f), f, [])),
+                };
+                let Some((i, (_, slot))) = sets
+                    .iter_mut()
+                    .enumerate()
+                    .find(|(_, (n, _))| **n == set.name)
+                else {
+                    continue;
+                };
+                if !Arc::ptr_eq(slot, &set) {
+                    hashes[i] = self.hash_of(&set);
+                    *slot = set;
+                    moved = true;
+                }
+            }
+        }
+        if !moved || *hashes == *previous.set_hashes {
+            return previous.clone();
+        }
+        let combined = combined_hash(&sets, &hashes);
+        let fw = CompiledFirewall {
+            group: previous.fw.group.clone(),
+            profile: previous.fw.profile.clone(),
+            ipv4: previous.fw.ipv4.clone(),
+            ipv6: previous.fw.ipv6.clone(),
+            sets,
+            failsafe: previous.fw.failsafe.clone(),
+            hashes: FirewallHashes {
+                sets: combined,
+                ..previous.fw.hashes.clone()
+            },
+        };
+        Entry {
+            fw: Arc::new(fw),
+            sources: previous.sources.clone(),
+            set_hashes: hashes.into(),
+        }
     }
 
     /// Puts `entry` in place of `group`'s firewall (`None` removes it), keeping the users and
@@ -134,7 +197,8 @@ impl Firewalls {
         // the common case, new set contents under the same names: only the sets that are
         // other allocations now are written (no users or use counts change)
         if let (Some(o), Some(e)) = (self.by_group.get_mut(group), &entry) {
-            if o.sources == e.sources && o.fw.sets.keys().eq(e.fw.sets.keys()) {
+            let same_sources = Arc::ptr_eq(&o.sources, &e.sources) || o.sources == e.sources;
+            if same_sources && o.fw.sets.keys().eq(e.fw.sets.keys()) {
                 for ((name, was), (_, now)) in o.fw.sets.iter().zip(&e.fw.sets) {
                     if !Arc::ptr_eq(was, now) {
                         out.sets.insert(name.clone(), now.clone());
@@ -143,6 +207,7 @@ impl Firewalls {
                 }
                 let changed = !Arc::ptr_eq(&o.fw, &e.fw);
                 o.fw = e.fw.clone();
+                o.set_hashes = e.set_hashes.clone();
                 return changed;
             }
         }
@@ -197,7 +262,7 @@ impl Firewalls {
         let mut changed = BTreeSet::new();
         for name in touched {
             let new = match out.sets.get(name).cloned() {
-                Some(set) => Some(self.hash_of(&set)),
+                Some(set) => Some(self.hash_of(&set).to_string()),
                 None => {
                     self.hashes.remove(name);
                     None
@@ -213,4 +278,13 @@ impl Firewalls {
         }
         changed
     }
+}
+
+/// The combined hash of `sets` whose hashes are `hashes`, in the same (name) order.
+fn combined_hash(sets: &BTreeMap<String, Arc<IpSet>>, hashes: &[Arc<str>]) -> String {
+    sets_hash(
+        sets.keys()
+            .map(String::as_str)
+            .zip(hashes.iter().map(|h| &**h)),
+    )
 }

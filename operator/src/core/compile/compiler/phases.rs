@@ -378,108 +378,165 @@ impl Compiler {
     }
 
     /// Firewalls of groups whose rendering or referenced sets changed; returns the set names
-    /// whose content changed.
+    /// whose content changed. A group whose rendering is unchanged only has the sets that
+    /// moved put in its firewall ([`Firewalls::refresh`]).
     pub(super) fn firewall_phase(&mut self, d: &mut Dirty) -> BTreeSet<String> {
+        let mut moved: BTreeMap<String, Vec<(SetSource, String)>> = BTreeMap::new();
         for s in std::mem::take(&mut d.sets) {
-            d.firewalls
-                .extend(self.firewalls.users.get(&s).into_iter().flatten().cloned());
-        }
-        let mut touched = BTreeSet::new();
-        for g in std::mem::take(&mut d.firewalls) {
-            let profile = self.group_profiles.get(&g).cloned();
-            let rendered = profile
-                .as_ref()
-                .and_then(|p| self.profiles.get(p))
-                .and_then(|b| b.rendered.get(&g));
-            let entry = match (profile.as_deref(), rendered) {
-                (Some(p), Some(r)) => {
-                    let previous = self.firewalls.by_group.get(&g).cloned();
-                    let (groups, zones, remembered) = (&self.groups, &self.zones, &self.remembered);
-                    // the current sets of a Group or Zone (its last ones when it is gone but
-                    // remembered)
-                    let pair_of = |src: SetSource, n: &str| {
-                        match src {
-                            SetSource::Group => groups.get(n).map(|b| b.pair.clone()),
-                            SetSource::Zone => zones.get(n).map(|b| b.pair.clone()),
-                        }
-                        .or_else(|| remembered.get(&(src, n.to_string())).cloned())
-                    };
-                    Some(
-                        self.firewalls
-                            .make(&g, p, r, &self.failsafe, previous.as_ref(), &pair_of),
-                    )
+            for g in self.firewalls.users.get(&s).into_iter().flatten() {
+                if !d.firewalls.contains(g) {
+                    moved.entry(g.clone()).or_default().push(s.clone());
                 }
-                _ => None,
+            }
+        }
+        let (groups, zones, remembered) = (&self.groups, &self.zones, &self.remembered);
+        // the current sets of a Group or Zone (its last ones when it is gone but remembered)
+        let pair_of = |src: SetSource, n: &str| {
+            match src {
+                SetSource::Group => groups.get(n).map(|b| b.pair.clone()),
+                SetSource::Zone => zones.get(n).map(|b| b.pair.clone()),
+            }
+            .or_else(|| remembered.get(&(src, n.to_string())).cloned())
+        };
+        let mut touched = BTreeSet::new();
+        let rendered = std::mem::take(&mut d.firewalls)
+            .into_iter()
+            .map(|g| (g, None));
+        let refreshed = moved.into_iter().map(|(g, m)| (g, Some(m)));
+        for (g, sources) in rendered.chain(refreshed) {
+            let previous = self.firewalls.by_group.get(&g).cloned();
+            let entry = match (sources, &previous) {
+                (Some(sources), Some(p)) => Some(self.firewalls.refresh(p, &sources, &pair_of)),
+                _ => {
+                    let profile = self.group_profiles.get(&g);
+                    let rendering = profile
+                        .and_then(|p| self.profiles.get(p))
+                        .and_then(|b| b.rendered.get(&g));
+                    match (profile, rendering) {
+                        (Some(p), Some(r)) => Some(self.firewalls.make(
+                            &g,
+                            p,
+                            r,
+                            &self.failsafe,
+                            previous.as_ref(),
+                            &pair_of,
+                        )),
+                        _ => None,
+                    }
+                }
             };
             if self
                 .firewalls
                 .install(&g, entry, &mut self.out, &mut touched)
             {
-                d.outcomes
-                    .extend(self.running.get(&g).into_iter().flatten().cloned());
+                d.swaps.insert(g);
             }
         }
         self.firewalls.settle(&touched, &mut self.out)
     }
 
-    /// Each touched host's outcome; returns the hosts whose outcome changed.
+    /// Each touched host's outcome, and the firewall of each host of a group whose firewall
+    /// changed; returns the hosts whose outcome changed.
     pub(super) fn outcome_phase(&mut self, d: &Dirty) -> BTreeSet<String> {
         let mut changed = BTreeSet::new();
-        for h in &d.outcomes {
-            // a host that keeps its group and profile only has its firewall swapped in place
-            if let (
+        // read while the outcomes are written; put back below
+        let running = std::mem::take(&mut self.running);
+        let swapped = d.swaps.iter().flat_map(|g| {
+            running
+                .get(g)
+                .into_iter()
+                .flatten()
+                .filter(|h| !d.outcomes.contains(*h))
+                .map(move |h| (h, Some(g)))
+        });
+        let hosts: Vec<(&String, Option<&String>)> = d
+            .outcomes
+            .iter()
+            .map(|h| (h, None))
+            .chain(swapped)
+            .collect();
+        for (h, group) in hosts {
+            match self.swap_firewall(h, group) {
+                Swap::Done(true) => {
+                    changed.insert(h.clone());
+                }
+                Swap::Done(false) => {}
+                Swap::Other => self.settle_outcome(h, &mut changed),
+            }
+        }
+        self.running = running;
+        changed
+    }
+
+    /// A host that keeps its group and profile only has its firewall swapped in place (a new
+    /// firewall allocation is made only for new hashes). `group` is the one the caller knows
+    /// the host runs, so its resolution need not be read.
+    fn swap_firewall(&mut self, h: &str, group: Option<&String>) -> Swap {
+        let resolved = match group {
+            Some(g) => Some((g, None)),
+            None => match self.hosts.get(h) {
                 Some(HostBuild {
                     resolution: Resolution::Runs { group, profile },
                     ..
-                }),
-                Some(HostOutcome::Firewall {
-                    group: g,
-                    profile: p,
-                    firewall,
-                }),
-            ) = (self.hosts.get(h), self.out.hosts.get_mut(h))
-            {
-                let same = g == group && p == profile;
-                if let Some(e) = self.firewalls.by_group.get(group).filter(|_| same) {
-                    // a new firewall allocation is made only for new hashes
-                    if !Arc::ptr_eq(firewall, &e.fw) {
-                        changed.insert(h.clone());
-                        *firewall = e.fw.clone();
-                    }
-                    continue;
-                }
-            }
-            let outcome = self.hosts.get(h).map(|b| match &b.resolution {
-                Resolution::Unmanaged => HostOutcome::Unmanaged,
-                Resolution::Conflict { groups } => HostOutcome::Conflict {
-                    groups: groups.clone(),
-                },
-                Resolution::Runs { group, profile } => match self.firewalls.by_group.get(group) {
-                    Some(e) => HostOutcome::Firewall {
-                        group: group.clone(),
-                        profile: profile.clone(),
-                        firewall: e.fw.clone(),
-                    },
-                    None => HostOutcome::Withheld {
-                        group: group.clone(),
-                        profile: profile.clone(),
-                    },
-                },
-            });
-            let old = match outcome {
-                Some(o) => self.out.hosts.insert(h.clone(), o),
-                None => self.out.hosts.remove(h),
-            };
-            let same = match (&old, self.out.hosts.get(h)) {
-                (Some(a), Some(b)) => same_outcome(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                changed.insert(h.clone());
-            }
+                }) => Some((group, Some(profile))),
+                _ => None,
+            },
+        };
+        let Some((group, profile)) = resolved else {
+            return Swap::Other;
+        };
+        let Some(e) = self.firewalls.by_group.get(group) else {
+            return Swap::Other;
+        };
+        let Some(HostOutcome::Firewall {
+            group: g,
+            profile: p,
+            firewall,
+        }) = self.out.hosts.get_mut(h)
+        else {
+            return Swap::Other;
+        };
+        if g != group || *p != e.fw.profile || profile.is_some_and(|r| r != p) {
+            return Swap::Other;
         }
-        changed
+        if Arc::ptr_eq(firewall, &e.fw) {
+            return Swap::Done(false);
+        }
+        *firewall = e.fw.clone();
+        Swap::Done(true)
+    }
+
+    /// Recomputes `h`'s outcome from its resolution; adds it to `changed` when it differs.
+    fn settle_outcome(&mut self, h: &str, changed: &mut BTreeSet<String>) {
+        let outcome = self.hosts.get(h).map(|b| match &b.resolution {
+            Resolution::Unmanaged => HostOutcome::Unmanaged,
+            Resolution::Conflict { groups } => HostOutcome::Conflict {
+                groups: groups.clone(),
+            },
+            Resolution::Runs { group, profile } => match self.firewalls.by_group.get(group) {
+                Some(e) => HostOutcome::Firewall {
+                    group: group.clone(),
+                    profile: profile.clone(),
+                    firewall: e.fw.clone(),
+                },
+                None => HostOutcome::Withheld {
+                    group: group.clone(),
+                    profile: profile.clone(),
+                },
+            },
+        });
+        let old = match outcome {
+            Some(o) => self.out.hosts.insert(h.to_string(), o),
+            None => self.out.hosts.remove(h),
+        };
+        let same = match (&old, self.out.hosts.get(h)) {
+            (Some(a), Some(b)) => same_outcome(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            changed.insert(h.to_string());
+        }
     }
 
     /// Remembered sets are forgotten once their Group or Zone exists again, or no rule names
@@ -571,4 +628,12 @@ impl Compiler {
         }
         self.out.diagnostics.add(&diags);
     }
+}
+
+/// What [`Compiler::swap_firewall`] did: put the group's firewall in place (true when it was
+/// another one), or found a host whose outcome must be computed again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Swap {
+    Done(bool),
+    Other,
 }
