@@ -165,16 +165,16 @@ pub fn sets_hash<'a>(sets: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     let mut sorted: Vec<(&str, &str)> = sets.collect();
     // callers mostly walk a map already ordered by name
     if !sorted.is_sorted_by(|a, b| a.0 < b.0) {
+        // stable: of a name given twice, its last hash stays last
         sorted.sort_by(|a, b| a.0.cmp(b.0));
-        // a name given twice counts once, its last hash (what a map built from them keeps)
-        let mut unique: Vec<(&str, &str)> = Vec::with_capacity(sorted.len());
-        for (n, h) in sorted {
-            match unique.last_mut() {
-                Some(last) if last.0 == n => last.1 = h,
-                _ => unique.push((n, h)),
+        // a name given twice counts once, with its last hash (what a map built from them keeps)
+        sorted.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
             }
-        }
-        sorted = unique;
+            same
+        });
     }
     let mut h = Sha256::new();
     for (name, hash) in sorted {

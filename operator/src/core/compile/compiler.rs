@@ -38,6 +38,7 @@ const MANY_GROUPS: usize = 8;
 
 mod changes;
 mod edits;
+mod outcomes;
 mod phases;
 
 pub use changes::{Changes, SetDiff};
