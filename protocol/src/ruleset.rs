@@ -116,13 +116,6 @@ impl<T> PerFamily<T> {
             v6: f(self.v6),
         }
     }
-
-    pub fn as_ref(&self) -> PerFamily<&T> {
-        PerFamily {
-            v4: &self.v4,
-            v6: &self.v6,
-        }
-    }
 }
 
 impl fmt::Display for Family {

@@ -76,12 +76,7 @@ impl Firewalls {
         };
         let mut sets = BTreeMap::new();
         for (src, name) in &rendered.sources {
-            let pair = pair_of(*src, name);
-            for f in Family::BOTH {
-                let set = match &pair {
-                    Some(p) => p.get(f).clone(),
-                    None => Arc::new(IpSet::new(set_name(*src, name, f), f, [])),
-                };
+            for set in current_sets(*src, name, pair_of) {
                 sets.insert(set.name.clone(), set);
             }
         }
@@ -141,12 +136,7 @@ impl Firewalls {
         let mut hashes: Vec<Arc<str>> = previous.set_hashes.to_vec();
         let mut moved = false;
         for (src, name) in changed {
-            let pair = pair_of(*src, name);
-            for f in Family::BOTH {
-                let set = match &pair {
-                    Some(p) => p.get(f).clone(),
-                    None => Arc::new(IpSet::new(set_name(*src, name, f), f, [])),
-                };
+            for set in current_sets(*src, name, pair_of) {
                 let Some((i, (_, slot))) = sets
                     .iter_mut()
                     .enumerate()
@@ -287,4 +277,18 @@ fn combined_hash(sets: &BTreeMap<String, Arc<IpSet>>, hashes: &[Arc<str>]) -> St
             .map(String::as_str)
             .zip(hashes.iter().map(|h| &**h)),
     )
+}
+
+/// The current sets of a Group or Zone in both families; empty ones under its set names when
+/// `pair_of` has none (an unknown peer matches nothing).
+fn current_sets(
+    src: SetSource,
+    name: &str,
+    pair_of: &dyn Fn(SetSource, &str) -> Option<SetPair>,
+) -> [Arc<IpSet>; 2] {
+    let pair = pair_of(src, name);
+    Family::BOTH.map(|f| match &pair {
+        Some(p) => p.get(f).clone(),
+        None => Arc::new(IpSet::new(set_name(src, name, f), f, [])),
+    })
 }
