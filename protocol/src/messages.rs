@@ -24,10 +24,12 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 mod agent;
+mod encoded;
 mod operator;
 mod validate;
 
 pub use agent::*;
+pub use encoded::{EncodeError, EncodedFirewall};
 pub use operator::*;
 
 /// Schema version of the payloads defined here (carried in the envelope header).

@@ -2,6 +2,9 @@
 //! and publishing the plan of `crate::core::publish` sealed to each host (confirmed by the broker).
 
 use super::*;
+use crate::core::compile::CompiledFirewall;
+use dog_protocol::messages::{EncodeError, EncodedFirewall};
+use std::collections::HashMap;
 
 impl Runtime {
     /// After the first compile: hosts whose reported hashes already equal the compiled ones
@@ -152,6 +155,8 @@ pub(super) enum SendError {
     NoKey,
     #[error("sealing: {0}")]
     Seal(#[from] SealError),
+    #[error("encoding: {0}")]
+    Encode(#[from] EncodeError),
     #[error("sealing task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -168,6 +173,7 @@ async fn send_all(
     jobs: Vec<Job>,
     now: u64,
 ) -> Vec<(Publish, Uuid, Result<usize, SendError>)> {
+    let encoded = encode_firewalls(&jobs).await;
     let out = &Outbound {
         link,
         metrics,
@@ -178,6 +184,7 @@ async fn send_all(
             std::thread::available_parallelism().map_or(2, usize::from),
         ),
         now,
+        encoded,
     };
     futures::stream::iter(jobs)
         .map(|(action, id, keys)| async move {
@@ -196,17 +203,51 @@ struct Outbound<'a> {
     sealer: &'a Arc<Sealer>,
     sealing: tokio::sync::Semaphore,
     now: u64,
+    /// The firewalls of this pass's Applies, each encoded once, by `Arc` address.
+    encoded: HashMap<usize, Arc<EncodedFirewall>>,
+}
+
+/// The distinct firewalls the Applies of a pass send, each encoded once on the blocking pool:
+/// the hosts of a group share one, so its documents and sets are serialized once instead of
+/// once per host. A firewall that cannot be encoded is left out; its Applies take the owned
+/// path, which reports the error per host.
+async fn encode_firewalls(jobs: &[Job]) -> HashMap<usize, Arc<EncodedFirewall>> {
+    let mut distinct: HashMap<usize, Arc<CompiledFirewall>> = HashMap::new();
+    for (action, _, _) in jobs {
+        if let Publish::Apply { firewall, .. } = action {
+            distinct
+                .entry(Arc::as_ptr(firewall) as usize)
+                .or_insert_with(|| Arc::clone(firewall));
+        }
+    }
+    if distinct.is_empty() {
+        return HashMap::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        distinct
+            .into_iter()
+            .filter_map(|(at, fw)| Some((at, Arc::new(fw.encode().ok()?))))
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 impl Outbound<'_> {
     /// Seals and publishes one job; the sealed message's size once the broker confirmed it.
     async fn send(&self, action: &Publish, id: Uuid, keys: Keys) -> Result<usize, SendError> {
+        let encoded = match action {
+            Publish::Apply { firewall, .. } => {
+                self.encoded.get(&(Arc::as_ptr(firewall) as usize)).cloned()
+            }
+            Publish::SharedSet { .. } => None,
+        };
         let job = (Arc::clone(self.sealer), action.clone(), self.now);
         let bytes = {
             let _turn = self.sealing.acquire().await;
             tokio::task::spawn_blocking(move || {
                 let (sealer, action, now) = job;
-                seal(&sealer, &action, id, keys, now)
+                seal(&sealer, &action, id, keys, encoded.as_deref(), now)
             })
             .await??
         };
@@ -234,12 +275,14 @@ impl Outbound<'_> {
     }
 }
 
-/// Seals `action` as request `id` (no IO: runs on the blocking pool).
+/// Seals `action` as request `id` (no IO: runs on the blocking pool); an Apply from its
+/// firewall's shared encoding when the pass has one.
 fn seal(
     sealer: &Sealer,
     action: &Publish,
     id: Uuid,
     keys: Keys,
+    encoded: Option<&EncodedFirewall>,
     now: u64,
 ) -> Result<Vec<u8>, SendError> {
     match (action, keys) {
@@ -252,6 +295,19 @@ fn seal(
             },
             Keys::One(key),
         ) => {
+            let key = key.ok_or(SendError::NoKey)?;
+            if let Some(encoded) = encoded {
+                let payload = encoded.apply_payload(id, host, *revision, kept)?;
+                return Ok(sealer.encoded_request(
+                    host,
+                    &key,
+                    id,
+                    Some(*revision),
+                    &payload,
+                    now,
+                    REQUEST_TTL_SECS,
+                )?);
+            }
             let req = Request {
                 id,
                 request: RequestKind::Apply {
@@ -260,7 +316,6 @@ fn seal(
                     kept_sets: kept.clone(),
                 },
             };
-            let key = key.ok_or(SendError::NoKey)?;
             Ok(sealer.request(host, &key, &req, now, REQUEST_TTL_SECS)?)
         }
         (
@@ -285,6 +340,119 @@ fn seal(
         // keys_for builds the keys from the publish itself
         (Publish::Apply { .. }, Keys::Many(_)) | (Publish::SharedSet { .. }, Keys::One(_)) => {
             Err(SendError::NoKey)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dog_protocol::envelope::Opener;
+    use dog_protocol::keys::{EncryptionKey, SigningKey, TrustedKeys};
+    use dog_protocol::messages::OperatorMessage;
+    use dog_protocol::ruleset::{
+        parse_member, Failsafe, Family, HostFirewall, IpSet, RulesDocument,
+    };
+
+    fn firewall() -> Arc<CompiledFirewall> {
+        let set = |name: &str, members: &[&str]| {
+            IpSet::new(
+                name,
+                Family::V4,
+                members.iter().map(|m| parse_member(m).unwrap()),
+            )
+        };
+        let (a, b) = (
+            set("dogg4-a", &["10.0.0.1", "10.0.0.2"]),
+            set("dogz4-b", &["192.0.2.0/24"]),
+        );
+        let text =
+            "*filter\n:DOG-INPUT - [0:0]\n-A DOG-INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+        let hf = HostFirewall {
+            host: String::new(),
+            ipv4: RulesDocument {
+                family: Family::V4,
+                text: text.into(),
+            },
+            ipv6: RulesDocument {
+                family: Family::V6,
+                text: "*filter\nCOMMIT\n".into(),
+            },
+            sets: [(a.name.clone(), a.clone()), (b.name.clone(), b.clone())]
+                .into_iter()
+                .collect(),
+            failsafe: Failsafe::default(),
+        };
+        Arc::new(CompiledFirewall {
+            group: "g".into(),
+            profile: "p".into(),
+            hashes: hf.hashes(),
+            ipv4: Arc::new(hf.ipv4),
+            ipv6: Arc::new(hf.ipv6),
+            sets: [(a.name.clone(), Arc::new(a)), (b.name.clone(), Arc::new(b))]
+                .into_iter()
+                .collect(),
+            failsafe: Arc::new(hf.failsafe),
+        })
+    }
+
+    /// Opens `bytes` as `host` and returns the request it carries.
+    fn open(bytes: &[u8], host: &str, key: &EncryptionKey, sealer: &Sealer) -> Request {
+        let trusted = TrustedKeys::new([sealer.public_key()]);
+        let mut opener = Opener::for_agent(host, key.clone(), "dog-operator", trusted);
+        let opened = opener.open(bytes, 1_000).expect("opens");
+        match serde_json::from_slice(&opened.payload).expect("parses") {
+            OperatorMessage::Request(r) => r,
+        }
+    }
+
+    #[test]
+    fn an_apply_from_the_shared_encoding_opens_to_the_same_request_as_the_owned_one() {
+        let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
+        let fw = firewall();
+        let encoded = fw.encode().expect("encodes");
+        for (host, kept) in [
+            ("node-1", BTreeMap::new()),
+            (
+                "node-2",
+                [("dogz4-b".to_string(), fw.sets["dogz4-b"].hash())]
+                    .into_iter()
+                    .collect(),
+            ),
+        ] {
+            let key = EncryptionKey::generate();
+            let action = Publish::Apply {
+                host: host.into(),
+                revision: 7,
+                firewall: Arc::clone(&fw),
+                kept: kept.clone(),
+            };
+            let id = Uuid::new_v4();
+            let keys = || Keys::One(Some(key.public()));
+            let shared = seal(&sealer, &action, id, keys(), Some(&encoded), 1_000).expect("seals");
+            let owned = seal(&sealer, &action, id, keys(), None, 1_000).expect("seals");
+            let (a, b) = (
+                open(&shared, host, &key, &sealer),
+                open(&owned, host, &key, &sealer),
+            );
+            assert_eq!(a, b);
+            let RequestKind::Apply {
+                firewall,
+                kept_sets,
+                revision,
+            } = a.request
+            else {
+                panic!("not an apply: {a:?}");
+            };
+            assert_eq!(
+                (firewall.host.as_str(), revision, &kept_sets),
+                (host, 7, &kept)
+            );
+            assert_eq!(
+                firewall.sets.len(),
+                2 - kept.len(),
+                "kept sets are left out"
+            );
         }
     }
 }

@@ -125,8 +125,35 @@ impl Sealer {
         ttl_secs: u64,
     ) -> Result<Vec<u8>, SealError> {
         let payload = encode_operator(request)?;
-        let fields = request_fields(vec![agent.to_string()], request, now, ttl_secs);
-        self.seal_for_agent(&fields, &payload, agent_key)
+        let revision = request.request.revision();
+        self.encoded_request(
+            agent, agent_key, request.id, revision, &payload, now, ttl_secs,
+        )
+    }
+
+    /// Seals a request whose payload is already encoded (an `apply` from
+    /// [`crate::messages::EncodedFirewall::apply_payload`]) to one agent, as
+    /// [`Sealer::request`] does: message id `id`, the request's `revision`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encoded_request(
+        &self,
+        agent: &str,
+        agent_key: &EncryptionPublicKey,
+        id: Uuid,
+        revision: Option<u64>,
+        payload: &[u8],
+        now: u64,
+        ttl_secs: u64,
+    ) -> Result<Vec<u8>, SealError> {
+        let fields = HeaderFields {
+            kind: MessageKind::Request,
+            recipients: vec![agent.to_string()],
+            id,
+            revision,
+            issued_at: now,
+            expires_at: now.saturating_add(ttl_secs),
+        };
+        self.seal_for_agent(&fields, payload, agent_key)
     }
 
     /// Seals one [`Request`] (normally a `SharedSet`) once for many agents.
@@ -250,9 +277,14 @@ fn request_fields(recipients: Vec<String>, r: &Request, now: u64, ttl: u64) -> H
 }
 
 fn encode_operator(r: &Request) -> Result<Vec<u8>, SealError> {
+    /// `OperatorMessage::Request` by reference: the same JSON without copying the request.
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum Borrowed<'a> {
+        Request(&'a Request),
+    }
     r.validate()?;
-    serde_json::to_vec(&OperatorMessage::Request(r.clone()))
-        .map_err(|e| SealError::Header(e.to_string()))
+    serde_json::to_vec(&Borrowed::Request(r)).map_err(|e| SealError::Header(e.to_string()))
 }
 
 fn check_payload(len: usize) -> Result<(), SealError> {

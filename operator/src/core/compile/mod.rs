@@ -21,6 +21,7 @@ mod zones;
 pub use compiler::{config_map_key, Changes, Compiler, Edit, SetDiff};
 
 use crate::crd::{Group, Host, HostState, InterfaceStatus, Profile, Zone};
+use dog_protocol::messages::{EncodeError, EncodedFirewall};
 use dog_protocol::ruleset::{
     Failsafe, Family, FirewallHashes, HostFirewall, IpSet, PerFamily, RulesDocument,
 };
@@ -299,6 +300,17 @@ impl CompiledFirewall {
     }
 
     /// The firewall of `host` without the sets named in `kept` (which the host holds).
+    /// The parts every host of this firewall is sent alike, serialized once
+    /// ([`EncodedFirewall`]); an Apply is then put together per host without copying them.
+    pub fn encode(&self) -> Result<EncodedFirewall, EncodeError> {
+        EncodedFirewall::new(
+            &self.ipv4,
+            &self.ipv6,
+            self.sets.iter().map(|(n, s)| (n, &**s)),
+            &self.failsafe,
+        )
+    }
+
     pub fn to_host_firewall_without<V>(
         &self,
         host: &str,
