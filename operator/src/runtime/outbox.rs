@@ -158,14 +158,21 @@ pub(super) enum SendError {
     #[error("encoding: {0}")]
     Encode(#[from] EncodeError),
     #[error("sealing task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
 
-/// Seals each job on the blocking pool (both cores) and publishes it as soon as it is sealed,
-/// at most PUBLISH_CONCURRENCY at a time: the first hosts hear of a change while the last are
-/// still being sealed, and no more than that many sealed messages are held at once.
+/// Jobs sealed by one blocking task: one hand-off to the blocking pool and back per batch
+/// instead of per host (a thread wake-up each way was about 13 % of the operator's CPU when
+/// 5,000 hosts were sent a change), while the first publishes still leave after a few
+/// milliseconds.
+const SEAL_BATCH: usize = 16;
+
+/// Seals the jobs in batches on the blocking pool (both cores) and publishes each batch as
+/// soon as it is sealed, at most PUBLISH_CONCURRENCY messages at a time: the first hosts hear
+/// of a change while the last are still being sealed, and no more than that many sealed
+/// messages are held at once.
 async fn send_all(
     link: &OperatorLink,
     metrics: &OperatorMetrics,
@@ -186,14 +193,17 @@ async fn send_all(
         now,
         encoded,
     };
-    futures::stream::iter(jobs)
-        .map(|(action, id, keys)| async move {
-            let res = out.send(&action, id, keys).await;
-            (action, id, res)
-        })
-        .buffer_unordered(PUBLISH_CONCURRENCY)
+    let mut batches: Vec<Vec<Job>> = Vec::with_capacity(jobs.len().div_ceil(SEAL_BATCH));
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        batches.push(jobs.by_ref().take(SEAL_BATCH).collect());
+    }
+    let sent: Vec<Vec<_>> = futures::stream::iter(batches)
+        .map(|batch| out.send_batch(batch))
+        .buffer_unordered((PUBLISH_CONCURRENCY / SEAL_BATCH).max(1))
         .collect()
-        .await
+        .await;
+    sent.into_iter().flatten().collect()
 }
 
 /// What one pass of sending shares.
@@ -234,29 +244,64 @@ async fn encode_firewalls(jobs: &[Job]) -> HashMap<usize, Arc<EncodedFirewall>> 
 }
 
 impl Outbound<'_> {
-    /// Seals and publishes one job; the sealed message's size once the broker confirmed it.
-    async fn send(&self, action: &Publish, id: Uuid, keys: Keys) -> Result<usize, SendError> {
-        let encoded = match action {
-            Publish::Apply { firewall, .. } => {
-                self.encoded.get(&(Arc::as_ptr(firewall) as usize)).cloned()
-            }
-            Publish::SharedSet { .. } => None,
-        };
-        let job = (Arc::clone(self.sealer), action.clone(), self.now);
-        let bytes = {
+    /// Seals a batch of jobs in one blocking task, then publishes them together; each job's
+    /// sealed size once the broker confirmed it.
+    async fn send_batch(&self, batch: Vec<Job>) -> Vec<(Publish, Uuid, Result<usize, SendError>)> {
+        let inputs: Vec<(Publish, Uuid, Keys, Option<Arc<EncodedFirewall>>)> = batch
+            .into_iter()
+            .map(|(action, id, keys)| {
+                let encoded = match &action {
+                    Publish::Apply { firewall, .. } => {
+                        self.encoded.get(&(Arc::as_ptr(firewall) as usize)).cloned()
+                    }
+                    Publish::SharedSet { .. } => None,
+                };
+                (action, id, keys, encoded)
+            })
+            .collect();
+        // the sealing task gets its own copies, so a panic in it still leaves every job to
+        // report
+        let jobs: Vec<(Publish, Uuid)> =
+            inputs.iter().map(|(a, id, ..)| (a.clone(), *id)).collect();
+        let (sealer, now) = (Arc::clone(self.sealer), self.now);
+        let sealed: Vec<Result<Vec<u8>, SendError>> = {
             let _turn = self.sealing.acquire().await;
             tokio::task::spawn_blocking(move || {
-                let (sealer, action, now) = job;
-                seal(&sealer, &action, id, keys, encoded.as_deref(), now)
+                inputs
+                    .into_iter()
+                    .map(|(action, id, keys, encoded)| {
+                        seal(&sealer, &action, id, keys, encoded.as_deref(), now)
+                    })
+                    .collect()
             })
-            .await??
+            .await
+            .unwrap_or_else(|e| {
+                (0..jobs.len())
+                    .map(|_| Err(SendError::Task(e.to_string())))
+                    .collect()
+            })
         };
+        let publishes = jobs
+            .into_iter()
+            .zip(sealed)
+            .map(|((action, id), bytes)| async move {
+                let res = match bytes {
+                    Ok(bytes) => self.publish(&action, id, &bytes).await,
+                    Err(e) => Err(e),
+                };
+                (action, id, res)
+            });
+        futures::future::join_all(publishes).await
+    }
+
+    /// Publishes one sealed job; its size once the broker confirmed it.
+    async fn publish(&self, action: &Publish, id: Uuid, bytes: &[u8]) -> Result<usize, SendError> {
         let started = Instant::now();
         let meta = MessageMeta::new(id.to_string(), "request");
         let res = match action {
-            Publish::Apply { host, .. } => self.link.publish_to_host(host, &bytes, &meta).await,
+            Publish::Apply { host, .. } => self.link.publish_to_host(host, bytes, &meta).await,
             Publish::SharedSet { set, .. } => {
-                self.link.publish_shared_set(&set.name, &bytes, &meta).await
+                self.link.publish_shared_set(&set.name, bytes, &meta).await
             }
         };
         self.metrics
