@@ -16,7 +16,7 @@ async fn only_the_newest_eight_remain() {
     let mut c = config(&prefix, "operator");
     c.host_queue_max_length = Some(8);
     let (operator, _from_agents) = OperatorLink::start(c.clone()).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     for i in 0..100 {
         operator
             .publish_to_host(
@@ -52,9 +52,9 @@ async fn a_full_operator_inbox_refuses_publishes_and_loses_nothing() {
     c.operator_queue_max_length = 3;
     c.operator_prefetch = 1;
     let (operator, mut from_agents) = OperatorLink::start(c).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     let (agent, _to_agent) = AgentLink::start(config(&prefix, "agent"), "node-i").unwrap();
-    agent.wait_connected().await.unwrap();
+    connected("agent", agent.wait_connected()).await;
     // the operator reads nothing yet: one delivery in flight (prefetch 1) and 3 waiting fit,
     // in whatever split the client's buffer makes; a few more than that must not
     let mut confirmed = 0;

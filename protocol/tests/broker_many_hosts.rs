@@ -36,7 +36,7 @@ async fn thousand_host_queues_on_one_connection() {
     let mut c = config(&prefix, "operator");
     c.quorum_queues = std::env::var("DOG_TEST_QUORUM").is_ok();
     let (operator, _from_agents) = OperatorLink::start(c).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
 
     let t0 = Instant::now();
     futures::stream::iter(hosts.iter())

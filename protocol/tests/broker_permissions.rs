@@ -76,7 +76,7 @@ async fn agent_user_reaches_only_its_own_queue() {
     );
 
     let (operator, mut from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     operator.declare_host_queue("node-p.example").await.unwrap();
     operator.declare_host_queue("node-other").await.unwrap();
 
@@ -372,7 +372,7 @@ async fn the_bootstrap_user_reaches_only_its_own_generated_queue() {
         &topology.bootstrap_permissions(),
     );
     let (operator, mut from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     operator.declare_host_queue("victim").await.unwrap();
 
     let mut c = config(&prefix, "bootstrap");

@@ -26,12 +26,12 @@ async fn every_message_arrives_once_across_connection_kills() {
     // Every message matters here, so the host queue is unbounded.
     c.host_queue_max_length = None;
     let (operator, mut from_agent) = OperatorLink::start(c.clone()).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     operator.declare_host_queue("node-k").await.unwrap();
     let mut ca = c.clone();
     ca.connection_name = format!("{prefix}/agent");
     let (agent, mut to_agent) = AgentLink::start(ca, "node-k").unwrap();
-    agent.wait_connected().await.unwrap();
+    connected("agent", agent.wait_connected()).await;
 
     // Agent: process each new request once (dedup by id), answer it, then ack.
     let agent_seen = Arc::new(Mutex::new((

@@ -16,9 +16,9 @@ async fn round_trip_both_directions_with_manual_acks() {
     cleanup.host("node-a");
 
     let (operator, mut from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     let (agent, mut to_agent) = AgentLink::start(config(&prefix, "agent-a"), "node-a").unwrap();
-    agent.wait_connected().await.unwrap();
+    connected("agent", agent.wait_connected()).await;
     assert!(operator.status().connected && agent.status().connected);
     assert_eq!(operator.status().connects, 1);
 
@@ -75,7 +75,7 @@ async fn unacked_delivery_is_redelivered_to_the_next_agent_connection() {
     cleanup.host("node-b");
 
     let (operator, _from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
     operator
         .publish_to_host("node-b", b"work", &MessageMeta::new("m-9", "desired-state"))
         .await

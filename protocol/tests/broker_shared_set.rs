@@ -13,7 +13,7 @@ async fn one_publish_reaches_every_bound_agent_once() {
     let prefix = unique_prefix("sets");
     let mut cleanup = Cleanup::new(&prefix);
     let (operator, _from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
-    operator.wait_connected().await.unwrap();
+    connected("operator", operator.wait_connected()).await;
 
     // Five agents use set "blocklist", a sixth does not.
     let mut agents = Vec::new();
@@ -21,7 +21,7 @@ async fn one_publish_reaches_every_bound_agent_once() {
         let host = format!("node-{i}");
         cleanup.host(&host);
         let (agent, deliveries) = AgentLink::start(config(&prefix, &host), &host).unwrap();
-        agent.wait_connected().await.unwrap();
+        connected("agent", agent.wait_connected()).await;
         if i < 5 {
             agent.bind_shared_set("blocklist").await.unwrap();
             agent.bind_shared_set("bastions").await.unwrap();

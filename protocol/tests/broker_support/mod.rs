@@ -149,3 +149,20 @@ impl Drop for Cleanup {
 pub async fn next_within(d: &mut Deliveries, timeout: Duration) -> Option<Delivery> {
     tokio::time::timeout(timeout, d.recv()).await.ok().flatten()
 }
+
+/// Waits for a link's first connection (`link.wait_connected()`), failing the test with the
+/// reason instead of waiting forever when no broker answers.
+pub async fn connected(
+    what: &str,
+    wait: impl std::future::Future<Output = Result<(), dog_protocol::broker::BrokerError>>,
+) {
+    const DEADLINE: Duration = Duration::from_secs(60);
+    match tokio::time::timeout(DEADLINE, wait).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{what}: connecting to the broker failed: {e}"),
+        Err(_) => panic!(
+            "{what}: no broker connection within {DEADLINE:?}; is RabbitMQ running on \
+             127.0.0.1:5672? (scripts/setup.sh starts it)"
+        ),
+    }
+}
