@@ -1,7 +1,9 @@
 //! Envelope costs: seal+sign and verify+open (operator → agent) for 1 KB and 1 MB payloads,
 //! sign/verify only (agent → operator), a shared-set seal for 1000 recipients, and one entry
 //! changed in a 1,000,000-entry shared set sent to 200 hosts as the whole set and as a change
-//! (the sizes on the wire are printed once).
+//! (the sizes on the wire are printed once), and one host's Apply of a group whose set holds
+//! 5,000 addresses, encoded per host from the owned request and from the group's shared
+//! encoding.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dog_protocol::envelope::{HeaderFields, MessageKind, Opener, Sealer, TimePolicy};
@@ -174,8 +176,87 @@ fn one_entry_change_of_a_large_set(c: &mut Criterion) {
     g.finish();
 }
 
+/// What one more host of a group costs to encode and seal: the owned request (its firewall
+/// copied and serialized for this host) against the group's encoding made once
+/// ([`EncodedFirewall`], the operator's path).
+fn apply_for_one_host_of_a_group(c: &mut Criterion) {
+    use dog_protocol::messages::{EncodedFirewall, Request, RequestKind};
+    use dog_protocol::ruleset::{Failsafe, Family, HostFirewall, IpSet, RulesDocument};
+    use std::collections::BTreeMap;
+    let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
+    let agent = EncryptionKey::generate().public();
+    let peers = IpSet::new(
+        "dogg4-web",
+        Family::V4,
+        (0..5_000u32).map(|i| {
+            ipnet::IpNet::from(ipnet::Ipv4Net::from(std::net::Ipv4Addr::from(
+                0x0a00_0000 + i,
+            )))
+        }),
+    );
+    let rules = (0..20)
+        .map(|i| {
+            format!(
+                "-A DOG-INPUT -p tcp --dport {} -m set --match-set dogg4-web src -j ACCEPT\n",
+                8000 + i
+            )
+        })
+        .collect::<String>();
+    let firewall = HostFirewall {
+        host: "node-1".into(),
+        ipv4: RulesDocument {
+            family: Family::V4,
+            text: format!("*filter\n:DOG-INPUT - [0:0]\n{rules}COMMIT\n"),
+        },
+        ipv6: RulesDocument {
+            family: Family::V6,
+            text: "*filter\nCOMMIT\n".into(),
+        },
+        sets: [(peers.name.clone(), peers)].into_iter().collect(),
+        failsafe: Failsafe::default(),
+    };
+    let encoded = EncodedFirewall::new(
+        &firewall.ipv4,
+        &firewall.ipv6,
+        &firewall.sets,
+        &firewall.failsafe,
+    )
+    .unwrap();
+    let none = BTreeMap::new();
+    let mut g = c.benchmark_group("envelope/apply_one_host_of_a_5000_address_group");
+    g.sample_size(20);
+    g.bench_function("owned_request", |b| {
+        b.iter(|| {
+            let request = Request {
+                id: Uuid::new_v4(),
+                request: RequestKind::Apply {
+                    revision: 2,
+                    firewall: black_box(&firewall).clone(),
+                    kept_sets: BTreeMap::new(),
+                },
+            };
+            sealer
+                .request("node-1", &agent, &request, NOW, 600)
+                .unwrap()
+        })
+    });
+    g.bench_function("shared_encoding", |b| {
+        b.iter(|| {
+            let id = Uuid::new_v4();
+            let payload = black_box(&encoded)
+                .apply_payload(id, "node-1", 2, &none)
+                .unwrap();
+            sealer
+                .encoded_request("node-1", &agent, id, Some(2), &payload, NOW, 600)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    apply_for_one_host_of_a_group,
     operator_to_agent,
     agent_to_operator,
     shared_set,
