@@ -180,7 +180,7 @@ fn one_entry_change_of_a_large_set(c: &mut Criterion) {
 /// copied and serialized for this host) against the group's encoding made once
 /// ([`EncodedFirewall`], the operator's path).
 fn apply_for_one_host_of_a_group(c: &mut Criterion) {
-    use dog_protocol::messages::{EncodedFirewall, Request, RequestKind};
+    use dog_protocol::messages::{EncodedFirewall, EncodedSet, Request, RequestKind};
     use dog_protocol::ruleset::{Failsafe, Family, HostFirewall, IpSet, RulesDocument};
     use std::collections::BTreeMap;
     let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
@@ -215,13 +215,18 @@ fn apply_for_one_host_of_a_group(c: &mut Criterion) {
         sets: [(peers.name.clone(), peers)].into_iter().collect(),
         failsafe: Failsafe::default(),
     };
-    let encoded = EncodedFirewall::new(
-        &firewall.ipv4,
-        &firewall.ipv6,
-        &firewall.sets,
-        &firewall.failsafe,
-    )
-    .unwrap();
+    let sets = firewall
+        .sets
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                std::sync::Arc::new(EncodedSet::new(n, s).unwrap()),
+            )
+        })
+        .collect();
+    let encoded =
+        EncodedFirewall::new(&firewall.ipv4, &firewall.ipv6, sets, &firewall.failsafe).unwrap();
     let none = BTreeMap::new();
     let mut g = c.benchmark_group("envelope/apply_one_host_of_a_5000_address_group");
     g.sample_size(20);

@@ -29,7 +29,7 @@ mod operator;
 mod validate;
 
 pub use agent::*;
-pub use encoded::{EncodeError, EncodedFirewall};
+pub use encoded::{EncodeError, EncodedFirewall, EncodedSet};
 pub use operator::*;
 
 /// Schema version of the payloads defined here (carried in the envelope header).

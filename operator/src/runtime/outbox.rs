@@ -218,9 +218,10 @@ struct Outbound<'a> {
 }
 
 /// The distinct firewalls the Applies of a pass send, each encoded once on the blocking pool:
-/// the hosts of a group share one, so its documents and sets are serialized once instead of
-/// once per host. A firewall that cannot be encoded is left out; its Applies take the owned
-/// path, which reports the error per host.
+/// the hosts of a group share one, so its documents are serialized once instead of once per
+/// host, and each set once for every firewall that uses it (a zone in every profile is encoded
+/// once, not once per group). A firewall that cannot be encoded is left out; its Applies take
+/// the owned path, which reports the error per host.
 async fn encode_firewalls(jobs: &[Job]) -> HashMap<usize, Arc<EncodedFirewall>> {
     let mut distinct: HashMap<usize, Arc<CompiledFirewall>> = HashMap::new();
     for (action, _, _) in jobs {
@@ -234,9 +235,10 @@ async fn encode_firewalls(jobs: &[Job]) -> HashMap<usize, Arc<EncodedFirewall>> 
         return HashMap::new();
     }
     tokio::task::spawn_blocking(move || {
+        let mut sets = HashMap::new();
         distinct
             .into_iter()
-            .filter_map(|(at, fw)| Some((at, Arc::new(fw.encode().ok()?))))
+            .filter_map(|(at, fw)| Some((at, Arc::new(fw.encode(&mut sets).ok()?))))
             .collect()
     })
     .await
@@ -455,7 +457,7 @@ mod tests {
     fn an_apply_from_the_shared_encoding_opens_to_the_same_request_as_the_owned_one() {
         let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
         let fw = firewall();
-        let encoded = fw.encode().expect("encodes");
+        let encoded = fw.encode(&mut HashMap::new()).expect("encodes");
         for (host, kept) in [
             ("node-1", BTreeMap::new()),
             (
@@ -498,6 +500,42 @@ mod tests {
                 2 - kept.len(),
                 "kept sets are left out"
             );
+        }
+    }
+
+    #[test]
+    fn a_set_two_groups_share_is_encoded_once_and_both_apply_it() {
+        let sealer = Sealer::new("dog-operator", SigningKey::generate().unwrap().0);
+        let first = firewall();
+        // another group's firewall: other rules, the same zone set (the same Arc, as the
+        // compiler shares it)
+        let mut second = (*first).clone();
+        second.group = "g2".into();
+        second.sets.remove("dogg4-a");
+        let second = Arc::new(second);
+        let mut cache = HashMap::new();
+        let encoded = [
+            first.encode(&mut cache).expect("encodes"),
+            second.encode(&mut cache).expect("encodes"),
+        ];
+        assert_eq!(cache.len(), 2, "two distinct sets, each encoded once");
+        for (fw, encoded) in [&first, &second].into_iter().zip(&encoded) {
+            let key = EncryptionKey::generate();
+            let action = Publish::Apply {
+                host: "node-1".into(),
+                revision: 3,
+                firewall: Arc::clone(fw),
+                kept: BTreeMap::new(),
+            };
+            let id = Uuid::new_v4();
+            let keys = || Keys::One(Some(key.public()));
+            let shared = seal(&sealer, &action, id, keys(), Some(encoded), 1_000).expect("seals");
+            let owned = seal(&sealer, &action, id, keys(), None, 1_000).expect("seals");
+            let (a, b) = (
+                open(&shared, "node-1", &key, &sealer),
+                open(&owned, "node-1", &key, &sealer),
+            );
+            assert_eq!(a, b);
         }
     }
 }

@@ -4,14 +4,17 @@
 //! request id, the host's name, the revision and the sets the host already holds differ.
 //! Serializing the owned [`Request`] per host copied and re-encoded every member of every set
 //! for each host (a group of N hosts whose set holds their N addresses: N² members encoded).
-//! [`EncodedFirewall`] encodes the documents and each set once and puts the pieces together per
-//! host; the bytes are exactly those of the owned request (the tests hold it to that).
+//! [`EncodedFirewall`] holds the documents encoded once and each set as an [`EncodedSet`], which
+//! the firewalls of several groups share (a zone used by every profile is encoded once, not once
+//! per group), and puts the pieces together per host; the bytes are exactly those of the owned
+//! request (the tests hold it to that).
 
 use super::validate::check_set;
 use super::*;
 use crate::ruleset::{Failsafe, RulesDocument};
 use serde::ser::Serializer;
 use serde_json::value::{to_raw_value, RawValue};
+use std::sync::Arc;
 
 /// The shared part of an `apply`: the documents, the sets and the failsafe, each already JSON,
 /// checked against the same limits as [`Request::validate`].
@@ -19,8 +22,22 @@ use serde_json::value::{to_raw_value, RawValue};
 pub struct EncodedFirewall {
     ipv4: Box<RawValue>,
     ipv6: Box<RawValue>,
-    sets: BTreeMap<String, Box<RawValue>>,
+    sets: BTreeMap<String, Arc<EncodedSet>>,
     failsafe: Box<RawValue>,
+}
+
+/// One set's JSON, checked against the set limits under the name a firewall gives it.
+#[derive(Debug)]
+pub struct EncodedSet(Box<RawValue>);
+
+impl EncodedSet {
+    /// Encodes `set`, which firewalls list under `name`.
+    pub fn new(name: &str, set: &IpSet) -> Result<Self, EncodeError> {
+        let prefix = format!("request.firewall.sets[{name:.32}]");
+        check(|| prefix.clone(), name.len(), SET_NAME_MAX)?;
+        check_set(&prefix, set)?;
+        Ok(EncodedSet(to_raw_value(set)?))
+    }
 }
 
 /// Why a firewall could not be encoded.
@@ -33,11 +50,12 @@ pub enum EncodeError {
 }
 
 impl EncodedFirewall {
-    /// Encodes the parts every host of a firewall shares.
-    pub fn new<'a>(
+    /// Encodes the parts every host of a firewall shares; `sets` by the names the documents
+    /// use.
+    pub fn new(
         ipv4: &RulesDocument,
         ipv6: &RulesDocument,
-        sets: impl IntoIterator<Item = (&'a String, &'a IpSet)>,
+        sets: BTreeMap<String, Arc<EncodedSet>>,
         failsafe: &Failsafe,
     ) -> Result<Self, EncodeError> {
         for (family, doc) in [("ipv4", ipv4), ("ipv6", ipv6)] {
@@ -47,17 +65,10 @@ impl EncodedFirewall {
                 limits::DOCUMENT_TEXT,
             )?;
         }
-        let mut encoded = BTreeMap::new();
-        for (name, set) in sets {
-            let prefix = format!("request.firewall.sets[{name:.32}]");
-            check(|| prefix.clone(), name.len(), SET_NAME_MAX)?;
-            check_set(&prefix, set)?;
-            encoded.insert(name.clone(), to_raw_value(set)?);
-        }
         Ok(EncodedFirewall {
             ipv4: to_raw_value(ipv4)?,
             ipv6: to_raw_value(ipv6)?,
-            sets: encoded,
+            sets,
             failsafe: to_raw_value(failsafe)?,
         })
     }
@@ -109,7 +120,7 @@ impl EncodedFirewall {
         let size = self.ipv4.get().len()
             + self.ipv6.get().len()
             + self.failsafe.get().len()
-            + self.sets.values().map(|s| s.get().len()).sum::<usize>()
+            + self.sets.values().map(|s| s.0.get().len()).sum::<usize>()
             + 512;
         let mut out = Vec::with_capacity(size);
         serde_json::to_writer(&mut out, &wire)?;
@@ -151,7 +162,7 @@ struct WireFirewall<'a> {
 }
 
 struct WireSets<'a> {
-    all: &'a BTreeMap<String, Box<RawValue>>,
+    all: &'a BTreeMap<String, Arc<EncodedSet>>,
     kept: &'a BTreeMap<String, String>,
 }
 
@@ -161,7 +172,7 @@ impl Serialize for WireSets<'_> {
             self.all
                 .iter()
                 .filter(|(n, _)| !self.kept.contains_key(*n))
-                .map(|(n, v)| (n, &**v)),
+                .map(|(n, v)| (n, &*v.0)),
         )
     }
 }
@@ -220,7 +231,12 @@ mod tests {
     }
 
     fn encoded(fw: &HostFirewall) -> EncodedFirewall {
-        EncodedFirewall::new(&fw.ipv4, &fw.ipv6, &fw.sets, &fw.failsafe).expect("encodes")
+        let sets = fw
+            .sets
+            .iter()
+            .map(|(n, s)| (n.clone(), Arc::new(EncodedSet::new(n, s).expect("encodes"))))
+            .collect();
+        EncodedFirewall::new(&fw.ipv4, &fw.ipv6, sets, &fw.failsafe).expect("encodes")
     }
 
     proptest! {
@@ -272,11 +288,16 @@ mod tests {
             family: Family::V4,
             text: "x".repeat(limits::DOCUMENT_TEXT + 1),
         };
-        let err = EncodedFirewall::new(&big, &fw.ipv6, &fw.sets, &fw.failsafe)
+        let err = EncodedFirewall::new(&big, &fw.ipv6, BTreeMap::new(), &fw.failsafe)
             .expect_err("a document over the limit");
         assert!(
             err.to_string().contains("request.firewall.ipv4.text"),
             "{err}"
         );
+
+        let long = "s".repeat(SET_NAME_MAX + 1);
+        let set = IpSet::new(long.clone(), Family::V4, []);
+        let err = EncodedSet::new(&long, &set).expect_err("a set name over the limit");
+        assert!(err.to_string().contains("request.firewall.sets["), "{err}");
     }
 }

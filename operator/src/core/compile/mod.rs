@@ -21,11 +21,11 @@ mod zones;
 pub use compiler::{config_map_key, Changes, Compiler, Edit, SetDiff};
 
 use crate::crd::{Group, Host, HostState, InterfaceStatus, Profile, Zone};
-use dog_protocol::messages::{EncodeError, EncodedFirewall};
+use dog_protocol::messages::{EncodeError, EncodedFirewall, EncodedSet};
 use dog_protocol::ruleset::{
     Failsafe, Family, FirewallHashes, HostFirewall, IpSet, PerFamily, RulesDocument,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Everything the compiler reads. Objects are keyed by name (all kinds are cluster-scoped) and
@@ -302,13 +302,31 @@ impl CompiledFirewall {
     /// The firewall of `host` without the sets named in `kept` (which the host holds).
     /// The parts every host of this firewall is sent alike, serialized once
     /// ([`EncodedFirewall`]); an Apply is then put together per host without copying them.
-    pub fn encode(&self) -> Result<EncodedFirewall, EncodeError> {
-        EncodedFirewall::new(
-            &self.ipv4,
-            &self.ipv6,
-            self.sets.iter().map(|(n, s)| (n, &**s)),
-            &self.failsafe,
-        )
+    /// `sets` holds the sets already encoded for other firewalls, by the address of their
+    /// `Arc` (the compiler shares one set between the firewalls that use it), and gains this
+    /// one's.
+    pub fn encode(
+        &self,
+        sets: &mut HashMap<usize, Arc<EncodedSet>>,
+    ) -> Result<EncodedFirewall, EncodeError> {
+        let mut mine = BTreeMap::new();
+        for (name, set) in &self.sets {
+            // cached by set; a set listed under another name than its own is checked under
+            // that name and not cached
+            let at = Arc::as_ptr(set) as usize;
+            let encoded = match sets.get(&at) {
+                Some(e) if set.name == *name => Arc::clone(e),
+                _ => {
+                    let e = Arc::new(EncodedSet::new(name, set)?);
+                    if set.name == *name {
+                        sets.insert(at, Arc::clone(&e));
+                    }
+                    e
+                }
+            };
+            mine.insert(name.clone(), encoded);
+        }
+        EncodedFirewall::new(&self.ipv4, &self.ipv6, mine, &self.failsafe)
     }
 
     pub fn to_host_firewall_without<V>(
