@@ -365,18 +365,10 @@ mod tests {
             host: host.into(),
             ipv4: RulesDocument::from_chains(Family::V4, &chains),
             ipv6: RulesDocument::from_chains(Family::V6, &BTreeMap::new()),
-            sets: [(set.name.clone(), set.clone())].into_iter().collect(),
+            sets: [(set.name.clone(), set)].into_iter().collect(),
             failsafe: Failsafe::default(),
         };
-        Arc::new(CompiledFirewall {
-            group: "g".into(),
-            profile: "p".into(),
-            hashes: hf.hashes(),
-            ipv4: Arc::new(hf.ipv4),
-            ipv6: Arc::new(hf.ipv6),
-            sets: [(set.name.clone(), Arc::new(set))].into_iter().collect(),
-            failsafe: Arc::new(hf.failsafe),
-        })
+        Arc::new(CompiledFirewall::from_host_firewall(hf))
     }
 
     /// The compiler's report that every host of `c` changed.

@@ -425,22 +425,12 @@ mod tests {
                 family: Family::V6,
                 text: "*filter\nCOMMIT\n".into(),
             },
-            sets: [(a.name.clone(), a.clone()), (b.name.clone(), b.clone())]
+            sets: [(a.name.clone(), a), (b.name.clone(), b)]
                 .into_iter()
                 .collect(),
             failsafe: Failsafe::default(),
         };
-        Arc::new(CompiledFirewall {
-            group: "g".into(),
-            profile: "p".into(),
-            hashes: hf.hashes(),
-            ipv4: Arc::new(hf.ipv4),
-            ipv6: Arc::new(hf.ipv6),
-            sets: [(a.name.clone(), Arc::new(a)), (b.name.clone(), Arc::new(b))]
-                .into_iter()
-                .collect(),
-            failsafe: Arc::new(hf.failsafe),
-        })
+        Arc::new(CompiledFirewall::from_host_firewall(hf))
     }
 
     /// Opens `bytes` as `host` and returns the request it carries.

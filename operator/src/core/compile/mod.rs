@@ -294,12 +294,26 @@ impl CompiledFirewall {
         }
     }
 
+    /// A compiled firewall holding `hf`'s documents and sets (tests build their firewalls from
+    /// the wire form).
+    #[cfg(test)]
+    pub(crate) fn from_host_firewall(hf: HostFirewall) -> Self {
+        CompiledFirewall {
+            group: "g".into(),
+            profile: "p".into(),
+            hashes: hf.hashes(),
+            ipv4: Arc::new(hf.ipv4),
+            ipv6: Arc::new(hf.ipv6),
+            sets: hf.sets.into_iter().map(|(n, s)| (n, Arc::new(s))).collect(),
+            failsafe: Arc::new(hf.failsafe),
+        }
+    }
+
     /// The self-contained firewall of `host` (copies the sets).
     pub fn to_host_firewall(&self, host: &str) -> HostFirewall {
         self.to_host_firewall_without(host, &BTreeMap::<String, ()>::new())
     }
 
-    /// The firewall of `host` without the sets named in `kept` (which the host holds).
     /// The parts every host of this firewall is sent alike, serialized once
     /// ([`EncodedFirewall`]); an Apply is then put together per host without copying them.
     /// `sets` holds the sets already encoded for other firewalls, by the address of their
@@ -329,6 +343,7 @@ impl CompiledFirewall {
         EncodedFirewall::new(&self.ipv4, &self.ipv6, mine, &self.failsafe)
     }
 
+    /// The firewall of `host` without the sets named in `kept` (which the host holds).
     pub fn to_host_firewall_without<V>(
         &self,
         host: &str,
