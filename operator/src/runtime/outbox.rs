@@ -433,6 +433,26 @@ mod tests {
         Arc::new(CompiledFirewall::from_host_firewall(hf))
     }
 
+    /// `action` sealed from `encoded` and from the owned request, each opened as its host.
+    fn both_ways(
+        sealer: &Sealer,
+        action: &Publish,
+        encoded: &EncodedFirewall,
+    ) -> (Request, Request) {
+        let Publish::Apply { host, .. } = action else {
+            panic!("not an apply: {action:?}");
+        };
+        let key = EncryptionKey::generate();
+        let id = Uuid::new_v4();
+        let keys = || Keys::One(Some(key.public()));
+        let shared = seal(sealer, action, id, keys(), Some(encoded), 1_000).expect("seals");
+        let owned = seal(sealer, action, id, keys(), None, 1_000).expect("seals");
+        (
+            open(&shared, host, &key, sealer),
+            open(&owned, host, &key, sealer),
+        )
+    }
+
     /// Opens `bytes` as `host` and returns the request it carries.
     fn open(bytes: &[u8], host: &str, key: &EncryptionKey, sealer: &Sealer) -> Request {
         let trusted = TrustedKeys::new([sealer.public_key()]);
@@ -457,21 +477,13 @@ mod tests {
                     .collect(),
             ),
         ] {
-            let key = EncryptionKey::generate();
             let action = Publish::Apply {
                 host: host.into(),
                 revision: 7,
                 firewall: Arc::clone(&fw),
                 kept: kept.clone(),
             };
-            let id = Uuid::new_v4();
-            let keys = || Keys::One(Some(key.public()));
-            let shared = seal(&sealer, &action, id, keys(), Some(&encoded), 1_000).expect("seals");
-            let owned = seal(&sealer, &action, id, keys(), None, 1_000).expect("seals");
-            let (a, b) = (
-                open(&shared, host, &key, &sealer),
-                open(&owned, host, &key, &sealer),
-            );
+            let (a, b) = both_ways(&sealer, &action, &encoded);
             assert_eq!(a, b);
             let RequestKind::Apply {
                 firewall,
@@ -510,21 +522,13 @@ mod tests {
         ];
         assert_eq!(cache.len(), 2, "two distinct sets, each encoded once");
         for (fw, encoded) in [&first, &second].into_iter().zip(&encoded) {
-            let key = EncryptionKey::generate();
             let action = Publish::Apply {
                 host: "node-1".into(),
                 revision: 3,
                 firewall: Arc::clone(fw),
                 kept: BTreeMap::new(),
             };
-            let id = Uuid::new_v4();
-            let keys = || Keys::One(Some(key.public()));
-            let shared = seal(&sealer, &action, id, keys(), Some(encoded), 1_000).expect("seals");
-            let owned = seal(&sealer, &action, id, keys(), None, 1_000).expect("seals");
-            let (a, b) = (
-                open(&shared, "node-1", &key, &sealer),
-                open(&owned, "node-1", &key, &sealer),
-            );
+            let (a, b) = both_ways(&sealer, &action, encoded);
             assert_eq!(a, b);
         }
     }

@@ -25,6 +25,7 @@ use dog_protocol::messages::{EncodeError, EncodedFirewall, EncodedSet};
 use dog_protocol::ruleset::{
     Failsafe, Family, FirewallHashes, HostFirewall, IpSet, PerFamily, RulesDocument,
 };
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -323,20 +324,13 @@ impl CompiledFirewall {
         &self,
         sets: &mut HashMap<usize, Arc<EncodedSet>>,
     ) -> Result<EncodedFirewall, EncodeError> {
+        // a firewall lists each set under the set's own name (firewalls.rs), so one set's
+        // encoding, checked under that name, serves every firewall that uses it
         let mut mine = BTreeMap::new();
         for (name, set) in &self.sets {
-            // cached by set; a set listed under another name than its own is checked under
-            // that name and not cached
-            let at = Arc::as_ptr(set) as usize;
-            let encoded = match sets.get(&at) {
-                Some(e) if set.name == *name => Arc::clone(e),
-                _ => {
-                    let e = Arc::new(EncodedSet::new(name, set)?);
-                    if set.name == *name {
-                        sets.insert(at, Arc::clone(&e));
-                    }
-                    e
-                }
+            let encoded = match sets.entry(Arc::as_ptr(set) as usize) {
+                Entry::Occupied(e) => Arc::clone(e.get()),
+                Entry::Vacant(v) => Arc::clone(v.insert(Arc::new(EncodedSet::new(name, set)?))),
             };
             mine.insert(name.clone(), encoded);
         }
