@@ -521,6 +521,20 @@ mod tests {
             second.encode(&mut cache).expect("encodes"),
         ];
         assert_eq!(cache.len(), 2, "two distinct sets, each encoded once");
+        // the zone set's one encoding is held by the cache and by both firewalls: encoding
+        // it again for the second firewall would leave the first one's copy apart
+        let zone = Arc::as_ptr(&first.sets["dogz4-b"]) as usize;
+        assert_eq!(
+            Arc::strong_count(&cache[&zone]),
+            3,
+            "the zone set is shared"
+        );
+        let group = Arc::as_ptr(&first.sets["dogg4-a"]) as usize;
+        assert_eq!(
+            Arc::strong_count(&cache[&group]),
+            2,
+            "the group set is the first's"
+        );
         for (fw, encoded) in [&first, &second].into_iter().zip(&encoded) {
             let action = Publish::Apply {
                 host: "node-1".into(),
