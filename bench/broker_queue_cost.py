@@ -52,6 +52,17 @@ def broker_cpu():
 
 
 def variant(hosts, rounds, mode, confirm, bcc):
+    """Broker CPU-s and wall s of each round; the variant's queues and exchange are deleted
+    however it ends."""
+    try:
+        return rounds_of(hosts, rounds, mode, confirm, bcc)
+    finally:
+        delete_queues(PREFIX)
+        with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1")) as conn:
+            conn.channel().exchange_delete(f"{PREFIX}.hosts")
+
+
+def rounds_of(hosts, rounds, mode, confirm, bcc):
     params = pika.ConnectionParameters("127.0.0.1")
     pub_conn, con_conn = pika.BlockingConnection(params), pika.BlockingConnection(params)
     pub, con = pub_conn.channel(), con_conn.channel()
@@ -107,7 +118,6 @@ def variant(hosts, rounds, mode, confirm, bcc):
         time.sleep(2)
     pub_conn.close()
     con_conn.close()
-    delete_queues(PREFIX)
     return results
 
 
