@@ -26,29 +26,11 @@ import time
 
 import pika
 
-from broker import delete_queues
+from broker import broker_cpu_seconds, delete_queues
 
 PREFIX = "dog-brokercost"
-TCK = os.sysconf("SC_CLK_TCK")
 APPLY_BYTES = 6417  # a Profile change's Apply to one of 5,000 hosts, sealed
 ANSWER_BYTES = 900
-
-
-def broker_cpu():
-    total = 0.0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "beam.smp":
-                    continue
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / TCK
-        except OSError:
-            pass
-    return total
 
 
 def variant(hosts, rounds, mode, confirm, bcc):
@@ -100,7 +82,7 @@ def rounds_of(hosts, rounds, mode, confirm, bcc):
     results = []
     for _ in range(rounds):
         got[0] = answered[0] = 0
-        cpu0, t0 = broker_cpu(), time.monotonic()
+        cpu0, t0 = broker_cpu_seconds(), time.monotonic()
         for i in range(0, hosts, step):
             chunk = names[i:i + step]
             headers = {"BCC": chunk[1:]} if bcc else None
@@ -114,7 +96,7 @@ def rounds_of(hosts, rounds, mode, confirm, bcc):
                                  f"{answered[0]} answered of {hosts}")
             con_conn.process_data_events(0.01)
             pub_conn.process_data_events(0.01)
-        results.append((broker_cpu() - cpu0, time.monotonic() - t0))
+        results.append((broker_cpu_seconds() - cpu0, time.monotonic() - t0))
         time.sleep(2)
     pub_conn.close()
     con_conn.close()

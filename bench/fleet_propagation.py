@@ -5,15 +5,19 @@ this machine. The hosts' keys are pinned by their Host objects (as an administra
 so admission is not what is measured.
 
 Measures the time from a Profile change (the file write) to the operator receiving each
-host's response, over several rounds, and prints p50 / p99 / max, the operator's peak RSS and
-the broker's memory.
+host's response, over several rounds, and prints p50 / p99 / max, the CPU the broker, the
+operator and the simulator spend per round, the operator's peak RSS and the broker's memory.
+Then, with dog stopped, it measures the broker's floor for the same number of queues in the
+same run (bench/broker_queue_cost.py, persistent variant; needs `pip install pika`, skipped
+with --no-floor) and prints dog's broker share as a ratio to it.
 
 Usage (as root, after `cargo build --release --bins`):
-  python3 bench/fleet_propagation.py [--agents 5000] [--rounds 3] [--profile release]
+  python3 bench/fleet_propagation.py [--agents 5000] [--rounds 3] [--profile release] [--no-floor]
 """
 import os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from broker import broker_cpu_seconds, cpu_seconds  # noqa: E402
 from propagation import Acks, bench_args, group_and_profile, pct, rss_kb, stop_all, write  # noqa: E402
 
 
@@ -35,12 +39,15 @@ def broker_memory_mib():
 
 
 def main():
-    a, bindir = bench_args(5000)
+    a, bindir = bench_args(5000, lambda ap: ap.add_argument(
+        "--no-floor", action="store_true",
+        help="skip measuring the broker's floor for the same queues after the rounds"))
     prefix = f"dogsim{os.getpid() % 10000}"
     work = tempfile.mkdtemp(prefix="dog-sim-")
     d = os.path.join(work, "fleet")
     os.makedirs(d)
     procs = []
+    broker_shares = []
     try:
         subprocess.run([os.path.join(bindir, "dog-operator"), "keygen", "--out", f"{work}/op.key",
                         "--public-out", f"{work}/op.pub"], check=True, stdout=subprocess.DEVNULL)
@@ -78,6 +85,7 @@ def main():
         time.sleep(2)
         lat_all = []
         for r in range(a.rounds):
+            cpu0 = (broker_cpu_seconds(), cpu_seconds(op.pid), cpu_seconds(sim.pid))
             t0 = time.time()
             rules(d, 8001 + r)  # a port changes: every host's rules are rendered anew
             deadline = time.time() + 120
@@ -86,10 +94,15 @@ def main():
                 if len(got) >= a.agents or time.time() > deadline:
                     break
                 time.sleep(0.05)
+            cpu = [after - before for before, after in
+                   zip(cpu0, (broker_cpu_seconds(), cpu_seconds(op.pid), cpu_seconds(sim.pid)))]
+            broker_shares.append(cpu[0])
             lat = [t - t0 for t in got.values()]
             lat_all.extend(lat + [float("inf")] * (a.agents - len(lat)))
             print(f"round {r}: {len(lat)}/{a.agents} acked, p50 {pct(lat, 50):.3f} s, "
-                  f"last after {max(lat) if lat else float('nan'):.3f} s", flush=True)
+                  f"last after {max(lat) if lat else float('nan'):.3f} s; CPU until then: "
+                  f"broker {cpu[0]:.2f} s, operator {cpu[1]:.2f} s, simulator {cpu[2]:.2f} s",
+                  flush=True)
             time.sleep(2)
         peak = rss_kb(op.pid, "VmHWM")
         broker_after = broker_memory_mib()
@@ -101,6 +114,21 @@ def main():
               f"{broker_after:.0f} MiB with {a.agents} host queues")
     finally:
         stop_all(procs, f"{prefix}-none", prefix, work)
+    if broker_shares and not a.no_floor:
+        broker_floor(a.agents, broker_shares)
+
+
+def broker_floor(agents, shares):
+    """The broker's cost of the same pattern from a plain client, measured now, beside dog's."""
+    try:
+        import broker_queue_cost
+    except ImportError as e:
+        print(f"broker floor not measured ({e}; pip install pika)")
+        return
+    floor = [c for c, _ in broker_queue_cost.variant(agents, 3, 2, False, 0)[1:]]
+    print(f"broker CPU per round: dog {min(shares):.2f}-{max(shares):.2f} s; a plain client's "
+          f"persistent floor for {agents} queues now {min(floor):.2f}-{max(floor):.2f} s "
+          f"(dog/floor {min(shares) / max(floor):.2f}-{max(shares) / min(floor):.2f})")
 
 
 if __name__ == "__main__":
