@@ -145,14 +145,7 @@ impl Sealer {
         now: u64,
         ttl_secs: u64,
     ) -> Result<Vec<u8>, SealError> {
-        let fields = HeaderFields {
-            kind: MessageKind::Request,
-            recipients: vec![agent.to_string()],
-            id,
-            revision,
-            issued_at: now,
-            expires_at: now.saturating_add(ttl_secs),
-        };
+        let fields = request_fields(vec![agent.to_string()], id, revision, now, ttl_secs);
         self.seal_for_agent(&fields, payload, agent_key)
     }
 
@@ -167,7 +160,7 @@ impl Sealer {
         let payload = encode_operator(request)?;
         let names = agents.iter().map(|(n, _)| n.clone()).collect();
         let keys: Vec<EncryptionPublicKey> = agents.iter().map(|(_, k)| *k).collect();
-        let fields = request_fields(names, request, now, ttl_secs);
+        let fields = request_fields(names, request.id, request.request.revision(), now, ttl_secs);
         self.seal_for_many(&fields, &payload, &keys)
     }
 
@@ -265,12 +258,19 @@ impl Sealer {
     }
 }
 
-fn request_fields(recipients: Vec<String>, r: &Request, now: u64, ttl: u64) -> HeaderFields {
+/// The header of request `id` (carrying `revision`, if any) to `recipients`.
+fn request_fields(
+    recipients: Vec<String>,
+    id: Uuid,
+    revision: Option<u64>,
+    now: u64,
+    ttl: u64,
+) -> HeaderFields {
     HeaderFields {
         kind: MessageKind::Request,
         recipients,
-        id: r.id,
-        revision: r.request.revision(),
+        id,
+        revision,
         issued_at: now,
         expires_at: now.saturating_add(ttl),
     }
