@@ -21,6 +21,13 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Publish Applies and requests to classic host queues as transient messages: no journal
+    /// file per queue and no disk write per message, at the price that a broker restart loses
+    /// those still queued; each host then reconnects with hashes that are not the expected
+    /// ones and is sent its full state again (`docs/broker.md`, "Delivery guarantees").
+    /// Quorum queues persist every message regardless.
+    #[arg(long, env = "DOG_TRANSIENT_HOST_MESSAGES")]
+    pub transient_host_messages: bool,
 
     /// The operator's Ed25519 signing key (see `dog-operator keygen`).
     #[arg(long, env = "DOG_SIGNING_KEY", default_value = "/etc/dog/operator.key")]

@@ -102,9 +102,15 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
     })?;
     tracing::info!(key_id = %key.key_id(), "loaded the operator signing key");
     let sealer = dog_protocol::envelope::Sealer::new(args.operator_name.clone(), key);
-    let broker = args
+    let mut broker = args
         .broker
         .config(format!("dog-operator/{}", args.operator_name));
+    broker.transient_host_messages = args.transient_host_messages;
+    if broker.transient_host_messages && broker.quorum_queues {
+        tracing::warn!(
+            "--transient-host-messages (DOG_TRANSIENT_HOST_MESSAGES) applies to classic host queues only; quorum host queues persist every message, so it changes nothing unless the broker refuses quorum queues (see --classic-queues)"
+        );
+    }
     match args.from_dir.clone() {
         None => {
             dog_operator::kube::run(args, sealer, broker, metrics, health, shutdown_signal()).await

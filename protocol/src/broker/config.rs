@@ -45,6 +45,14 @@ pub struct BrokerConfig {
     /// messages are dropped when more are waiting, because only the latest desired state
     /// matters. `None` leaves the queue unbounded.
     pub host_queue_max_length: Option<u32>,
+    /// Publish host-queue messages (Applies and requests) transient (`delivery_mode` 1)
+    /// instead of persistent: a classic host queue then keeps them in memory, with no journal
+    /// file open per queue and no write per message, and a broker restart loses those still
+    /// waiting. Nothing else changes: the publish still waits for its confirm, and a host
+    /// whose Apply was lost reconnects with a heartbeat whose hashes are not the expected
+    /// ones, so the operator sends its full state again. Quorum queues persist every message
+    /// regardless. Shared sets and agents' messages stay persistent.
+    pub transient_host_messages: bool,
     /// `x-max-length` of the operator's inbox (`dog.operator.inbox`) with
     /// `x-overflow=reject-publish`: beyond it agents' publishes are refused and retried with
     /// backoff, so a flood from one sender cannot grow the backlog without bound.
@@ -77,6 +85,7 @@ impl BrokerConfig {
             topology_prefix: "dog".to_string(),
             quorum_queues: true,
             host_queue_max_length: Some(64),
+            transient_host_messages: false,
             operator_queue_max_length: 100_000,
             operator_prefetch: 256,
             agent_prefetch: 4,

@@ -272,6 +272,66 @@ fn agents_survive_crashes_drift_silence_and_broker_loss() {
     assert!(f.tcp("web", &db4, 5432));
 }
 
+/// Messages ready in the broker queue `queue` (`None` while the broker does not list it).
+fn messages_ready(queue: &str) -> Option<u64> {
+    let out = dog_e2e::sh(&["rabbitmqctl", "list_queues", "-q", "name", "messages_ready"]);
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut cols = l.split_whitespace();
+        (cols.next() == Some(queue)).then(|| cols.next()?.parse().ok())?
+    })
+}
+
+/// With `--transient-host-messages` (classic host queues) a broker restart loses the Applies
+/// still queued. Nothing is lost for good: the host comes back with hashes that are not the
+/// expected ones, and the operator sends its state again. The loss here is a purge of the
+/// host's queue while its agent is down; restarting the broker would take every other test's
+/// connections with it.
+#[test]
+fn an_apply_the_broker_lost_is_sent_again_when_the_host_returns() {
+    if !require_root() {
+        return;
+    }
+    let mut f = Fleet::new(&["web", "db"]);
+    f.write("hosts.yaml", HOSTS);
+    f.write("groups.yaml", GROUPS);
+    f.write("profiles.yaml", PROFILES);
+    f.write("zones.yaml", &zones(&[]));
+    f.start_operator_with(&["--classic-queues", "--transient-host-messages"]);
+    for n in ["web", "db"] {
+        f.start_agent_with(n, &["--classic-queues"]);
+    }
+    f.wait_status("every host in sync", 90, |st| f.all_in_sync(st));
+    for port in [5432, 5433] {
+        f.serve_tcp("db", port);
+    }
+    let db4 = f.v4("db");
+    let db_host = f.host("db");
+    assert!(f.tcp("web", &db4, 5432));
+    assert!(!f.tcp("web", &db4, 5433));
+
+    // db's agent is down when the rules change: its Apply waits in its queue, and is lost
+    f.kill_agent("db", "-9");
+    let queue = format!("{}.host.{db_host}", f.prefix);
+    f.write(
+        "profiles.yaml",
+        &PROFILES.replace("ports: [\"5432\"]", "ports: [\"5432\", \"5433\"]"),
+    );
+    f.wait("db's new Apply waiting in its queue", 30, || {
+        messages_ready(&queue).is_some_and(|n| n >= 1)
+    });
+    let purged = dog_e2e::sh(&["rabbitmqctl", "purge_queue", &queue]);
+    assert!(purged.status.success(), "purge_queue {queue}");
+    assert_eq!(messages_ready(&queue), Some(0), "db's Apply is gone");
+
+    // the agent returns with the old rules: the operator sees it behind and sends them again
+    f.start_agent_with("db", &["--classic-queues"]);
+    f.wait("db to run the rules changed while it was away", 40, || {
+        f.tcp("web", &db4, 5433)
+    });
+    f.wait_status("db in sync", 40, |st| Fleet::in_sync(st, &db_host));
+    assert!(f.tcp("web", &db4, 5432));
+}
+
 /// kill -9 while a large set and the rules are being applied: every set holds its complete old
 /// or complete new content and each family's rules are the old or the new ones; the restarted
 /// agent converges and leaves no temporary set behind.

@@ -48,8 +48,9 @@ impl Inner {
         host: Option<&str>,
         unroutable_retries: u32,
     ) -> Result<(), BrokerError> {
+        let transient = host.is_some() && self.config.transient_host_messages;
         let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
+            .with_delivery_mode(if transient { 1 } else { 2 })
             .with_message_id(meta.message_id.clone().into())
             .with_type(meta.kind.clone().into());
         if let Some(user) = &self.user_id {
