@@ -8,11 +8,13 @@ Measures the time from a Profile change (the file write) to the operator receivi
 host's response, over several rounds, and prints p50 / p99 / max, the CPU the broker, the
 operator and the simulator spend per round, the operator's peak RSS and the broker's memory.
 Then, with dog stopped, it measures the broker's floor for the same number of queues in the
-same run (bench/broker_queue_cost.py, persistent variant; needs `pip install pika`, skipped
-with --no-floor) and prints dog's broker share as a ratio to it.
+same run (bench/broker_queue_cost.py, the persistent variant, or the transient one with
+--transient-host-messages; needs `pip install pika`, skipped with --no-floor) and prints dog's
+broker share as a ratio to it.
 
 Usage (as root, after `cargo build --release --bins`):
   python3 bench/fleet_propagation.py [--agents 5000] [--rounds 3] [--profile release] [--no-floor]
+                                     [--transient-host-messages]
 """
 import os, subprocess, sys, tempfile, time
 
@@ -39,9 +41,13 @@ def broker_memory_mib():
 
 
 def main():
-    a, bindir = bench_args(5000, lambda ap: ap.add_argument(
-        "--no-floor", action="store_true",
-        help="skip measuring the broker's floor for the same queues after the rounds"))
+    def extra(ap):
+        ap.add_argument("--no-floor", action="store_true",
+                        help="skip measuring the broker's floor for the same queues after the rounds")
+        ap.add_argument("--transient-host-messages", action="store_true",
+                        help="run the operator with --transient-host-messages (and compare with "
+                             "the transient floor)")
+    a, bindir = bench_args(5000, extra)
     prefix = f"dogsim{os.getpid() % 10000}"
     work = tempfile.mkdtemp(prefix="dog-sim-")
     d = os.path.join(work, "fleet")
@@ -70,7 +76,8 @@ def main():
                                "--signing-key", f"{work}/op.key", "--topology-prefix", prefix,
                                "--classic-queues", "--keepalive-interval", "600",
                                "--debounce", "0.05", "--metrics-addr", "127.0.0.1:0",
-                               "--log-format", "json"],
+                               "--log-format", "json"]
+                              + (["--transient-host-messages"] if a.transient_host_messages else []),
                               stdout=oplog, stderr=oplog)
         procs.append(op)
         acks = Acks(f"{work}/operator.log")
@@ -107,7 +114,8 @@ def main():
         peak = rss_kb(op.pid, "VmHWM")
         broker_after = broker_memory_mib()
         print()
-        print(f"simulated hosts: {a.agents}, rounds: {a.rounds}, profile: {a.profile}")
+        print(f"simulated hosts: {a.agents}, rounds: {a.rounds}, profile: {a.profile}, host "
+              f"messages: {'transient' if a.transient_host_messages else 'persistent'}")
         print(f"profile change -> host ack: p50 {pct(lat_all, 50) * 1000:.0f} ms, "
               f"p99 {pct(lat_all, 99) * 1000:.0f} ms, max {max(lat_all) * 1000:.0f} ms  (goal: p99 < 2000 ms)")
         print(f"operator peak RSS: {peak / 1024:.1f} MiB; broker memory {broker_before:.0f} -> "
@@ -115,19 +123,20 @@ def main():
     finally:
         stop_all(procs, f"{prefix}-none", prefix, work)
     if broker_shares and not a.no_floor:
-        broker_floor(a.agents, broker_shares)
+        broker_floor(a.agents, broker_shares, 1 if a.transient_host_messages else 2)
 
 
-def broker_floor(agents, shares):
+def broker_floor(agents, shares, mode):
     """The broker's cost of the same pattern from a plain client, measured now, beside dog's."""
     try:
         import broker_queue_cost
     except ImportError as e:
         print(f"broker floor not measured ({e}; pip install pika)")
         return
-    floor = [c for c, _ in broker_queue_cost.variant(agents, 3, 2, False, 0)[1:]]
+    floor = [c for c, _ in broker_queue_cost.variant(agents, 3, mode, False, 0)[1:]]
+    kind = "transient" if mode == 1 else "persistent"
     print(f"broker CPU per round: dog {min(shares):.2f}-{max(shares):.2f} s; a plain client's "
-          f"persistent floor for {agents} queues now {min(floor):.2f}-{max(floor):.2f} s "
+          f"{kind} floor for {agents} queues now {min(floor):.2f}-{max(floor):.2f} s "
           f"(dog/floor {min(shares) / max(floor):.2f}-{max(shares) / min(floor):.2f})")
 
 
