@@ -45,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+mod admin_pins;
 mod agents;
 pub mod broker_users;
 mod outbox;
@@ -376,52 +377,6 @@ impl Runtime {
         }
         info!("operator loop stopped; agents keep enforcing their last applied rules");
         (self.args, self.sealer)
-    }
-
-    /// Keys an administrator pinned in `spec.keys` are the host's pin, whatever an agent
-    /// sent before: a changed `spec.keys` re-pins (and clears a key conflict).
-    fn sync_admin_pins(&mut self, snap: &Snapshot) {
-        for (name, host) in &snap.hosts {
-            let Some(keys) = &host.spec.keys else {
-                continue;
-            };
-            if self.admin_pins.get(name) == Some(keys) {
-                continue;
-            }
-            let parsed = (
-                SigningPublicKey::from_base64(&keys.signing, "spec.keys.signing"),
-                EncryptionPublicKey::from_base64(&keys.encryption, "spec.keys.encryption"),
-            );
-            let (s, e) = match parsed {
-                (Ok(s), Ok(e)) => (s, e),
-                (Err(err), _) | (_, Err(err)) => {
-                    warn!(host = %name, error = %err, "ignoring unreadable keys in Host spec");
-                    continue;
-                }
-            };
-            if let dog_protocol::envelope::Trust::Agents(pins) = self.opener.trust_mut() {
-                pins.set(
-                    name.clone(),
-                    Pin {
-                        signing: s.fingerprint(),
-                        encryption: Some(e.fingerprint()),
-                    },
-                );
-            }
-            info!(host = %name, fingerprint = %s.fingerprint(), "pinned agent keys from the Host's spec.keys");
-            let rt = self.fleet.entry(name.clone()).or_default();
-            if rt.encryption_key.as_ref() != Some(&e) {
-                rt.encryption_key = Some(e);
-                self.publish.forget(name);
-            }
-            rt.view.key_conflict = None;
-            rt.view.not_admitted = None;
-            rt.view.pinned_keys = Some(keys.clone());
-            rt.view.key_fingerprint = Some(s.fingerprint());
-            self.admin_pins.insert(name.clone(), keys.clone());
-            self.admin_pins_changed = true;
-            self.status_due(name);
-        }
     }
 
     /// The snapshot as the compiler should see it: the source's objects, agent-registered
