@@ -54,6 +54,7 @@ def main():
     os.makedirs(d)
     procs = []
     broker_shares = []
+    finished = False
     try:
         subprocess.run([os.path.join(bindir, "dog-operator"), "keygen", "--out", f"{work}/op.key",
                         "--public-out", f"{work}/op.pub"], check=True, stdout=subprocess.DEVNULL)
@@ -120,8 +121,10 @@ def main():
               f"p99 {pct(lat_all, 99) * 1000:.0f} ms, max {max(lat_all) * 1000:.0f} ms  (goal: p99 < 2000 ms)")
         print(f"operator peak RSS: {peak / 1024:.1f} MiB; broker memory {broker_before:.0f} -> "
               f"{broker_after:.0f} MiB with {a.agents} host queues")
+        finished = True
     finally:
-        stop_all(procs, f"{prefix}-none", prefix, work)
+        # a run that did not finish keeps its logs: they are what says why
+        stop_all(procs, f"{prefix}-none", prefix, work, keep=not finished)
     if broker_shares and not a.no_floor:
         broker_floor(a.agents, broker_shares, 1 if a.transient_host_messages else 2)
 

@@ -100,16 +100,16 @@ class Acks:
         return out
 
 
-def stop_all(procs, ns, prefix, work):
+def stop_all(procs, ns, prefix, work, keep=False):
     """Kills the bench's processes and removes its namespace, broker queues and files
-    (DOG_BENCH_KEEP=1 keeps the files)."""
+    (`keep` or DOG_BENCH_KEEP=1 keeps the files)."""
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait()
     subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
     delete_queues(prefix)
-    if os.environ.get("DOG_BENCH_KEEP"):
+    if keep or os.environ.get("DOG_BENCH_KEEP"):
         print(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)

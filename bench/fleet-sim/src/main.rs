@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "dog-fleet-sim", version)]
@@ -187,7 +187,15 @@ async fn serve(host: Arc<Host>, channel: Channel, queue: String, args: Arc<Args>
     };
     let mut consumer = consumer;
     while let Some(d) = consumer.next().await {
-        let Ok(d) = d else { break };
+        let d = match d {
+            Ok(d) => d,
+            Err(e) => {
+                // the channel is gone, and with it every host served on it: say so, since the
+                // bench then waits for answers that cannot come
+                error!(host = %host.name, error = %e, "consumer failed; this host stops answering");
+                return;
+            }
+        };
         let opened = host.opener.lock().await.open(&d.data, unix_now());
         let response = match opened.map(|o| (o.header.id, o.operator_message())) {
             Ok((id, Ok(OperatorMessage::Request(req)))) => Some(answer(req.request, id)),
@@ -216,6 +224,7 @@ async fn serve(host: Arc<Host>, channel: Channel, queue: String, args: Arc<Args>
         }
         let _ = d.ack(BasicAckOptions::default()).await;
     }
+    error!(host = %host.name, "consumer ended; this host stops answering");
 }
 
 #[tokio::main]
