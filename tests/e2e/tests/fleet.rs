@@ -82,14 +82,19 @@ fn zones(extra: &[String]) -> String {
 }
 
 fn start(nodes: &[&str]) -> Fleet {
+    start_with(nodes, &[], &[])
+}
+
+/// The fleet of [`start`], the operator and every agent with further flags.
+fn start_with(nodes: &[&str], operator: &[&str], agents: &[&str]) -> Fleet {
     let mut f = Fleet::new(nodes);
     f.write("hosts.yaml", HOSTS);
     f.write("groups.yaml", GROUPS);
     f.write("profiles.yaml", PROFILES);
     f.write("zones.yaml", &zones(&[]));
-    f.start_operator();
+    f.start_operator_with(operator);
     for n in nodes {
-        f.start_agent(n);
+        f.start_agent_with(n, agents);
     }
     f.wait_status("every host in sync", 90, |st| f.all_in_sync(st));
     f
@@ -291,16 +296,11 @@ fn an_apply_the_broker_lost_is_sent_again_when_the_host_returns() {
     if !require_root() {
         return;
     }
-    let mut f = Fleet::new(&["web", "db"]);
-    f.write("hosts.yaml", HOSTS);
-    f.write("groups.yaml", GROUPS);
-    f.write("profiles.yaml", PROFILES);
-    f.write("zones.yaml", &zones(&[]));
-    f.start_operator_with(&["--classic-queues", "--transient-host-messages"]);
-    for n in ["web", "db"] {
-        f.start_agent_with(n, &["--classic-queues"]);
-    }
-    f.wait_status("every host in sync", 90, |st| f.all_in_sync(st));
+    let mut f = start_with(
+        &["web", "db"],
+        &["--classic-queues", "--transient-host-messages"],
+        &["--classic-queues"],
+    );
     for port in [5432, 5433] {
         f.serve_tcp("db", port);
     }
