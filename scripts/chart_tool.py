@@ -270,6 +270,7 @@ def cmd_check_schema(_args):
         {"agent": {"extraVolumes": [{"hostPath": {"path": "/"}}]}},
         {"operator": {"extraVolumeMounts": [{"name": "x", "mountPath": "relative"}]}},
         {"broker": {"port": 70000}},
+        {"broker": {"classicQueues": "yes"}},
     ]
     # Valid one by one, wrong together: the chart's own checks (`dog.checks`) refuse them at
     # render time with a message naming the values.
@@ -289,6 +290,8 @@ def cmd_check_schema(_args):
          "does not allow the broker port (tcp:5671)"),
         ({"broker": {"operatorUrl": "amqp://o:p@mq:5672/%2f", "agentUrl": "amqp://b:p@mq:5672/%2f"}},
          "broker.perNodeUsers needs broker.managementUrl"),
+        ({"broker": {"transientHostMessages": True}},
+         "broker.transientHostMessages needs broker.classicQueues"),
     ]
     fits = [
         {"operator": {"inactiveAfter": "1m30s"}, "keepaliveInterval": "1m"},

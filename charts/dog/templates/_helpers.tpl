@@ -54,6 +54,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ .root.Values.logFormat | quote }}
 - name: DOG_LOG_LEVEL
   value: {{ .root.Values.logLevel | quote }}
+{{- if .root.Values.broker.classicQueues }}
+- name: DOG_CLASSIC_QUEUES
+  value: "true"
+{{- end }}
 {{- if .root.Values.broker.tls.caSecret }}
 - name: DOG_BROKER_CA_FILE
   value: /etc/dog/broker-ca/ca.crt
@@ -117,6 +121,9 @@ Values that are valid one by one but not together; values.schema.json cannot com
 Rendered (as nothing) by the operator Deployment, so `helm install` stops with the message.
 */}}
 {{- define "dog.checks" -}}
+{{- if and .Values.broker.transientHostMessages (not .Values.broker.classicQueues) -}}
+{{- fail "broker.transientHostMessages needs broker.classicQueues: quorum queues persist every message, so it would change nothing" -}}
+{{- end -}}
 {{- $keepalive := include "dog.seconds" .Values.keepaliveInterval | float64 -}}
 {{- $inactive := mulf $keepalive 3 -}}
 {{- with .Values.operator.inactiveAfter -}}
