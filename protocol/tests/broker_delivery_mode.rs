@@ -1,11 +1,12 @@
 //! What a publish asks the broker to keep: host-queue messages are persistent unless the
-//! operator is configured for transient host messages; nothing else is ever transient.
+//! operator is configured for transient host messages; shared sets stay persistent either way.
 
 mod broker_support;
 
 use broker_support::*;
 use dog_protocol::broker::{MessageMeta, OperatorLink};
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicGetOptions, QueueBindOptions};
+use lapin::types::FieldTable;
 
 /// The `delivery_mode` of the one message waiting in `queue`.
 async fn delivery_mode_of_waiting(ch: &lapin::Channel, queue: &str) -> Option<u8> {
@@ -60,6 +61,26 @@ async fn host_messages_are_transient_only_when_configured() {
         delivery_mode_of_waiting(&ch, &topology.host_queue("node-t")).await,
         Some(1),
         "with transient_host_messages a host message is transient"
+    );
+
+    // a shared set from the transient operator is still persistent
+    ch.queue_bind(
+        topology.host_queue("node-t").as_str().into(),
+        topology.sets_exchange().as_str().into(),
+        "s1".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    transient_link
+        .publish_shared_set("s1", b"members", &MessageMeta::new("m-2", "request"))
+        .await
+        .unwrap();
+    assert_eq!(
+        delivery_mode_of_waiting(&ch, &topology.host_queue("node-t")).await,
+        Some(2),
+        "a shared set stays persistent"
     );
     let _ = conn.close(200, "done".into()).await;
 
