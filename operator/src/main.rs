@@ -106,6 +106,19 @@ async fn run(args: dog_operator::config::RunArgs) -> anyhow::Result<()> {
         .broker
         .config(format!("dog-operator/{}", args.operator_name));
     broker.transient_host_messages = args.transient_host_messages;
+    tracing::info!(
+        host_queues = if broker.quorum_queues {
+            "quorum"
+        } else {
+            "classic"
+        },
+        host_messages = if broker.transient_host_messages {
+            "transient"
+        } else {
+            "persistent"
+        },
+        "broker delivery as configured"
+    );
     if broker.transient_host_messages && broker.quorum_queues {
         tracing::warn!(
             "--transient-host-messages (DOG_TRANSIENT_HOST_MESSAGES) applies to classic host queues only; quorum host queues persist every message, so it changes nothing unless the broker refuses quorum queues (see --classic-queues)"

@@ -301,6 +301,12 @@ fn an_apply_the_broker_lost_is_sent_again_when_the_host_returns() {
         &["--classic-queues", "--transient-host-messages"],
         &["--classic-queues"],
     );
+    let log = f.log_of("operator");
+    assert!(
+        log.contains("\"host_queues\":\"classic\"")
+            && log.contains("\"host_messages\":\"transient\""),
+        "the operator did not log classic queues with transient host messages:\n{log}"
+    );
     for port in [5432, 5433] {
         f.serve_tcp("db", port);
     }
