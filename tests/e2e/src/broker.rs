@@ -1,4 +1,4 @@
-//! The fleet's broker users and connections, through the broker's management tool.
+//! The fleet's broker users, connections and host queues, through the broker's management tool.
 
 use super::*;
 
@@ -52,6 +52,27 @@ impl Fleet {
             })
             .filter_map(|row| row["user"].as_str().map(str::to_string))
             .collect()
+    }
+
+    /// The broker queue of `node`'s host.
+    pub fn host_queue(&self, node: &str) -> String {
+        format!("{}.host.{}", self.prefix, self.host(node))
+    }
+
+    /// Messages ready in `node`'s host queue (`None` while the broker does not list it).
+    pub fn host_queue_ready(&self, node: &str) -> Option<u64> {
+        let queue = self.host_queue(node);
+        let out = sh(&["rabbitmqctl", "list_queues", "-q", "name", "messages_ready"]);
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut cols = l.split_whitespace();
+            (cols.next() == Some(queue.as_str())).then(|| cols.next()?.parse().ok())?
+        })
+    }
+
+    /// Drops every message waiting in `node`'s host queue, as a broker restart drops
+    /// transient ones.
+    pub fn purge_host_queue(&self, node: &str) {
+        must(&["rabbitmqctl", "purge_queue", &self.host_queue(node)]);
     }
 
     /// Closes (server side) the broker connections whose name contains `needle`.

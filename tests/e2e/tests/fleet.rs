@@ -277,15 +277,6 @@ fn agents_survive_crashes_drift_silence_and_broker_loss() {
     assert!(f.tcp("web", &db4, 5432));
 }
 
-/// Messages ready in the broker queue `queue` (`None` while the broker does not list it).
-fn messages_ready(queue: &str) -> Option<u64> {
-    let out = dog_e2e::sh(&["rabbitmqctl", "list_queues", "-q", "name", "messages_ready"]);
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let mut cols = l.split_whitespace();
-        (cols.next() == Some(queue)).then(|| cols.next()?.parse().ok())?
-    })
-}
-
 /// With `--transient-host-messages` (classic host queues) a broker restart loses the Applies
 /// still queued. Nothing is lost for good: the host comes back with hashes that are not the
 /// expected ones, and the operator sends its state again. The loss here is a purge of the
@@ -317,17 +308,15 @@ fn an_apply_the_broker_lost_is_sent_again_when_the_host_returns() {
 
     // db's agent is down when the rules change: its Apply waits in its queue, and is lost
     f.kill_agent("db", "-9");
-    let queue = format!("{}.host.{db_host}", f.prefix);
     f.write(
         "profiles.yaml",
         &PROFILES.replace("ports: [\"5432\"]", "ports: [\"5432\", \"5433\"]"),
     );
     f.wait("db's new Apply waiting in its queue", 30, || {
-        messages_ready(&queue).is_some_and(|n| n >= 1)
+        f.host_queue_ready("db").is_some_and(|n| n >= 1)
     });
-    let purged = dog_e2e::sh(&["rabbitmqctl", "purge_queue", &queue]);
-    assert!(purged.status.success(), "purge_queue {queue}");
-    assert_eq!(messages_ready(&queue), Some(0), "db's Apply is gone");
+    f.purge_host_queue("db");
+    assert_eq!(f.host_queue_ready("db"), Some(0), "db's Apply is gone");
 
     // the agent returns with the old rules: the operator sees it behind and sends them again
     f.start_agent_with("db", &["--classic-queues"]);

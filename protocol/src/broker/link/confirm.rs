@@ -39,6 +39,9 @@ impl Inner {
     }
 
     /// Publish with confirm; retries until confirmed (or unroutable too often, or closed).
+    /// `host` names the host whose queue the message goes to (`publish_to_host` only): that
+    /// queue is declared first if needed, and only such messages follow
+    /// `transient_host_messages`.
     pub(super) async fn publish(
         &self,
         exchange: &str,
