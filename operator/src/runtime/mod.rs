@@ -155,6 +155,8 @@ pub struct Runtime {
     /// What the compiles since the last publish changed (the publish plan looks only there).
     unpublished: crate::core::compile::Changes,
     needs_publish: bool,
+    /// The pass of publishes under way, if any.
+    pass: Option<outbox::InFlight>,
     needs_status: bool,
     /// Hosts whose status the next pass writes (all of them when `status_all`); Groups,
     /// Profiles and Zones are written every pass.
@@ -317,6 +319,7 @@ impl Runtime {
             needs_compile: true,
             unpublished: Default::default(),
             needs_publish: false,
+            pass: None,
             needs_status: true,
             status_dirty: Default::default(),
             status_all: true,
@@ -371,9 +374,13 @@ impl Runtime {
                     self.retry_token_reviews().await;
                     self.collect_retired().await;
                 }
+                sent = outbox::InFlight::ended(&mut self.pass) => self.finish_publishing(sent),
                 _ = status_tick.tick(), if self.needs_status => {}
             }
             self.reconcile().await;
+        }
+        if let Some(pass) = self.pass.take() {
+            pass.abort();
         }
         info!("operator loop stopped; agents keep enforcing their last applied rules");
         (self.args, self.sealer)
@@ -474,20 +481,20 @@ impl Runtime {
         if !self.needs_publish && !status_due {
             return;
         }
-        let mut ok = true;
-        if self.needs_publish {
+        if self.needs_publish && self.pass.is_none() {
             self.needs_publish = false;
-            ok = self.publish_changes().await;
+            // counted when it ends
+            self.start_publishing();
         }
         if status_due {
             self.needs_status = false;
             self.last_status = Some(Instant::now());
-            ok &= self.write_statuses().await;
+            let ok = self.write_statuses().await;
+            self.metrics
+                .reconciles
+                .with_label_values(&[if ok { "ok" } else { "error" }])
+                .inc();
         }
-        self.metrics
-            .reconciles
-            .with_label_values(&[if ok { "ok" } else { "error" }])
-            .inc();
     }
 
     /// For tests: the current compile.

@@ -29,7 +29,15 @@ impl Runtime {
         self.fleet.get(host).is_some_and(HostRt::reachable)
     }
 
-    pub(super) async fn publish_changes(&mut self) -> bool {
+    /// Plans what the compiles since the last pass changed and starts sending it in a task of
+    /// its own ([`InFlight`]); the loop records the results when it ends
+    /// ([`Runtime::finish_publishing`]). One pass at a time: while one is under way, the
+    /// next waits for it (`needs_publish` stays set).
+    pub(super) fn start_publishing(&mut self) {
+        if self.pass.is_some() {
+            self.needs_publish = true;
+            return;
+        }
         let now_ms = unix_ms();
         let changed = std::mem::take(&mut self.unpublished);
         let actions = {
@@ -39,7 +47,7 @@ impl Runtime {
             publish::plan(&mut self.publish, compiled, &changed, &reachable, now_ms)
         };
         if actions.is_empty() {
-            return true;
+            return;
         }
         let jobs: Vec<Job> = actions
             .into_iter()
@@ -48,16 +56,60 @@ impl Runtime {
                 (action, Uuid::new_v4(), keys)
             })
             .collect();
-        let results = send_all(&self.link, &self.metrics, &self.sealer, jobs, unix_now()).await;
+        for (action, id, _) in &jobs {
+            // outstanding from before it leaves: its answer may come before the pass ends
+            if let Publish::Apply { host, revision, .. } = action {
+                self.pending.insert(*id, (host.clone(), Some(*revision)));
+            }
+        }
+        let applies = jobs
+            .iter()
+            .filter(|(a, ..)| matches!(a, Publish::Apply { .. }))
+            .count();
+        info!(
+            applies,
+            shared_sets = jobs.len() - applies,
+            "sending a pass of publishes"
+        );
+        let listed = jobs.iter().map(|(a, id, _)| (a.clone(), *id)).collect();
+        let (link, metrics, sealer) = (
+            self.link.clone(),
+            self.metrics.clone(),
+            Arc::clone(&self.sealer),
+        );
+        let task =
+            tokio::spawn(async move { send_all(&link, &metrics, &sealer, jobs, unix_now()).await });
+        self.pass = Some(InFlight {
+            task,
+            listed,
+            started: Instant::now(),
+        });
+    }
+
+    /// Records what an ended pass sent; what failed is sent again on the next pass.
+    pub(super) fn finish_publishing(&mut self, (sent, elapsed): (Sent, Duration)) {
+        let (published, failed) = sent.iter().fold((0, 0), |(p, f), (.., res)| match res {
+            Ok(_) => (p + 1, f),
+            Err(_) => (p, f + 1),
+        });
         let mut ok = true;
-        for (action, id, res) in results {
+        for (action, id, res) in sent {
             ok &= self.record(action, id, res);
         }
+        info!(
+            published,
+            failed,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "pass of publishes ended"
+        );
         if !ok {
-            // retried on the next tick
+            // retried on the next pass
             self.needs_publish = true;
         }
-        ok
+        self.metrics
+            .reconciles
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
     }
 
     /// The pinned encryption keys a publish is sealed to.
@@ -81,7 +133,6 @@ impl Runtime {
             (Publish::Apply { host, revision, .. }, Ok(bytes)) => {
                 self.metrics.publishes.inc();
                 info!(host = %host, revision, request = %id, bytes, "published desired state");
-                self.pending.insert(id, (host.clone(), Some(revision)));
                 if let Some(rt) = self.fleet.get_mut(&host) {
                     rt.view.desired_revision = Some(revision);
                 }
@@ -110,6 +161,7 @@ impl Runtime {
             }
             (Publish::Apply { host, .. }, Err(e)) => {
                 self.metrics.publish_failures.inc();
+                self.pending.remove(&id);
                 warn!(host = %host, error = %e, "publish failed; will retry");
                 self.publish.forget(&host);
                 false
@@ -148,6 +200,47 @@ enum Keys {
 /// A publish, its request id and the keys it is sealed to.
 type Job = (Publish, Uuid, Keys);
 
+/// What a pass sent: each publish, its request id, and its sealed size once the broker
+/// confirmed it.
+pub(super) type Sent = Vec<(Publish, Uuid, Result<usize, SendError>)>;
+
+/// A pass of publishes under way in a task of its own, so that the loop keeps taking in what
+/// agents send while the broker confirms: a pass to 5,000 hosts takes seconds, and their
+/// answers waiting behind it were half of a round's latency.
+pub(super) struct InFlight {
+    task: tokio::task::JoinHandle<Sent>,
+    /// What it sends, so that a task that fails still has each publish reported as failed.
+    listed: Vec<(Publish, Uuid)>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// The results of the pass in `slot` once it ends, and how long it took, emptying the
+    /// slot; never resolves when there is none. Cancel safe: dropped before the end, the pass
+    /// goes on.
+    pub(super) async fn ended(slot: &mut Option<InFlight>) -> (Sent, Duration) {
+        let Some(pass) = slot.as_mut() else {
+            return std::future::pending().await;
+        };
+        let sent = match (&mut pass.task).await {
+            Ok(sent) => sent,
+            Err(e) => std::mem::take(&mut pass.listed)
+                .into_iter()
+                .map(|(action, id)| (action, id, Err(SendError::Task(e.to_string()))))
+                .collect(),
+        };
+        let elapsed = pass.started.elapsed();
+        *slot = None;
+        (sent, elapsed)
+    }
+
+    /// Stops the pass (the operator is stopping or no longer leads): what it had not sent,
+    /// the next operator sends.
+    pub(super) fn abort(self) {
+        self.task.abort();
+    }
+}
+
 /// Why a publish did not reach the broker.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SendError {
@@ -179,7 +272,7 @@ async fn send_all(
     sealer: &Arc<Sealer>,
     jobs: Vec<Job>,
     now: u64,
-) -> Vec<(Publish, Uuid, Result<usize, SendError>)> {
+) -> Sent {
     let encoded = encode_firewalls(&jobs).await;
     let out = &Outbound {
         link,

@@ -7,6 +7,7 @@
 
 pub mod attacker;
 pub mod fixtures;
+pub mod forwarder;
 
 use dog_operator::dir::StatusFile;
 use std::path::{Path, PathBuf};

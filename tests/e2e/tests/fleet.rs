@@ -327,6 +327,60 @@ fn an_apply_the_broker_lost_is_sent_again_when_the_host_returns() {
     assert!(f.tcp("web", &db4, 5432));
 }
 
+/// While a pass of publishes waits for the broker's confirms, the operator keeps hearing its
+/// agents (on a large fleet a pass takes seconds, and answers, heartbeats and keepalives must
+/// not wait behind it). Here everything the operator sends is held in a forwarder while the
+/// rules change, so its Applies cannot be confirmed; the agents' keepalives, which the broker
+/// still delivers, must be taken in meanwhile. Released, every host gets the change.
+#[test]
+fn the_operator_hears_its_agents_while_its_publishes_wait() {
+    if !require_root() {
+        return;
+    }
+    let forwarder = dog_e2e::forwarder::Forwarder::start("127.0.0.1:5672");
+    let url = forwarder.url();
+    // the operator reaches the broker through the forwarder's port, which it insists every
+    // host's failsafe keeps open
+    let outbound = format!(
+        "udp:53,tcp:53,udp:67,tcp:6443,tcp:2379-2380,tcp:5671,tcp:5672,tcp:{}",
+        forwarder.port()
+    );
+    let mut f = start_with(
+        &["web", "db"],
+        &["--broker-url", &url, "--failsafe-outbound", &outbound],
+        &[],
+    );
+    f.serve_tcp("db", 5433);
+    let db4 = f.v4("db");
+    assert!(!f.tcp("web", &db4, 5433));
+    let compiles = || f.operator_metric("dog_operator_compile_duration_seconds_count");
+    let keepalives = || f.operator_metric("dog_operator_agent_messages_total{kind=\"keepalive\"}");
+    let compiled = compiles().expect("the operator's compile count");
+
+    forwarder.hold();
+    f.write(
+        "profiles.yaml",
+        &PROFILES.replace("ports: [\"5432\"]", "ports: [\"5432\", \"5433\"]"),
+    );
+    // the pass to both hosts starts right after this compile, and cannot be confirmed
+    f.wait("the operator to compile the change", 30, || {
+        compiles().is_some_and(|c| c > compiled)
+    });
+    let heard = keepalives().expect("the operator's keepalive count");
+    f.wait(
+        "the agents' keepalives taken in while the Applies wait for confirms",
+        20,
+        || keepalives().is_some_and(|k| k >= heard + 3.0),
+    );
+    assert!(!f.tcp("web", &db4, 5433), "the held Apply reached db");
+
+    forwarder.release();
+    f.wait("db to run the changed rules", 40, || {
+        f.tcp("web", &db4, 5433)
+    });
+    f.wait_status("every host in sync", 40, |st| f.all_in_sync(st));
+}
+
 /// kill -9 while a large set and the rules are being applied: every set holds its complete old
 /// or complete new content and each family's rules are the old or the new ones; the restarted
 /// agent converges and leaves no temporary set behind.
