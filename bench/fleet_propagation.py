@@ -90,9 +90,16 @@ def main():
             time.sleep(0.5)
         print(f"all {a.agents} hosts admitted and answered their first Apply after "
               f"{time.time() - t_start:.1f} s", flush=True)
-        time.sleep(2)
         lat_all = []
         for r in range(a.rounds):
+            # while hosts joined, the Group's set grew and the operator sent it again: a round
+            # starts once every pass has ended and every Apply is answered
+            deadline = time.time() + 300
+            while not acks.settled():
+                if time.time() > deadline:
+                    sys.exit(f"the operator did not settle before round {r} (see {work})")
+                time.sleep(0.2)
+            time.sleep(1)
             cpu0 = (broker_cpu_seconds(), cpu_seconds(op.pid), cpu_seconds(sim.pid))
             t0 = time.time()
             rules(d, 8001 + r)  # a port changes: every host's rules are rendered anew
@@ -111,7 +118,6 @@ def main():
                   f"last after {max(lat) if lat else float('nan'):.3f} s; CPU until then: "
                   f"broker {cpu[0]:.2f} s, operator {cpu[1]:.2f} s, simulator {cpu[2]:.2f} s",
                   flush=True)
-            time.sleep(2)
         peak = rss_kb(op.pid, "VmHWM")
         broker_after = broker_memory_mib()
         print()

@@ -76,9 +76,10 @@ class Acks:
 
     def __init__(self, log):
         self.log, self.offset, self.seen = log, 0, []
+        # passes started and ended, Applies published and answered (by request id)
+        self.passes, self.published, self.answered = [0, 0], set(), set()
 
-    def after(self, t0):
-        """host -> first 'agent applied' timestamp at or after t0."""
+    def read(self):
         with open(self.log) as f:
             f.seek(self.offset)
             while True:
@@ -86,13 +87,32 @@ class Acks:
                 if not line.endswith("\n"):
                     break  # a partial line: read it whole next time
                 self.offset += len(line.encode())
-                if '"agent applied"' not in line:
+                kind = next((k for k in ('"agent applied"', '"published desired state"',
+                                         '"sending a pass of publishes"',
+                                         '"pass of publishes ended"') if k in line), None)
+                if kind is None:
                     continue
                 try:
                     e = json.loads(line)
                 except ValueError:
                     continue
-                self.seen.append((ts(e["timestamp"]), e["host"]))
+                if kind == '"agent applied"':
+                    self.seen.append((ts(e["timestamp"]), e["host"]))
+                    self.answered.add(e.get("request"))
+                elif kind == '"published desired state"':
+                    self.published.add(e.get("request"))
+                else:
+                    self.passes[kind == '"pass of publishes ended"'] += 1
+
+    def settled(self):
+        """No pass under way and every Apply published so far answered: the next change's
+        answers cannot be mistaken for an earlier pass's."""
+        self.read()
+        return self.passes[0] == self.passes[1] and self.published <= self.answered
+
+    def after(self, t0):
+        """host -> first 'agent applied' timestamp at or after t0."""
+        self.read()
         out = {}
         for t, host in self.seen:
             if t >= t0 and host not in out:
