@@ -4,6 +4,7 @@
 //!
 //! - [`compile`]: resources → per-host firewalls, incrementally;
 //! - [`publish`]: what to send to whom after a compile;
+//! - [`outstanding`]: the requests sent and not yet answered;
 //! - [`lifecycle`]: host states from keepalive times, and the safety valve;
 //! - [`admission`] and [`intake`]: who may become a host, and each key's message budget;
 //! - [`report`]: the statuses and conditions users read;
@@ -15,6 +16,7 @@ pub mod events;
 pub mod explain;
 pub mod intake;
 pub mod lifecycle;
+pub mod outstanding;
 pub mod preview;
 pub mod publish;
 pub mod report;

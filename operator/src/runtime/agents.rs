@@ -466,7 +466,7 @@ impl Runtime {
             self.mark_seen(host, now);
             return;
         }
-        let pending = settle(&mut self.pending, r.request_id, host);
+        let pending = self.pending.settle(r.request_id, host);
         let rt = self.fleet.entry(host.to_string()).or_default();
         match r.result {
             Outcome::Ok {
@@ -512,54 +512,5 @@ impl Runtime {
         }
         self.status_due(host);
         self.mark_seen(host, now);
-    }
-}
-
-/// The request `id` answered by `host`, taken out of `pending` with every older request to the
-/// same host: a host's queue is delivered in order, so those were answered before, or dropped
-/// unanswered (an agent acknowledges a stale or replayed request without answering it, and a
-/// request lost with a purged queue is never answered), and would otherwise stay in the map for
-/// as long as the operator runs.
-fn settle(
-    pending: &mut HashMap<Uuid, (String, Option<u64>)>,
-    id: Uuid,
-    host: &str,
-) -> Option<(String, Option<u64>)> {
-    let answered = pending.remove(&id)?;
-    if answered.0 == host {
-        if let Some(rev) = answered.1 {
-            pending.retain(|_, (h, r)| h != host || r.is_none_or(|r| r > rev));
-        }
-    }
-    Some(answered)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeSet;
-
-    #[test]
-    fn an_answer_settles_the_older_requests_of_its_host_only() {
-        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
-        let mut pending = HashMap::from([
-            (ids[0], ("a".to_string(), Some(1))),
-            (ids[1], ("a".to_string(), Some(2))),
-            (ids[2], ("a".to_string(), Some(3))),
-            (ids[3], ("b".to_string(), Some(1))),
-        ]);
-        assert_eq!(
-            settle(&mut pending, ids[1], "a"),
-            Some(("a".to_string(), Some(2)))
-        );
-        // a's revision 1 went with it; a's newer request and b's stay
-        let left: BTreeSet<Uuid> = pending.keys().copied().collect();
-        assert_eq!(left, BTreeSet::from([ids[2], ids[3]]));
-        // an unknown request (another replica's, or already settled) changes nothing
-        assert_eq!(settle(&mut pending, ids[4], "a"), None);
-        assert_eq!(pending.len(), 2);
-        // a request answered by another host than it was sent to settles only itself
-        assert!(settle(&mut pending, ids[3], "a").is_some());
-        assert_eq!(pending.len(), 1);
     }
 }

@@ -22,6 +22,7 @@ use crate::core::intake::Intake;
 use crate::core::lifecycle::{
     self, Evaluation, HostClock, LifecycleConfig, SafetyValve, ValveChange,
 };
+use crate::core::outstanding::Outstanding;
 use crate::core::publish::{self, Publish, PublishState};
 use crate::core::report::{self, HostView};
 use crate::crd::{AgentPublicKeys, Host, HostSpec, HostState, HostStatus, InterfaceStatus};
@@ -115,8 +116,8 @@ pub struct Runtime {
     fleet: BTreeMap<String, HostRt>,
     /// Hosts that registered through a heartbeat and are not (yet) in the source.
     registered: BTreeMap<String, Host>,
-    /// Outstanding requests: id → (host, revision).
-    pending: HashMap<Uuid, (String, Option<u64>)>,
+    /// Requests sent and not yet answered.
+    pending: Outstanding,
     sealer: Arc<Sealer>,
     opener: Opener,
     link: OperatorLink,
@@ -290,7 +291,7 @@ impl Runtime {
             publish: PublishState::default(),
             fleet,
             registered: BTreeMap::new(),
-            pending: HashMap::new(),
+            pending: Outstanding::default(),
             sealer,
             opener,
             link,

@@ -59,7 +59,7 @@ impl Runtime {
         for (action, id, _) in &jobs {
             // outstanding from before it leaves: its answer may come before the pass ends
             if let Publish::Apply { host, revision, .. } = action {
-                self.pending.insert(*id, (host.clone(), Some(*revision)));
+                self.pending.insert(*id, host, Some(*revision));
             }
         }
         let applies = jobs
@@ -161,7 +161,7 @@ impl Runtime {
             }
             (Publish::Apply { host, .. }, Err(e)) => {
                 self.metrics.publish_failures.inc();
-                self.pending.remove(&id);
+                self.pending.remove(id);
                 warn!(host = %host, error = %e, "publish failed; will retry");
                 self.publish.forget(&host);
                 false

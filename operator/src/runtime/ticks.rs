@@ -86,7 +86,7 @@ impl Runtime {
             self.fleet.remove(&name);
             self.registered.remove(&name);
             self.publish.forget(&name);
-            self.pending.retain(|_, (h, _)| h != &name);
+            self.pending.forget_host(&name);
             if let dog_protocol::envelope::Trust::Agents(pins) = self.opener.trust_mut() {
                 pins.remove(&name);
             }
