@@ -103,6 +103,54 @@ async fn unacked_delivery_is_redelivered_to_the_next_agent_connection() {
     operator.close();
 }
 
+/// One acknowledgement of the last delivery of a batch covers the whole batch: after the
+/// consumer's connection is gone, none of them comes back.
+#[tokio::test]
+async fn ack_through_acknowledges_every_earlier_delivery_too() {
+    init_tracing();
+    let prefix = unique_prefix("ackthrough");
+    let mut cleanup = Cleanup::new(&prefix);
+    cleanup.host("node-c");
+
+    let (operator, _from_agents) = OperatorLink::start(config(&prefix, "operator")).unwrap();
+    connected("operator", operator.wait_connected()).await;
+    for i in 0..3 {
+        operator
+            .publish_to_host(
+                "node-c",
+                format!("work {i}").as_bytes(),
+                &MessageMeta::new(format!("m-{i}"), "desired-state"),
+            )
+            .await
+            .unwrap();
+    }
+    let (agent, mut to_agent) = AgentLink::start(config(&prefix, "agent-c1"), "node-c").unwrap();
+    let mut batch = Vec::new();
+    for _ in 0..3 {
+        batch.push(
+            next_within(&mut to_agent, Duration::from_secs(5))
+                .await
+                .expect("a delivery of the batch"),
+        );
+    }
+    let last = batch.pop().expect("three deliveries");
+    assert_eq!(last.message_id.as_deref(), Some("m-2"));
+    assert_eq!(last.acker.ack_through().await, AckOutcome::Done);
+    agent.close();
+    drop(to_agent);
+
+    let (agent2, mut to_agent2) = AgentLink::start(config(&prefix, "agent-c2"), "node-c").unwrap();
+    connected("agent", agent2.wait_connected()).await;
+    let again = next_within(&mut to_agent2, Duration::from_secs(2)).await;
+    assert!(
+        again.is_none(),
+        "redelivered although acknowledged: {:?}",
+        again.and_then(|d| d.message_id)
+    );
+    agent2.close();
+    operator.close();
+}
+
 #[tokio::test]
 async fn bad_names_are_refused_before_touching_the_broker() {
     let prefix = unique_prefix("names");

@@ -25,7 +25,8 @@ impl Runtime {
         }
     }
 
-    pub(super) async fn on_delivery(&mut self, d: Delivery) {
+    /// Handles one agent message; the caller acknowledges it (see [`Runtime::run`]).
+    pub(super) async fn on_delivery(&mut self, d: &Delivery) {
         let now = unix_now();
         // each pinned key has its own budget, checked before anything is spent on the message
         if let Some(key) = dog_protocol::envelope::claimed_signing_key(&d.body) {
@@ -38,7 +39,6 @@ impl Runtime {
                     &format!("more messages under key {fp} than --sender-burst/--sender-messages-per-minute allow; dropped"),
                     None,
                 );
-                d.acker.ack().await;
                 return;
             }
         }
@@ -61,7 +61,6 @@ impl Runtime {
                 Ok(msg) => self.on_message(opened, msg, d.user_id.as_deref()).await,
             },
         }
-        d.acker.ack().await;
     }
 
     /// `user_id`: the broker user that published the message, as the broker checked it.

@@ -80,6 +80,9 @@ const REVIEW_BACKOFF: dog_protocol::broker::Backoff = dog_protocol::broker::Back
 /// Statuses are written at most this often: a burst of agent responses must not turn into a
 /// status pass (over every host) per response.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
+/// Agent messages acknowledged with one frame, at most: a quarter of the inbox prefetch (256
+/// by default), so the broker never waits for an acknowledgement to deliver more.
+const ACK_BATCH: usize = 64;
 
 /// What the operator knows of one host at run time.
 #[derive(Clone, Debug, Default)]
@@ -357,17 +360,12 @@ impl Runtime {
                     self.needs_compile = true;
                 }
                 delivery = self.deliveries.recv() => {
-                    match delivery {
-                        Some(d) => self.on_delivery(d).await,
-                        None => {
-                            warn!("broker consumer ended; shutting down");
-                            break;
-                        }
-                    }
+                    let Some(first) = delivery else {
+                        warn!("broker consumer ended; shutting down");
+                        break;
+                    };
                     // drain what is already waiting before reconciling once for all of it
-                    while let Ok(Some(d)) = tokio::time::timeout(Duration::ZERO, self.deliveries.recv()).await {
-                        self.on_delivery(d).await;
-                    }
+                    self.take_in(first).await;
                 }
                 _ = tick.tick() => {
                     self.on_tick();
@@ -385,6 +383,28 @@ impl Runtime {
         }
         info!("operator loop stopped; agents keep enforcing their last applied rules");
         (self.args, self.sealer)
+    }
+
+    /// Handles `first` and every agent message already waiting behind it, in order, and
+    /// acknowledges them with one frame per [`ACK_BATCH`]: the inbox has one consumer and this
+    /// loop finishes each message before the next, so acknowledging the last one handled
+    /// covers those before it (a separate acknowledgement per message was a round trip through
+    /// the broker client's thread each, 5,000 of them when a pass's answers come in).
+    async fn take_in(&mut self, first: Delivery) {
+        let mut next = Some(first);
+        let mut unacked = 0;
+        while let Some(d) = next {
+            self.on_delivery(&d).await;
+            unacked += 1;
+            next = match tokio::time::timeout(Duration::ZERO, self.deliveries.recv()).await {
+                Ok(Some(d)) => Some(d),
+                _ => None,
+            };
+            if next.is_none() || unacked == ACK_BATCH {
+                d.acker.ack_through().await;
+                unacked = 0;
+            }
+        }
     }
 
     /// The snapshot as the compiler should see it: the source's objects, agent-registered

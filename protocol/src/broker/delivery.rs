@@ -79,10 +79,22 @@ impl Acker {
 
     /// Positive acknowledgement: the broker forgets the message.
     pub async fn ack(&self) -> AckOutcome {
+        self.ack_with(BasicAckOptions::default()).await
+    }
+
+    /// Positive acknowledgement of this delivery and of every earlier one of the same
+    /// connection (AMQP `multiple`): one frame, and one round trip through the client, for a
+    /// batch. Only for a consumer that handles its deliveries in order and has finished every
+    /// earlier one; their own ackers are then dropped unused.
+    pub async fn ack_through(&self) -> AckOutcome {
+        self.ack_with(BasicAckOptions { multiple: true }).await
+    }
+
+    async fn ack_with(&self, options: BasicAckOptions) -> AckOutcome {
         if !self.is_current() {
             return AckOutcome::Stale;
         }
-        match self.inner.ack(BasicAckOptions::default()).await {
+        match self.inner.ack(options).await {
             Ok(true) => AckOutcome::Done,
             Ok(false) => AckOutcome::Stale,
             Err(error) => {

@@ -61,12 +61,14 @@ impl Fleet {
 
     /// Messages ready in `node`'s host queue (`None` while the broker does not list it).
     pub fn host_queue_ready(&self, node: &str) -> Option<u64> {
-        let queue = self.host_queue(node);
-        let out = sh(&["rabbitmqctl", "list_queues", "-q", "name", "messages_ready"]);
-        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-            let mut cols = l.split_whitespace();
-            (cols.next() == Some(queue.as_str())).then(|| cols.next()?.parse().ok())?
-        })
+        queue_count(&self.host_queue(node), "messages_ready")
+    }
+
+    /// Agent messages the operator took from its inbox and has not acknowledged (`None` while
+    /// the broker does not list the inbox).
+    pub fn inbox_unacked(&self) -> Option<u64> {
+        let inbox = format!("{}.operator.inbox", self.prefix);
+        queue_count(&inbox, "messages_unacknowledged")
     }
 
     /// Drops every message waiting in `node`'s host queue, as a broker restart drops
@@ -90,4 +92,13 @@ impl Fleet {
             .parse()
             .unwrap_or(0)
     }
+}
+
+/// One of `rabbitmqctl list_queues`'s counts (`column`) for `queue`.
+fn queue_count(queue: &str, column: &str) -> Option<u64> {
+    let out = sh(&["rabbitmqctl", "list_queues", "-q", "name", column]);
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut cols = l.split_whitespace();
+        (cols.next() == Some(queue)).then(|| cols.next()?.parse().ok())?
+    })
 }

@@ -379,6 +379,13 @@ fn the_operator_hears_its_agents_while_its_publishes_wait() {
         f.tcp("web", &db4, 5433)
     });
     f.wait_status("every host in sync", 40, |st| f.all_in_sync(st));
+    // everything taken in meanwhile, and since, is acknowledged (in batches: the last message
+    // of each is what the acknowledgement names)
+    f.wait(
+        "the operator's inbox to hold nothing unacknowledged",
+        20,
+        || f.inbox_unacked() == Some(0),
+    );
 }
 
 /// kill -9 while a large set and the rules are being applied: every set holds its complete old
