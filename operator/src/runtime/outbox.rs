@@ -133,10 +133,11 @@ impl Runtime {
             (Publish::Apply { host, revision, .. }, Ok(bytes)) => {
                 self.metrics.publishes.inc();
                 info!(host = %host, revision, request = %id, bytes, "published desired state");
+                // a host collected while the pass was under way has no status to write
                 if let Some(rt) = self.fleet.get_mut(&host) {
                     rt.view.desired_revision = Some(revision);
+                    self.status_due(&host);
                 }
-                self.status_due(&host);
                 true
             }
             (
