@@ -77,7 +77,7 @@ class Acks:
     def __init__(self, log):
         self.log, self.offset, self.seen = log, 0, []
         # passes started and ended, Applies published and answered (by request id)
-        self.passes, self.published, self.answered = [0, 0], set(), set()
+        self.started, self.ended, self.published, self.answered = 0, 0, set(), set()
 
     def read(self):
         with open(self.log) as f:
@@ -101,14 +101,16 @@ class Acks:
                     self.answered.add(e.get("request"))
                 elif kind == '"published desired state"':
                     self.published.add(e.get("request"))
+                elif kind == '"sending a pass of publishes"':
+                    self.started += 1
                 else:
-                    self.passes[kind == '"pass of publishes ended"'] += 1
+                    self.ended += 1
 
     def settled(self):
         """No pass under way and every Apply published so far answered: the next change's
         answers cannot be mistaken for an earlier pass's."""
         self.read()
-        return self.passes[0] == self.passes[1] and self.published <= self.answered
+        return self.started == self.ended and self.published <= self.answered
 
     def after(self, t0):
         """host -> first 'agent applied' timestamp at or after t0."""

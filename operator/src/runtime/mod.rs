@@ -502,9 +502,9 @@ impl Runtime {
         if !self.needs_publish && !status_due {
             return;
         }
-        if self.needs_publish && self.pass.is_none() {
+        if self.needs_publish {
             self.needs_publish = false;
-            // counted when it ends
+            // counted when it ends; set again while a pass is under way
             self.start_publishing();
         }
         if status_due {
