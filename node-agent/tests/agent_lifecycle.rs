@@ -85,6 +85,7 @@ async fn agent_applies_rejects_forgeries_and_replays_and_answers_unknown_request
         .request(
             &h.host,
             &h.agent_key.unwrap(),
+            h.encryption,
             &forged,
             agent_support::now(),
             300,
@@ -109,6 +110,7 @@ async fn agent_applies_rejects_forgeries_and_replays_and_answers_unknown_request
         .request(
             &h.host,
             &h.agent_key.unwrap(),
+            h.encryption,
             &req,
             agent_support::now(),
             300,

@@ -1,4 +1,5 @@
-//! Envelope costs: seal+sign and verify+open (operator → agent) for 1 KB and 1 MB payloads,
+//! Envelope costs: seal+sign and verify+open (operator → agent) for 1 KB and 1 MB payloads, each
+//! envelope with an HPKE encapsulation of its own (mode 1) and in a session (mode 3),
 //! sign/verify only (agent → operator), a shared-set seal for 1000 recipients, and one entry
 //! changed in a 1,000,000-entry shared set sent to 200 hosts as the whole set and as a change
 //! (the sizes on the wire are printed once), and one host's Apply of a group whose set holds
@@ -6,7 +7,7 @@
 //! encoding.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dog_protocol::envelope::{HeaderFields, MessageKind, Opener, Sealer, TimePolicy};
+use dog_protocol::envelope::{Encryption, HeaderFields, MessageKind, Opener, Sealer, TimePolicy};
 use dog_protocol::keys::pinning::{Pin, Pins};
 use dog_protocol::keys::{EncryptionKey, EncryptionPublicKey, SigningKey, TrustedKeys};
 use std::hint::black_box;
@@ -55,6 +56,45 @@ fn operator_to_agent(c: &mut Criterion) {
                 criterion::BatchSize::LargeInput,
             )
         });
+        g.bench_with_input(
+            BenchmarkId::new("session_seal_sign", size),
+            &payload,
+            |b, p| {
+                let f = fields(MessageKind::Request, vec!["node-1".into()]);
+                b.iter(|| {
+                    sealer
+                        .seal_in_session(&f, black_box(p), &agent.public())
+                        .unwrap()
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("session_verify_open", size),
+            &payload,
+            |b, p| {
+                b.iter_batched(
+                    || {
+                        let mut o = Opener::for_agent(
+                            "node-1",
+                            agent.clone(),
+                            "dog-operator",
+                            trusted.clone(),
+                        );
+                        // the session's first envelope derives its key; the bench opens the next
+                        let f = fields(MessageKind::Request, vec!["node-1".into()]);
+                        o.open(
+                            &sealer.seal_in_session(&f, p, &agent.public()).unwrap(),
+                            NOW,
+                        )
+                        .unwrap();
+                        let f = fields(MessageKind::Request, vec!["node-1".into()]);
+                        (sealer.seal_in_session(&f, p, &agent.public()).unwrap(), o)
+                    },
+                    |(env, mut o)| o.open(black_box(&env), NOW).unwrap(),
+                    criterion::BatchSize::LargeInput,
+                )
+            },
+        );
     }
     g.finish();
 }
@@ -241,7 +281,7 @@ fn apply_for_one_host_of_a_group(c: &mut Criterion) {
                 },
             };
             sealer
-                .request("node-1", &agent, &request, NOW, 600)
+                .request("node-1", &agent, Encryption::Session, &request, NOW, 600)
                 .unwrap()
         })
     });
@@ -252,7 +292,16 @@ fn apply_for_one_host_of_a_group(c: &mut Criterion) {
                 .apply_payload(id, "node-1", 2, &none)
                 .unwrap();
             sealer
-                .encoded_request("node-1", &agent, id, Some(2), &payload, NOW, 600)
+                .encoded_request(
+                    "node-1",
+                    &agent,
+                    Encryption::Session,
+                    id,
+                    Some(2),
+                    &payload,
+                    NOW,
+                    600,
+                )
                 .unwrap()
         })
     });

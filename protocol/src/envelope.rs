@@ -7,7 +7,8 @@
 //! | u32be H | header JSON (H bytes)            <- "header bytes" = everything up to here
 //! | u32be K | key section (K bytes)
 //! | u32be P | payload (P bytes)
-//! | Ed25519 signature (64) over every preceding byte
+//! | Ed25519 signature (64) over every preceding byte (mode 3: over
+//!   SESSION_SIGNATURE_CONTEXT ‖ SHA-256 of every preceding byte)
 //! ```
 //!
 //! * mode 0 [`Protection::Signed`]: agent → operator; payload is the JSON message; key section empty.
@@ -19,6 +20,17 @@
 //!   under a random content key (`aad` = the header bytes), and the content key is HPKE-sealed
 //!   (same suite, `info` = [`HPKE_INFO_KEY_WRAP`], `aad` = the header bytes) to each recipient.
 //!   Key section = nonce (12) ‖ for each header recipient in order: `enc` (32) ‖ wrapped key (48).
+//! * mode 3 [`Protection::Session`]: operator → one agent that announced it opens sessions
+//!   ([`crate::messages::Heartbeat::session_envelopes`]): the same HPKE setup as mode 1 with
+//!   `info` = [`HPKE_INFO_SESSION`], done once per agent key and session, whose exported key
+//!   (exporter context [`SESSION_KEY_CONTEXT`], 32 bytes) encrypts many payloads with
+//!   AES-256-GCM (`aad` = the header bytes). Key section = the session's `enc` (32) ‖ this
+//!   envelope's nonce (12); `envelope/session.rs` says why, and how long a session lasts.
+//!   Its signature is over [`SESSION_SIGNATURE_CONTEXT`] ‖ SHA-256(every preceding byte), not
+//!   the bytes themselves: Ed25519 hashes what it signs with SHA-512 twice (once to verify),
+//!   which on machines without SHA-512 instructions runs at about a third of SHA-256's speed;
+//!   the context's first byte can't begin an envelope, so no signature over one is valid as
+//!   the other.
 //!
 //! A receiver ([`Opener`]) checks size caps, version, the sender's key, the signature, the
 //! header (recipient, validity window, replay, revision) and only then decrypts and hands out
@@ -77,6 +89,7 @@ pub enum Protection {
     Signed = 0,
     Hpke = 1,
     MultiRecipient = 2,
+    Session = 3,
 }
 
 impl Protection {
@@ -85,6 +98,7 @@ impl Protection {
             0 => Some(Protection::Signed),
             1 => Some(Protection::Hpke),
             2 => Some(Protection::MultiRecipient),
+            3 => Some(Protection::Session),
             _ => None,
         }
     }
@@ -217,11 +231,30 @@ impl Rejection {
 
 mod open;
 mod seal;
+mod session;
 
 pub use open::{
     Opened, Opener, PayloadError, ReplayCache, ReplayFloor, TimePolicy, Trust, MAX_FIRST_HEARTBEAT,
 };
-pub use seal::Sealer;
+pub use seal::{Encryption, Sealer};
+pub use session::{SessionLimits, HPKE_INFO_SESSION, RECEIVER_SESSIONS, SESSION_KEY_CONTEXT};
+
+/// What a mode 3 envelope's signature covers before the digest of its bytes.
+pub const SESSION_SIGNATURE_CONTEXT: &[u8] = b"dog-envelope v1 session signature\0";
+
+/// What the signature of an envelope in `mode` whose signed bytes are `signed` covers.
+fn signature_input(mode: Protection, signed: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    match mode {
+        Protection::Session => {
+            let digest = ring::digest::digest(&ring::digest::SHA256, signed);
+            let mut input = Vec::with_capacity(SESSION_SIGNATURE_CONTEXT.len() + 32);
+            input.extend_from_slice(SESSION_SIGNATURE_CONTEXT);
+            input.extend_from_slice(digest.as_ref());
+            std::borrow::Cow::Owned(input)
+        }
+        _ => std::borrow::Cow::Borrowed(signed),
+    }
+}
 
 // ------------------------------------------------------------------------------------------
 // framing (parse)

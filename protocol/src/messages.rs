@@ -157,6 +157,7 @@ mod tests {
             mode: Mode::Enforce,
             identity_token: None,
             broker_reply_to: None,
+            session_envelopes: false,
         };
         let err = hb.validate().unwrap_err();
         assert_eq!(err.field, "interfaces[0].addresses");
@@ -165,6 +166,38 @@ mod tests {
         assert_eq!(hb.validate(), Ok(()));
         hb.hostname = "h".repeat(254);
         assert_eq!(hb.validate().unwrap_err().field, "hostname");
+    }
+
+    #[test]
+    fn a_heartbeat_from_before_sessions_says_it_opens_none() {
+        let (k, _) = crate::keys::SigningKey::generate().unwrap();
+        let mut hb = Heartbeat {
+            agent_version: "0.1.0".into(),
+            hostname: "node-1".into(),
+            interfaces: vec![],
+            signing_key: k.public(),
+            encryption_key: crate::keys::EncryptionKey::generate().public(),
+            applied_revision: None,
+            live_hashes: None,
+            drift: DriftSummary::default(),
+            mode: Mode::Enforce,
+            identity_token: None,
+            broker_reply_to: None,
+            session_envelopes: false,
+        };
+        // an older agent's heartbeat has no such field, and one that opens none sends none
+        let old = serde_json::to_value(&hb).unwrap();
+        assert!(old.get("session_envelopes").is_none());
+        let parsed: Heartbeat = serde_json::from_value(old).unwrap();
+        assert!(!parsed.session_envelopes);
+        hb.session_envelopes = true;
+        let new = serde_json::to_value(&hb).unwrap();
+        assert_eq!(new["session_envelopes"], serde_json::json!(true));
+        assert!(
+            serde_json::from_value::<Heartbeat>(new)
+                .unwrap()
+                .session_envelopes
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ struct Fixture {
     ),
     request: Vec<u8>,
     shared: Vec<u8>,
+    /// The same request in a session (mode 3).
+    session: Vec<u8>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -37,9 +39,12 @@ fn fixture() -> &'static Fixture {
                 }],
             },
         };
-        let request = sealer
-            .request("node-1", &a.encryption.public(), &req, NOW, TTL)
-            .unwrap();
+        let seal = |encryption| {
+            sealer
+                .request("node-1", &a.encryption.public(), encryption, &req, NOW, TTL)
+                .unwrap()
+        };
+        let (request, session) = (seal(Encryption::PerMessage), seal(Encryption::Session));
         let shared = sealer
             .request_for_many(
                 &[
@@ -62,6 +67,7 @@ fn fixture() -> &'static Fixture {
             ),
             request,
             shared,
+            session,
         }
     })
 }
@@ -140,6 +146,7 @@ fn the_unmutated_envelopes_open() {
     let f = fixture();
     assert!(opener().open(&f.request, NOW).is_ok());
     assert!(opener().open(&f.shared, NOW).is_ok());
+    assert!(opener().open(&f.session, NOW).is_ok());
 }
 
 proptest! {
@@ -160,9 +167,9 @@ proptest! {
     }
 
     #[test]
-    fn mutated_envelopes_are_rejected(ms in prop::collection::vec(mutation(), 1..4), which in any::<bool>()) {
+    fn mutated_envelopes_are_rejected(ms in prop::collection::vec(mutation(), 1..4), which in 0..3usize) {
         let f = fixture();
-        let good = if which { &f.request } else { &f.shared };
+        let good = [&f.request, &f.shared, &f.session][which];
         let bad = apply_mutations(good.clone(), &ms);
         prop_assume!(bad != *good);
         let mut o = opener();

@@ -19,8 +19,17 @@ fn open_request(o: &mut Opener, bytes: &[u8]) -> Request {
     r
 }
 
+/// Each request goes both ways an agent can be sent it.
+const BOTH: [Encryption; 2] = [Encryption::PerMessage, Encryption::Session];
+
 #[test]
 fn every_request_kind_round_trips() {
+    for encryption in BOTH {
+        every_request_kind_round_trips_in(encryption);
+    }
+}
+
+fn every_request_kind_round_trips_in(encryption: Encryption) {
     let (sealer, mut opener, a) = operator_and_agent("node-1");
     let kinds = vec![
         apply("node-1", 7).request,
@@ -47,7 +56,7 @@ fn every_request_kind_round_trips() {
             request: kind,
         };
         let bytes = sealer
-            .request("node-1", &a.encryption.public(), &req, NOW, TTL)
+            .request("node-1", &a.encryption.public(), encryption, &req, NOW, TTL)
             .unwrap();
         // the payload is not readable on the wire
         let marker = serde_json::to_vec(&req.request).unwrap();
@@ -339,14 +348,24 @@ fn shared_set_is_sealed_once_and_each_recipient_opens_it() {
 
 #[test]
 fn forged_replayed_expired_future_misaddressed_and_stale_are_rejected() {
+    for encryption in BOTH {
+        forged_replayed_expired_future_misaddressed_and_stale_are_rejected_in(encryption);
+    }
+}
+
+fn forged_replayed_expired_future_misaddressed_and_stale_are_rejected_in(encryption: Encryption) {
     let (sealer, mut opener, a) = operator_and_agent("node-1");
     let key = a.encryption.public();
-    let seal = |r: &Request, at: u64| sealer.request("node-1", &key, r, at, TTL).unwrap();
+    let seal = |r: &Request, at: u64| {
+        sealer
+            .request("node-1", &key, encryption, r, at, TTL)
+            .unwrap()
+    };
 
     // forged: a key the agent does not trust
     let forger = Sealer::new(OPERATOR, operator_key());
     let forged = forger
-        .request("node-1", &key, &apply("node-1", 1), NOW, TTL)
+        .request("node-1", &key, encryption, &apply("node-1", 1), NOW, TTL)
         .unwrap();
     assert_eq!(opener.open(&forged, NOW), Err(Rejection::UnknownSender));
 
@@ -364,7 +383,7 @@ fn forged_replayed_expired_future_misaddressed_and_stale_are_rejected() {
 
     // wrong recipient
     let other = sealer
-        .request("node-2", &key, &apply("node-2", 6), NOW, TTL)
+        .request("node-2", &key, encryption, &apply("node-2", 6), NOW, TTL)
         .unwrap();
     assert_eq!(opener.open(&other, NOW), Err(Rejection::WrongRecipient));
     assert_eq!(state(&opener), before);
@@ -479,6 +498,14 @@ fn crafted_envelopes_the_sealer_never_makes_are_rejected() {
 
 #[test]
 fn tampering_any_byte_or_truncating_anywhere_is_rejected_without_state_change() {
+    for encryption in BOTH {
+        tampering_any_byte_or_truncating_anywhere_is_rejected_without_state_change_in(encryption);
+    }
+}
+
+fn tampering_any_byte_or_truncating_anywhere_is_rejected_without_state_change_in(
+    encryption: Encryption,
+) {
     let (sealer, mut opener, a) = operator_and_agent("node-1");
     opener.set_applied_revision(Some(1));
     let req = Request {
@@ -494,7 +521,7 @@ fn tampering_any_byte_or_truncating_anywhere_is_rejected_without_state_change() 
         },
     };
     let good = sealer
-        .request("node-1", &a.encryption.public(), &req, NOW, TTL)
+        .request("node-1", &a.encryption.public(), encryption, &req, NOW, TTL)
         .unwrap();
     let before = state(&opener);
     let mut reasons = BTreeMap::new();
@@ -556,7 +583,7 @@ fn key_rotation_window() {
 
     let mut o = Opener::for_agent("node-1", a.encryption.clone(), OPERATOR, trusted.clone());
     let by_new = new_sealer
-        .request("node-1", &key, &status(), NOW, TTL)
+        .request("node-1", &key, Encryption::PerMessage, &status(), NOW, TTL)
         .unwrap();
     assert_eq!(o.open(&by_new, NOW), Err(Rejection::UnknownSender));
 
@@ -564,7 +591,7 @@ fn key_rotation_window() {
     trusted.insert(new_sealer.public_key());
     let mut o = Opener::for_agent("node-1", a.encryption.clone(), OPERATOR, trusted.clone());
     let by_old = old_sealer
-        .request("node-1", &key, &status(), NOW, TTL)
+        .request("node-1", &key, Encryption::PerMessage, &status(), NOW, TTL)
         .unwrap();
     let opened = o.open(&by_old, NOW).unwrap();
     assert_eq!(opened.header.key_id, old_id);
@@ -575,11 +602,11 @@ fn key_rotation_window() {
         assert!(keys.remove(&old_id));
     }
     let by_old2 = old_sealer
-        .request("node-1", &key, &status(), NOW, TTL)
+        .request("node-1", &key, Encryption::PerMessage, &status(), NOW, TTL)
         .unwrap();
     assert_eq!(o.open(&by_old2, NOW), Err(Rejection::UnknownSender));
     let by_new2 = new_sealer
-        .request("node-1", &key, &status(), NOW, TTL)
+        .request("node-1", &key, Encryption::PerMessage, &status(), NOW, TTL)
         .unwrap();
     assert!(o.open(&by_new2, NOW).is_ok());
 }
@@ -631,7 +658,11 @@ fn a_replay_floor_refuses_what_a_previous_run_accepted() {
     use dog_protocol::envelope::ReplayFloor;
     let (sealer, mut first_run, a) = operator_and_agent("node-1");
     let key = a.encryption.public();
-    let seal = |r: &Request, at: u64| sealer.request("node-1", &key, r, at, TTL).unwrap();
+    let seal = |r: &Request, at: u64| {
+        sealer
+            .request("node-1", &key, Encryption::PerMessage, r, at, TTL)
+            .unwrap()
+    };
     let status = || Request {
         id: Uuid::new_v4(),
         request: RequestKind::Status,

@@ -265,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
             mode: Mode::Observe,
             identity_token: None,
             broker_reply_to: None,
+            session_envelopes: true,
         };
         let opener = Opener::for_agent(
             name.clone(),

@@ -131,6 +131,7 @@ impl Agent {
             mode: self.cfg.mode,
             identity_token: self.identity_token(),
             broker_reply_to: self.link.reply_queue(),
+            session_envelopes: true,
         };
         let ok = self
             .publish(&AgentMessage::Heartbeat(hb), "heartbeat")

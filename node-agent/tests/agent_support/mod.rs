@@ -5,7 +5,7 @@
 
 use dog_agent::netns::NetNs;
 use dog_protocol::broker::{BrokerConfig, Deliveries, MessageMeta, OperatorLink};
-use dog_protocol::envelope::{Opener, Sealer};
+use dog_protocol::envelope::{Encryption, Opener, Sealer};
 use dog_protocol::keys::pinning::Pins;
 use dog_protocol::keys::{load_operator_key, write_new_operator_key, EncryptionPublicKey};
 use dog_protocol::messages::{AgentMessage, Heartbeat, Request, RequestKind, Response};
@@ -39,6 +39,8 @@ pub struct Harness {
     pub sealer: Sealer,
     pub opener: Opener,
     pub agent_key: Option<EncryptionPublicKey>,
+    /// How requests are encrypted: as the operator does, by what the agent's heartbeat says.
+    pub encryption: Encryption,
     pub child: Option<Child>,
     pub metrics_port: u16,
     pub extra_args: Vec<String>,
@@ -83,6 +85,7 @@ impl Harness {
             sealer,
             opener: Opener::for_operator("dog-operator", Pins::new(true)),
             agent_key: None,
+            encryption: Encryption::PerMessage,
             child: None,
             metrics_port: dog_test_support::free_port(),
             extra_args: Vec::new(),
@@ -197,6 +200,11 @@ impl Harness {
             if let AgentMessage::Heartbeat(hb) = &msg {
                 self.opener.pin_heartbeat(&opened, hb).unwrap();
                 self.agent_key = Some(hb.encryption_key);
+                self.encryption = if hb.session_envelopes {
+                    Encryption::Session
+                } else {
+                    Encryption::PerMessage
+                };
             }
             if want(&msg) {
                 return msg;
@@ -243,7 +251,7 @@ impl Harness {
         let key = self.agent_key.expect("heartbeat seen first");
         let bytes = self
             .sealer
-            .request(&self.host, &key, &req, now(), 300)
+            .request(&self.host, &key, self.encryption, &req, now(), 300)
             .unwrap();
         (req.id, bytes)
     }

@@ -38,6 +38,8 @@ impl Runtime {
             let rt = self.fleet.entry(name.clone()).or_default();
             if rt.encryption_key.as_ref() != Some(&e) {
                 rt.encryption_key = Some(e);
+                // what the new key's agent opens is known from its first heartbeat
+                rt.session_envelopes = false;
                 self.publish.forget(name);
             }
             rt.view.key_conflict = None;

@@ -320,6 +320,7 @@ impl Runtime {
             self.needs_compile = true;
         }
         rt.encryption_key = Some(hb.encryption_key);
+        rt.session_envelopes = hb.session_envelopes;
         rt.view.key_fingerprint = Some(hb.signing_key.fingerprint());
         rt.view.pinned_keys = Some(keys);
         rt.view.key_conflict = None;

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use dog_protocol::broker::{MessageMeta, OperatorLink, Permissions};
-use dog_protocol::envelope::Sealer;
+use dog_protocol::envelope::{Encryption, Sealer};
 use dog_protocol::keys::EncryptionPublicKey;
 use dog_protocol::messages::{Password, Request, RequestKind};
 use futures::future::BoxFuture;
@@ -230,7 +230,15 @@ pub async fn hand_out(
         },
     };
     let sealed = sealer
-        .request(host, agent_key, &request, now, CREDENTIAL_TTL_SECS)
+        // once per host, and before its agent's sessions are known: an encapsulation of its own
+        .request(
+            host,
+            agent_key,
+            Encryption::PerMessage,
+            &request,
+            now,
+            CREDENTIAL_TTL_SECS,
+        )
         .map_err(|e| fail("publish", format!("sealing: {e}")))?;
     let meta = MessageMeta::new(id.to_string(), "request");
     match tokio::time::timeout(API_TIMEOUT, link.publish_to_queue(reply_to, &sealed, &meta)).await {

@@ -89,6 +89,9 @@ const ACK_BATCH: usize = 64;
 struct HostRt {
     view: HostView,
     encryption_key: Option<EncryptionPublicKey>,
+    /// The host's last heartbeat said its agent opens session envelopes (protocol mode 3);
+    /// until then, and after its keys are pinned anew, each request is encrypted on its own.
+    session_envelopes: bool,
     last_seen: Option<Timestamp>,
     mismatch_since: Option<Instant>,
     /// The host mirrors a Kubernetes Node that no longer exists: it stays Retired, however

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::core::compile::CompiledFirewall;
+use dog_protocol::envelope::Encryption;
 use dog_protocol::messages::{EncodeError, EncodedFirewall};
 use std::collections::HashMap;
 
@@ -116,7 +117,14 @@ impl Runtime {
     fn keys_for(&self, action: &Publish) -> Keys {
         let key_of = |h: &str| self.fleet.get(h).and_then(|rt| rt.encryption_key);
         match action {
-            Publish::Apply { host, .. } => Keys::One(key_of(host)),
+            Publish::Apply { host, .. } => Keys::One(self.fleet.get(host).and_then(|rt| {
+                let encryption = if rt.session_envelopes {
+                    Encryption::Session
+                } else {
+                    Encryption::PerMessage
+                };
+                Some((rt.encryption_key?, encryption))
+            })),
             Publish::SharedSet { recipients, .. } => Keys::Many(
                 recipients
                     .iter()
@@ -194,7 +202,7 @@ impl Runtime {
 
 /// The encryption keys a message is sealed to.
 enum Keys {
-    One(Option<EncryptionPublicKey>),
+    One(Option<(EncryptionPublicKey, Encryption)>),
     Many(Vec<(String, EncryptionPublicKey)>),
 }
 
@@ -436,12 +444,13 @@ fn seal(
             },
             Keys::One(key),
         ) => {
-            let key = key.ok_or(SendError::NoKey)?;
+            let (key, encryption) = key.ok_or(SendError::NoKey)?;
             if let Some(encoded) = encoded {
                 let payload = encoded.apply_payload(id, host, *revision, kept)?;
                 return Ok(sealer.encoded_request(
                     host,
                     &key,
+                    encryption,
                     id,
                     Some(*revision),
                     &payload,
@@ -457,7 +466,7 @@ fn seal(
                     kept_sets: kept.clone(),
                 },
             };
-            Ok(sealer.request(host, &key, &req, now, REQUEST_TTL_SECS)?)
+            Ok(sealer.request(host, &key, encryption, &req, now, REQUEST_TTL_SECS)?)
         }
         (
             Publish::SharedSet {
@@ -538,7 +547,7 @@ mod tests {
         };
         let key = EncryptionKey::generate();
         let id = Uuid::new_v4();
-        let keys = || Keys::One(Some(key.public()));
+        let keys = || Keys::One(Some((key.public(), Encryption::Session)));
         let shared = seal(sealer, action, id, keys(), Some(encoded), 1_000).expect("seals");
         let owned = seal(sealer, action, id, keys(), None, 1_000).expect("seals");
         (

@@ -1,6 +1,7 @@
 //! Opening: the checks a received envelope passes before its payload is handed out (size,
 //! version, sender key, signature, header, replay, revision), and the replay state they keep.
 
+use super::session::ReceiverSessions;
 use super::*;
 
 // ------------------------------------------------------------------------------------------
@@ -208,6 +209,8 @@ pub struct Opener {
     last_sender: Option<String>,
     applied_revision: Option<u64>,
     time: TimePolicy,
+    /// Agent side: the keys of the operator's last sessions (mode 3).
+    sessions: ReceiverSessions,
 }
 
 impl Opener {
@@ -231,6 +234,7 @@ impl Opener {
             last_sender: None,
             applied_revision: None,
             time: TimePolicy::default(),
+            sessions: ReceiverSessions::default(),
         }
     }
 
@@ -245,6 +249,7 @@ impl Opener {
             last_sender: None,
             applied_revision: None,
             time: TimePolicy::default(),
+            sessions: ReceiverSessions::default(),
         }
     }
 
@@ -282,6 +287,12 @@ impl Opener {
     /// to come from.
     pub fn last_sender(&self) -> Option<&str> {
         self.last_sender.as_deref()
+    }
+
+    /// How many session keys this opener derived (one X25519 operation each; once per
+    /// session, not per envelope).
+    pub fn session_keys_derived(&self) -> u64 {
+        self.sessions.derived()
     }
 
     pub fn replay_cache(&self) -> &ReplayCache {
@@ -358,7 +369,10 @@ impl Opener {
                 }
             }
         }
-        if !frame.sender_key.verify(frame.signed, frame.signature) {
+        if !frame
+            .sender_key
+            .verify(&signature_input(frame.mode, frame.signed), frame.signature)
+        {
             return Err(Rejection::BadSignature);
         }
         let header: Header =
@@ -391,6 +405,7 @@ impl Opener {
             Protection::Signed => 0,
             Protection::Hpke => ENC,
             Protection::MultiRecipient => NONCE + SLOT * header.recipients.len(),
+            Protection::Session => ENC + NONCE,
         };
         if frame.keys.len() != expected_keys
             || (frame.mode != Protection::MultiRecipient && header.recipients.len() != 1)
@@ -429,6 +444,7 @@ impl Opener {
             }
             Protection::Hpke => self.open_hpke(&frame)?,
             Protection::MultiRecipient => self.open_multi(&frame, slot)?,
+            Protection::Session => self.open_session(&frame)?,
         };
         self.replay
             .insert(header.id, header.expires_at.saturating_add(skew), now);
@@ -481,6 +497,14 @@ impl Opener {
         Ok(pt)
     }
 
+    fn open_session(&mut self, frame: &Frame<'_>) -> Result<Vec<u8>, Rejection> {
+        let sk = self.decryption.as_ref().ok_or(Rejection::Undecryptable)?;
+        let key = self.sessions.key(sk, &frame.keys[..ENC])?;
+        let mut nonce = [0u8; NONCE];
+        nonce.copy_from_slice(&frame.keys[ENC..]);
+        open_aead(&key, nonce, frame)
+    }
+
     fn open_multi(&self, frame: &Frame<'_>, slot: usize) -> Result<Vec<u8>, Rejection> {
         let sk = self.decryption.as_ref().ok_or(Rejection::Undecryptable)?;
         let mut nonce = [0u8; NONCE];
@@ -503,19 +527,28 @@ impl Opener {
         let key = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| Rejection::Undecryptable)?,
         );
-        let mut buf = frame.payload.to_vec();
-        let pt = key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(frame.header_bytes),
-                &mut buf,
-            )
-            .map_err(|_| Rejection::Undecryptable)?;
-        let len = pt.len();
-        if len > MAX_PAYLOAD {
-            return Err(Rejection::TooLarge);
-        }
-        buf.truncate(len);
-        Ok(buf)
+        open_aead(&key, nonce, frame)
     }
+}
+
+/// The payload of `frame`, AES-256-GCM-decrypted under `key` and `nonce` (modes 2 and 3).
+fn open_aead(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE],
+    frame: &Frame<'_>,
+) -> Result<Vec<u8>, Rejection> {
+    let mut buf = frame.payload.to_vec();
+    let pt = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(frame.header_bytes),
+            &mut buf,
+        )
+        .map_err(|_| Rejection::Undecryptable)?;
+    let len = pt.len();
+    if len > MAX_PAYLOAD {
+        return Err(Rejection::TooLarge);
+    }
+    buf.truncate(len);
+    Ok(buf)
 }

@@ -1,13 +1,24 @@
 //! Sealing: a message signed by its sender and, operator to agents, encrypted to one host
 //! (HPKE) or to many (one content key wrapped per recipient).
 
+use super::session::{SenderSessions, SessionSeal};
 use super::*;
+
+/// How a request to one agent is encrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encryption {
+    /// Mode 1: an HPKE encapsulation of its own (an agent that did not announce sessions).
+    PerMessage,
+    /// Mode 3: in the sender's session with the agent's key.
+    Session,
+}
 
 /// Signs (and encrypts) messages as one sender.
 #[derive(Debug)]
 pub struct Sealer {
     identity: String,
     key: SigningKey,
+    sessions: SenderSessions,
 }
 
 impl Sealer {
@@ -15,7 +26,18 @@ impl Sealer {
         Sealer {
             identity: identity.into(),
             key,
+            sessions: SenderSessions::new(SessionLimits::default()),
         }
+    }
+
+    /// The same sealer whose sessions end at `limits`.
+    pub fn with_session_limits(mut self, limits: SessionLimits) -> Self {
+        self.sessions = SenderSessions::new(limits);
+        self
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        self.sessions.limits()
     }
 
     pub fn identity(&self) -> &str {
@@ -32,7 +54,7 @@ impl Sealer {
         let mut out = self.start(Protection::Signed, fields, 1)?;
         put_section(&mut out, &[]);
         put_section(&mut out, payload);
-        Ok(self.finish(out))
+        Ok(self.finish(Protection::Signed, out))
     }
 
     /// Mode 1: HPKE-encrypts `payload` to one agent's X25519 key, then signs.
@@ -57,7 +79,51 @@ impl Sealer {
         .map_err(|e| SealError::Crypto(e.to_string()))?;
         put_section(&mut out, &enc.to_bytes());
         put_section(&mut out, &ct);
-        Ok(self.finish(out))
+        Ok(self.finish(Protection::Hpke, out))
+    }
+
+    /// Mode 3: encrypts `payload` in the session with one agent's X25519 key (set up when
+    /// there is none or it is used up; `fields.issued_at` is its clock), then signs.
+    pub fn seal_in_session(
+        &self,
+        fields: &HeaderFields,
+        payload: &[u8],
+        agent: &EncryptionPublicKey,
+    ) -> Result<Vec<u8>, SealError> {
+        check_payload(payload.len())?;
+        let mut out = self.start(Protection::Session, fields, 1)?;
+        let SessionSeal { enc, key, nonce } = self.sessions.next(agent, fields.issued_at)?;
+        let key = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &key[..])
+                .map_err(|_| SealError::Crypto("bad session key".into()))?,
+        );
+        let mut ct = payload.to_vec();
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&out[..]),
+            &mut ct,
+        )
+        .map_err(|_| SealError::Crypto("AES-256-GCM seal failed".into()))?;
+        let mut section = [0u8; ENC + NONCE];
+        section[..ENC].copy_from_slice(&enc);
+        section[ENC..].copy_from_slice(&nonce);
+        put_section(&mut out, &section);
+        put_section(&mut out, &ct);
+        Ok(self.finish(Protection::Session, out))
+    }
+
+    /// Mode 1 or 3 by `encryption`.
+    pub fn seal_to_agent(
+        &self,
+        fields: &HeaderFields,
+        payload: &[u8],
+        agent: &EncryptionPublicKey,
+        encryption: Encryption,
+    ) -> Result<Vec<u8>, SealError> {
+        match encryption {
+            Encryption::PerMessage => self.seal_for_agent(fields, payload, agent),
+            Encryption::Session => self.seal_in_session(fields, payload, agent),
+        }
     }
 
     /// Mode 2: encrypts `payload` once and wraps its content key to each recipient;
@@ -111,7 +177,7 @@ impl Sealer {
         .map_err(|_| SealError::Crypto("AES-256-GCM seal failed".into()))?;
         put_section(&mut out, &section);
         put_section(&mut out, &ct);
-        Ok(self.finish(out))
+        Ok(self.finish(Protection::MultiRecipient, out))
     }
 
     /// Seals a [`Request`] to one agent: message id = request id, revision from the request,
@@ -120,6 +186,7 @@ impl Sealer {
         &self,
         agent: &str,
         agent_key: &EncryptionPublicKey,
+        encryption: Encryption,
         request: &Request,
         now: u64,
         ttl_secs: u64,
@@ -127,7 +194,7 @@ impl Sealer {
         let payload = encode_operator(request)?;
         let revision = request.request.revision();
         self.encoded_request(
-            agent, agent_key, request.id, revision, &payload, now, ttl_secs,
+            agent, agent_key, encryption, request.id, revision, &payload, now, ttl_secs,
         )
     }
 
@@ -139,6 +206,7 @@ impl Sealer {
         &self,
         agent: &str,
         agent_key: &EncryptionPublicKey,
+        encryption: Encryption,
         id: Uuid,
         revision: Option<u64>,
         payload: &[u8],
@@ -146,7 +214,7 @@ impl Sealer {
         ttl_secs: u64,
     ) -> Result<Vec<u8>, SealError> {
         let fields = request_fields(vec![agent.to_string()], id, revision, now, ttl_secs);
-        self.seal_for_agent(&fields, payload, agent_key)
+        self.seal_to_agent(&fields, payload, agent_key, encryption)
     }
 
     /// Seals one [`Request`] (normally a `SharedSet`) once for many agents.
@@ -251,8 +319,8 @@ impl Sealer {
         Ok(out)
     }
 
-    fn finish(&self, mut out: Vec<u8>) -> Vec<u8> {
-        let sig = self.key.sign(&out);
+    fn finish(&self, mode: Protection, mut out: Vec<u8>) -> Vec<u8> {
+        let sig = self.key.sign(&signature_input(mode, &out));
         out.extend_from_slice(&sig);
         out
     }

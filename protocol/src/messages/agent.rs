@@ -83,6 +83,10 @@ pub struct Heartbeat {
     /// broker named for the agent's connection, `amq.gen-…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_reply_to: Option<String>,
+    /// The agent opens session envelopes (mode 3, `docs/protocol.md`). An agent from before
+    /// them leaves this out, and the operator encrypts each of its requests on its own (mode 1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session_envelopes: bool,
 }
 
 /// Sent by the agent on an interval.

@@ -118,6 +118,7 @@ pub fn heartbeat(a: &Agent) -> AgentMessage {
         mode: Mode::Enforce,
         identity_token: None,
         broker_reply_to: None,
+        session_envelopes: false,
     })
 }
 

@@ -63,6 +63,7 @@ impl Attacker {
             mode: Mode::Enforce,
             identity_token: token.map(str::to_string),
             broker_reply_to: None,
+            session_envelopes: false,
         };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
