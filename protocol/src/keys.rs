@@ -1,6 +1,7 @@
 //! Key material of the envelope (see [`crate::envelope`] and `docs/protocol.md`).
 //!
-//! * Every sender signs with an **Ed25519** key (`ring`). The agent's key is created on first
+//! * Every sender signs with an **Ed25519** key (`ring`; verified with `ed25519-dalek`, which is
+//!   faster at it). The agent's key is created on first
 //!   start and kept in its state directory as a raw PKCS#8 v2 document
 //!   ([`AGENT_SIGNING_FILE`]); the operator's key is one file written by
 //!   [`write_new_operator_key`] (base64 of the PKCS#8 document, one line).
@@ -26,7 +27,7 @@ use base64::Engine as _;
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, Serializable};
 use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -168,9 +169,13 @@ public_key_type!(
 impl SigningPublicKey {
     /// Verifies an Ed25519 signature over `message`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(message, signature)
-            .is_ok()
+        // RFC 8032 verification as ring's: S must be canonical, R must equal [S]B - [k]A
+        // (no cofactor); keys_tests checks the two agree
+        let Ok(signature) = ed25519_dalek::Signature::from_slice(signature) else {
+            return false;
+        };
+        ed25519_dalek::VerifyingKey::from_bytes(&self.0)
+            .is_ok_and(|key| ed25519_dalek::Verifier::verify(&key, message, &signature).is_ok())
     }
 }
 
