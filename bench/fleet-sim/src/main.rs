@@ -57,6 +57,11 @@ struct Args {
     /// Broker connections the hosts are spread over.
     #[arg(long, env = "DOG_SIM_CONNECTIONS", default_value_t = 4)]
     connections: usize,
+    /// Simulate agents from before session envelopes: their heartbeats do not announce them,
+    /// and they refuse an envelope in mode 3 as such an agent does (a mode it does not know
+    /// is malformed to it).
+    #[arg(long, env = "DOG_SIM_WITHOUT_SESSIONS")]
+    without_sessions: bool,
     #[command(flatten)]
     broker: BrokerArgs,
 }
@@ -196,6 +201,11 @@ async fn serve(host: Arc<Host>, channel: Channel, queue: String, args: Arc<Args>
                 return;
             }
         };
+        if args.without_sessions && d.data.get(5) == Some(&3) {
+            warn!(host = %host.name, reason = "malformed", "request refused");
+            let _ = d.ack(BasicAckOptions::default()).await;
+            continue;
+        }
         let opened = host.opener.lock().await.open(&d.data, unix_now());
         let response = match opened.map(|o| (o.header.id, o.operator_message())) {
             Ok((id, Ok(OperatorMessage::Request(req)))) => Some(answer(req.request, id)),
@@ -265,7 +275,7 @@ async fn main() -> anyhow::Result<()> {
             mode: Mode::Observe,
             identity_token: None,
             broker_reply_to: None,
-            session_envelopes: true,
+            session_envelopes: !args.without_sessions,
         };
         let opener = Opener::for_agent(
             name.clone(),

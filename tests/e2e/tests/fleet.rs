@@ -388,6 +388,85 @@ fn the_operator_hears_its_agents_while_its_publishes_wait() {
     );
 }
 
+/// A fleet mid-upgrade: agents from before session envelopes beside an agent of today, on one
+/// operator. The old ones are simulated on the protocol crate (dog-fleet-sim
+/// `--without-sessions`): their heartbeats do not announce sessions, and they refuse an
+/// envelope in mode 3 as such an agent does. Each host gets its state in a mode it opens.
+#[test]
+fn agents_from_before_sessions_get_their_state_beside_agents_of_today() {
+    if !require_root() {
+        return;
+    }
+    // the simulated hosts declare classic queues, so every queue here is one
+    let classic = ["--classic-queues"];
+    let mut f = start_with(&["web"], &classic, &classic);
+    let old = format!("{}-old", f.prefix);
+    // the simulated hosts are labelled role: app
+    f.write(
+        "old-groups.yaml",
+        "apiVersion: dogfw.io/v1alpha1\nkind: Group\nmetadata: {name: app}\n\
+         spec: {profile: web, selector: {matchLabels: {role: app}}}\n",
+    );
+    let log = std::fs::File::create(f.dir.path().join("sim.log")).expect("log");
+    let sim = Command::new(dog_e2e::bin("dog-fleet-sim"))
+        .args(["--hosts", "2", "--connections", "1", "--without-sessions"])
+        .args(["--classic-queues", "--name-prefix", &old])
+        .args(["--topology-prefix", &f.prefix])
+        .arg("--hosts-file")
+        .arg(f.resources().join("old-hosts.yaml"))
+        .arg("--operator-public-keys")
+        .arg(f.dir.path().join("operator.pub"))
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn dog-fleet-sim");
+    f.extra.push(sim);
+    let operator_log = f.dir.path().join("operator.log");
+    for i in 0..2 {
+        let host = format!("{old}-{i:05}");
+        let line = format!("\"host\":\"{host}\"");
+        f.wait(&format!("{host} to apply its desired state"), 60, || {
+            std::fs::read_to_string(&operator_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.contains("\"agent applied\"") && l.contains(&line))
+        });
+    }
+    let sim_log = std::fs::read_to_string(f.dir.path().join("sim.log")).unwrap_or_default();
+    assert!(
+        !sim_log.contains("request refused"),
+        "an old agent was sent what it cannot open:\n{sim_log}"
+    );
+    // and the agent of today still opens what it gets (in sessions)
+    f.write(
+        "profiles.yaml",
+        &PROFILES.replace("ports: [\"8080\"]", "ports: [\"8080\", \"8081\"]"),
+    );
+    let revision = |f: &Fleet| {
+        f.status()
+            .hosts
+            .get(&f.host("web"))
+            .and_then(|h| h.applied_revision)
+    };
+    let before = revision(&f);
+    f.wait_status("web to apply the change", 40, |st| {
+        Fleet::in_sync(st, &f.host("web"))
+            && st
+                .hosts
+                .get(&f.host("web"))
+                .and_then(|h| h.applied_revision)
+                != before
+    });
+    assert_eq!(
+        f.agent_metric(
+            "web",
+            "dog_agent_rejected_messages_total{reason=\"malformed\"}"
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+}
+
 /// kill -9 while a large set and the rules are being applied: every set holds its complete old
 /// or complete new content and each family's rules are the old or the new ones; the restarted
 /// agent converges and leaves no temporary set behind.
