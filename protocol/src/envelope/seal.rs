@@ -36,10 +36,6 @@ impl Sealer {
         self
     }
 
-    pub fn session_limits(&self) -> SessionLimits {
-        self.sessions.limits()
-    }
-
     pub fn identity(&self) -> &str {
         &self.identity
     }

@@ -82,10 +82,6 @@ impl SenderSessions {
         }
     }
 
-    pub(super) fn limits(&self) -> SessionLimits {
-        self.limits
-    }
-
     /// The session to `agent` for an envelope issued at `now`, and that envelope's nonce; a
     /// new session when there is none or the last one is used up.
     pub(super) fn next(
