@@ -139,16 +139,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn validate_names_the_field() {
+    /// A heartbeat of host node-1 with fresh keys and these interfaces.
+    fn heartbeat(interfaces: Vec<Interface>) -> Heartbeat {
         let (k, _) = crate::keys::SigningKey::generate().unwrap();
-        let mut hb = Heartbeat {
+        Heartbeat {
             agent_version: "0.1.0".into(),
             hostname: "node-1".into(),
-            interfaces: vec![Interface {
-                name: "eth0".into(),
-                addresses: vec!["10.0.0.5/24".parse().unwrap(); 65],
-            }],
+            interfaces,
             signing_key: k.public(),
             encryption_key: crate::keys::EncryptionKey::generate().public(),
             applied_revision: None,
@@ -158,7 +155,15 @@ mod tests {
             identity_token: None,
             broker_reply_to: None,
             session_envelopes: false,
-        };
+        }
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut hb = heartbeat(vec![Interface {
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.5/24".parse().unwrap(); 65],
+        }]);
         let err = hb.validate().unwrap_err();
         assert_eq!(err.field, "interfaces[0].addresses");
         assert_eq!((err.limit, err.actual), (64, 65));
@@ -170,21 +175,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_from_before_sessions_says_it_opens_none() {
-        let (k, _) = crate::keys::SigningKey::generate().unwrap();
-        let mut hb = Heartbeat {
-            agent_version: "0.1.0".into(),
-            hostname: "node-1".into(),
-            interfaces: vec![],
-            signing_key: k.public(),
-            encryption_key: crate::keys::EncryptionKey::generate().public(),
-            applied_revision: None,
-            live_hashes: None,
-            drift: DriftSummary::default(),
-            mode: Mode::Enforce,
-            identity_token: None,
-            broker_reply_to: None,
-            session_envelopes: false,
-        };
+        let mut hb = heartbeat(vec![]);
         // an older agent's heartbeat has no such field, and one that opens none sends none
         let old = serde_json::to_value(&hb).unwrap();
         assert!(old.get("session_envelopes").is_none());

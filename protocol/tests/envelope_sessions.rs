@@ -35,6 +35,19 @@ fn signed_as_session(key: &dog_protocol::keys::SigningKey, bytes: &[u8]) -> Vec<
     out
 }
 
+/// An operator key and the opener of agent node-1 that trusts it (for envelopes built by hand).
+fn operator_key_and_opener() -> (dog_protocol::keys::SigningKey, Opener) {
+    let op = operator_key();
+    let a = agent("node-1");
+    let opener = Opener::for_agent(
+        "node-1",
+        a.encryption.clone(),
+        OPERATOR,
+        TrustedKeys::new([op.public()]),
+    );
+    (op, opener)
+}
+
 fn status() -> Request {
     Request {
         id: Uuid::new_v4(),
@@ -185,14 +198,7 @@ fn an_envelope_in_another_keys_session_or_with_a_changed_nonce_is_refused() {
 
 #[test]
 fn a_session_with_a_bad_key_section_length_is_malformed() {
-    let op = operator_key();
-    let a = agent("node-1");
-    let mut opener = Opener::for_agent(
-        "node-1",
-        a.encryption.clone(),
-        OPERATOR,
-        TrustedKeys::new([op.public()]),
-    );
+    let (op, mut opener) = operator_key_and_opener();
     for len in [0usize, 32, 43, 45, 92] {
         let bytes = raw(
             &op,
@@ -208,14 +214,7 @@ fn a_session_with_a_bad_key_section_length_is_malformed() {
 
 #[test]
 fn a_session_envelope_is_signed_over_the_digest_of_its_bytes() {
-    let op = operator_key();
-    let a = agent("node-1");
-    let mut opener = Opener::for_agent(
-        "node-1",
-        a.encryption.clone(),
-        OPERATOR,
-        TrustedKeys::new([op.public()]),
-    );
+    let (op, mut opener) = operator_key_and_opener();
     let header = header_json(&op, "request", OPERATOR, "node-1");
     // the bytes themselves signed, as in the other modes: refused
     let plain = raw(&op, 3, &header, &[9u8; 44], &[0u8; 32]);

@@ -89,17 +89,7 @@ impl Sealer {
         check_payload(payload.len())?;
         let mut out = self.start(Protection::Session, fields, 1)?;
         let SessionSeal { enc, key, nonce } = self.sessions.next(agent, fields.issued_at)?;
-        let key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &key[..])
-                .map_err(|_| SealError::Crypto("bad session key".into()))?,
-        );
-        let mut ct = payload.to_vec();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&out[..]),
-            &mut ct,
-        )
-        .map_err(|_| SealError::Crypto("AES-256-GCM seal failed".into()))?;
+        let ct = seal_aead(&key[..], nonce, &out, payload)?;
         let mut section = [0u8; ENC + NONCE];
         section[..ENC].copy_from_slice(&enc);
         section[ENC..].copy_from_slice(&nonce);
@@ -160,17 +150,7 @@ impl Sealer {
             section.extend_from_slice(&enc.to_bytes());
             section.extend_from_slice(&wrapped);
         }
-        let key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &cek[..])
-                .map_err(|_| SealError::Crypto("bad content key".into()))?,
-        );
-        let mut ct = payload.to_vec();
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&out[..]),
-            &mut ct,
-        )
-        .map_err(|_| SealError::Crypto("AES-256-GCM seal failed".into()))?;
+        let ct = seal_aead(&cek[..], nonce, &out, payload)?;
         put_section(&mut out, &section);
         put_section(&mut out, &ct);
         Ok(self.finish(Protection::MultiRecipient, out))
@@ -349,6 +329,27 @@ fn encode_operator(r: &Request) -> Result<Vec<u8>, SealError> {
     }
     r.validate()?;
     serde_json::to_vec(&Borrowed::Request(r)).map_err(|e| SealError::Header(e.to_string()))
+}
+
+/// `payload` AES-256-GCM-encrypted under `key` and `nonce`, `aad` = the header bytes (modes 2
+/// and 3).
+fn seal_aead(
+    key: &[u8],
+    nonce: [u8; NONCE],
+    header_bytes: &[u8],
+    payload: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).map_err(|_| SealError::Crypto("bad AES key".into()))?,
+    );
+    let mut ct = payload.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(header_bytes),
+        &mut ct,
+    )
+    .map_err(|_| SealError::Crypto("AES-256-GCM seal failed".into()))?;
+    Ok(ct)
 }
 
 fn check_payload(len: usize) -> Result<(), SealError> {
