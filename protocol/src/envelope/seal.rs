@@ -47,10 +47,8 @@ impl Sealer {
     /// Mode 0: signs `payload` in the clear (agent → operator).
     pub fn sign_only(&self, fields: &HeaderFields, payload: &[u8]) -> Result<Vec<u8>, SealError> {
         check_payload(payload.len())?;
-        let mut out = self.start(Protection::Signed, fields, 1)?;
-        put_section(&mut out, &[]);
-        put_section(&mut out, payload);
-        Ok(self.finish(Protection::Signed, out))
+        let out = self.start(Protection::Signed, fields, 1)?;
+        Ok(self.finish(Protection::Signed, out, &[], payload))
     }
 
     /// Mode 1: HPKE-encrypts `payload` to one agent's X25519 key, then signs.
@@ -61,7 +59,7 @@ impl Sealer {
         agent: &EncryptionPublicKey,
     ) -> Result<Vec<u8>, SealError> {
         check_payload(payload.len())?;
-        let mut out = self.start(Protection::Hpke, fields, 1)?;
+        let out = self.start(Protection::Hpke, fields, 1)?;
         let pk = agent
             .to_hpke()
             .map_err(|e| SealError::Crypto(e.to_string()))?;
@@ -73,9 +71,7 @@ impl Sealer {
             &out,
         )
         .map_err(|e| SealError::Crypto(e.to_string()))?;
-        put_section(&mut out, &enc.to_bytes());
-        put_section(&mut out, &ct);
-        Ok(self.finish(Protection::Hpke, out))
+        Ok(self.finish(Protection::Hpke, out, &enc.to_bytes(), &ct))
     }
 
     /// Mode 3: encrypts `payload` in the session with one agent's X25519 key (set up when
@@ -87,15 +83,13 @@ impl Sealer {
         agent: &EncryptionPublicKey,
     ) -> Result<Vec<u8>, SealError> {
         check_payload(payload.len())?;
-        let mut out = self.start(Protection::Session, fields, 1)?;
+        let out = self.start(Protection::Session, fields, 1)?;
         let SessionSeal { enc, key, nonce } = self.sessions.next(agent, fields.issued_at)?;
         let ct = seal_aead(&key[..], nonce, &out, payload)?;
         let mut section = [0u8; ENC + NONCE];
         section[..ENC].copy_from_slice(&enc);
         section[ENC..].copy_from_slice(&nonce);
-        put_section(&mut out, &section);
-        put_section(&mut out, &ct);
-        Ok(self.finish(Protection::Session, out))
+        Ok(self.finish(Protection::Session, out, &section, &ct))
     }
 
     /// Mode 1 or 3 by `encryption`.
@@ -128,7 +122,7 @@ impl Sealer {
                 keys.len()
             )));
         }
-        let mut out = self.start(Protection::MultiRecipient, fields, MAX_RECIPIENTS)?;
+        let out = self.start(Protection::MultiRecipient, fields, MAX_RECIPIENTS)?;
         let rng = SystemRandom::new();
         let mut cek = zeroize::Zeroizing::new([0u8; 32]);
         let mut nonce = [0u8; NONCE];
@@ -151,9 +145,7 @@ impl Sealer {
             section.extend_from_slice(&wrapped);
         }
         let ct = seal_aead(&cek[..], nonce, &out, payload)?;
-        put_section(&mut out, &section);
-        put_section(&mut out, &ct);
-        Ok(self.finish(Protection::MultiRecipient, out))
+        Ok(self.finish(Protection::MultiRecipient, out, &section, &ct))
     }
 
     /// Seals a [`Request`] to one agent: message id = request id, revision from the request,
@@ -295,7 +287,10 @@ impl Sealer {
         Ok(out)
     }
 
-    fn finish(&self, mode: Protection, mut out: Vec<u8>) -> Vec<u8> {
+    /// Appends the key section and the payload to the header bytes `out`, then the signature.
+    fn finish(&self, mode: Protection, mut out: Vec<u8>, keys: &[u8], payload: &[u8]) -> Vec<u8> {
+        put_section(&mut out, keys);
+        put_section(&mut out, payload);
         let sig = self.key.sign(&signature_input(mode, &out));
         out.extend_from_slice(&sig);
         out
