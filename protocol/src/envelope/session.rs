@@ -21,6 +21,7 @@
 //!   `enc`, the nonce and the ciphertext; replay protection is the message id's, as before.
 
 use super::*;
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::{Mutex, PoisonError};
 use zeroize::Zeroizing;
@@ -102,19 +103,16 @@ impl SenderSessions {
         if by_agent.len() >= SENDER_SESSIONS && !by_agent.contains_key(&agent.0) {
             by_agent.clear();
         }
-        let session = by_agent
-            .entry(agent.0)
-            .and_modify(|s| {
-                if !usable(s) {
-                    *s = SenderSession {
-                        enc: fresh.enc,
-                        key: fresh.key.clone(),
-                        started: fresh.started,
-                        sent: 0,
-                    };
+        // another thread may have set one up meanwhile: the first usable session is kept
+        let session = match by_agent.entry(agent.0) {
+            Entry::Occupied(mut kept) => {
+                if !usable(kept.get()) {
+                    kept.insert(fresh);
                 }
-            })
-            .or_insert(fresh);
+                kept.into_mut()
+            }
+            Entry::Vacant(none) => none.insert(fresh),
+        };
         Ok(nonce_of(session))
     }
 
