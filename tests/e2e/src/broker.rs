@@ -71,6 +71,41 @@ impl Fleet {
         queue_count(&inbox, "messages_unacknowledged")
     }
 
+    /// What the broker says of the operator's inbox and of every channel with messages
+    /// unacknowledged: for a test that waited in vain for the inbox to be acknowledged.
+    pub fn inbox_report(&self) -> String {
+        let inbox = format!("{}.operator.inbox", self.prefix);
+        let queues = sh(&[
+            "rabbitmqctl",
+            "list_queues",
+            "-q",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ]);
+        let channels = sh(&[
+            "rabbitmqctl",
+            "list_channels",
+            "-q",
+            "name",
+            "consumer_count",
+            "messages_unacknowledged",
+            "prefetch_count",
+        ]);
+        let queue = String::from_utf8_lossy(&queues.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&inbox))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let busy = String::from_utf8_lossy(&channels.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth_back(1).is_some_and(|n| n != "0"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("inbox (ready, unacknowledged, consumers): {queue}\nchannels with unacknowledged messages:\n{busy}")
+    }
+
     /// Drops every message waiting in `node`'s host queue, as a broker restart drops
     /// transient ones.
     pub fn purge_host_queue(&self, node: &str) {

@@ -381,11 +381,19 @@ fn the_operator_hears_its_agents_while_its_publishes_wait() {
     f.wait_status("every host in sync", 40, |st| f.all_in_sync(st));
     // everything taken in meanwhile, and since, is acknowledged (in batches: the last message
     // of each is what the acknowledgement names)
-    f.wait(
-        "the operator's inbox to hold nothing unacknowledged",
-        20,
+    let acknowledged = dog_test_support::poll_until(
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_millis(200),
         || f.inbox_unacked() == Some(0),
     );
+    if !acknowledged {
+        f.dump_logs();
+        panic!(
+            "timed out after 20s waiting for the operator's inbox to hold nothing \
+             unacknowledged\n{}",
+            f.inbox_report()
+        );
+    }
 }
 
 /// A fleet mid-upgrade: agents from before session envelopes beside an agent of today, on one
